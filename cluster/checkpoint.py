@@ -1,0 +1,119 @@
+"""Reads tensors from a Hugging Face safetensors checkpoint: one file or sharded with
+`model.safetensors.index.json`, keys with or without the multimodal `language_model.` prefix.
+
+Only the tensors asked for are read, and a subset of experts can be read from a fused expert tensor without
+touching the other experts' bytes (safetensors slices are read from the memory-mapped file), so an expert
+worker holds only its own experts. `bytes_read` counts what was actually materialised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+MULTIMODAL_PREFIX = "language_model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that lacks a tensor or has one of the wrong shape; the message names the key."""
+
+
+class CheckpointReader:
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.key_to_file = _index(self.dir)
+        self.prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in self.key_to_file) else ""
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+        self.tensors_read = 0
+
+    def __contains__(self, name: str) -> bool:
+        return self.prefix + name in self.key_to_file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor `name` (text-model key, without `language_model.`), checked against `shape`."""
+        if shape is not None:
+            self._check_shape(name, tuple(shape))
+        tensor = self._handle(name).get_tensor(self.prefix + name)
+        return self._account(tensor, dtype)
+
+    def read_rows(
+        self, name: str, rows: Sequence[int], shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rows `rows` of the first dimension (e.g. experts of a fused [E, ...] tensor), in the order given.
+
+        Contiguous runs are read as one slice each; the other rows' bytes are never read."""
+        if shape is not None:
+            self._check_shape(name, tuple(shape))
+        sl = self._slice(name)
+        n = sl.get_shape()[0]
+        bad = [r for r in rows if not 0 <= r < n]
+        if bad:
+            raise CheckpointError(f"{name}: rows {bad} out of range for first dimension {n}")
+        parts = [sl[a:b] for a, b in _runs(list(rows))]
+        tensor = torch.cat(parts) if len(parts) != 1 else parts[0]
+        return self._account(tensor, dtype)
+
+    def _account(self, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        self.bytes_read += tensor.nbytes
+        self.tensors_read += 1
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _check_shape(self, name: str, expected: tuple[int, ...]) -> None:
+        found = self.shape(name)
+        if found != expected:
+            raise CheckpointError(
+                f"tensor '{self.prefix + name}' has shape {list(found)}, expected {list(expected)} from config.json"
+            )
+
+    def _slice(self, name: str):
+        return self._handle(name).get_slice(self.prefix + name)
+
+    def _handle(self, name: str):
+        key = self.prefix + name
+        file = self.key_to_file.get(key)
+        if file is None:
+            raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {self.dir}")
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.dir / file), framework="pt", device="cpu")
+        return self._handles[file]
+
+
+def _index(model_dir: Path) -> dict[str, str]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: names shard files that do not exist: {missing}")
+        return dict(weight_map)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no model.safetensors, *.safetensors or {INDEX_FILE}")
+    key_to_file = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            key_to_file.update({k: f.name for k in h.keys()})
+    return key_to_file
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """[3,4,5,9] -> [(3,6), (9,10)]: half-open runs of consecutive rows, order kept."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs

@@ -1,0 +1,39 @@
+"""Llama 4 MoE block on the router side: top-k routing with sigmoid gates applied to the expert INPUT, the
+shared expert, and the routed experts reached through a transport (reference/llama4.md section 5).
+
+Legend: T tokens, D hidden, E experts, k experts per token, R = T*k rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster.config import ModelConfig
+from cluster.mlp import MLP
+from cluster.transport import ExpertTransport
+
+
+def route(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] and gates [T, k]: sigmoid of the selected logits only (no softmax, no renormalisation)."""
+    top_v_Tk, ids_Tk = torch.topk(router_logits_TE, top_k, dim=-1)
+    return ids_Tk, torch.sigmoid(top_v_Tk.float()).to(router_logits_TE.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k = layer, cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.last_expert_counts: torch.Tensor | None = None  # [E] tokens per expert in the last forward
+
+    def forward(self, x_TD: torch.Tensor, transport: ExpertTransport) -> torch.Tensor:
+        ids_Tk, gates_Tk = route(self.router(x_TD), self.top_k)
+        token_R = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(self.top_k)
+        rows_RD = x_TD[token_R] * gates_Tk.reshape(-1, 1)
+        handle = transport.dispatch(self.layer, rows_RD, ids_Tk.reshape(-1))
+        shared_TD = self.shared_expert(x_TD)  # overlaps the experts' compute when they are remote
+        routed_TD = torch.zeros_like(x_TD).index_add_(0, token_R, transport.combine(handle))
+        self.last_expert_counts = torch.bincount(ids_Tk.reshape(-1), minlength=self.router.out_features)
+        return shared_TD + routed_TD

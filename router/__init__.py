@@ -1,0 +1,1 @@
+"""The attention side: gateway, router actor, scheduler, KV cache, model runner, sampler."""

@@ -1,0 +1,1 @@
+"""The expert side: the expert worker actor and its per-layer loop."""
