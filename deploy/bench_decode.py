@@ -1,0 +1,74 @@
+"""Greedy decode throughput of this implementation beside transformers' `generate`, same checkpoint, same run."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from router.generator import Generator
+from router.sampling_params import SamplingParams
+
+
+def run_decode_bench(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model
+    tmp = None
+    if model_dir is None:
+        from deploy.tiny_model import write_tiny_model
+
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
+    ours = Generator.from_checkpoint(model_dir, dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ours.config.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rows = [("moecluster (LocalTransport)", *_time(lambda: ours.generate(prompt, params).token_ids, args.repeats))]
+    try:
+        hf = _load_transformers(model_dir)
+    except ImportError:
+        hf = None
+    if hf is not None:
+        def hf_run():
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, do_sample=False)
+            return out[0, len(prompt):].tolist()
+
+        rows.append(("transformers generate (baseline)", *_time(hf_run, args.repeats)))
+    _print(rows, args, model_dir)
+    if hf is None:
+        print("baseline skipped: transformers is not installed (pip install 'moecluster[test]')")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+def _load_transformers(model_dir: str):
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def _time(fn, repeats: int):
+    with torch.inference_mode():
+        tokens = fn()  # warm-up, and the tokens to compare
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), tokens
+
+
+def _print(rows, args, model_dir) -> None:
+    print(f"greedy decode, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}, {torch.get_num_threads()} threads, model {model_dir}")
+    print(f"{'implementation':<34} {'seconds':>9} {'tokens/s':>10} {'same tokens':>12}")
+    reference = rows[0][2]
+    for name, seconds, tokens in rows:
+        same = "yes" if tokens == reference else "NO"
+        print(f"{name:<34} {seconds:>9.3f} {args.new_tokens / seconds:>10.1f} {same:>12}")

@@ -1,0 +1,43 @@
+"""`moecluster` command line. Every user error ends as one line `error: ...` on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cluster.checkpoint import CheckpointError
+from cluster.config import ConfigError
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from deploy import bench_command, generate_command, tiny_model_command
+
+    parser = argparse.ArgumentParser(prog="moecluster", description="Serve Llama 4 mixture-of-experts models.")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tiny_model_command.add_parser(sub)
+    generate_command.add_parser(sub)
+    bench_command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (UsageError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

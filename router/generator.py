@@ -1,0 +1,83 @@
+"""Single-process generation: one sequence at a time through the model with a contiguous KV cache.
+
+The serving engine (continuous batching over a paged cache) replaces this for many users; this stays the
+simplest correct path and the reference the engine is tested against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cluster.batch import ForwardBatch, SeqSlice
+from cluster.checkpoint import CheckpointReader
+from cluster.config import ModelConfig, load_model_config
+from cluster.model import Llama4ForCausalLM
+from cluster.transport import ExpertTransport, LocalTransport
+from cluster.weights import load_all_experts, load_router_model, resolve_dtype
+from router.contiguous_cache import ContiguousKVCache
+from router.sampler import request_generator, sample
+from router.sampling_params import InvalidRequest, SamplingParams
+from router.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop"
+
+
+def load_generation_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Generator:
+    def __init__(self, model: Llama4ForCausalLM, transport: ExpertTransport, eos_ids: tuple[int, ...]):
+        self.model, self.transport, self.eos_ids = model, transport, eos_ids
+        self.config: ModelConfig = model.config
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> "Generator":
+        cfg = load_model_config(model_dir)
+        reader = CheckpointReader(model_dir)
+        dev = torch.device(device)
+        dt = resolve_dtype(dtype, cfg, dev)
+        model = load_router_model(cfg, reader, dev, dt)
+        transport = LocalTransport(load_all_experts(cfg, reader, dev, dt))
+        gen_cfg = load_generation_config(model_dir)
+        eos = gen_cfg.get("eos_token_id", cfg.eos_token_ids)
+        return cls(model, transport, tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()))
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt", "is empty; give at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        limit = self.config.max_position_embeddings
+        if len(prompt_ids) + max_tokens > limit:
+            raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the context length {limit}")
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+        self.check_prompt(prompt_ids, params.max_tokens)
+        stop = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        rng = request_generator(params, self.model.device)
+        cache, out = ContiguousKVCache(), []
+        ids, pos = list(prompt_ids), 0
+        while True:
+            logits = self.model(
+                torch.tensor(ids, device=self.model.device), ForwardBatch((SeqSlice(0, len(ids), pos, 0),)), cache, self.transport
+            )
+            token = sample(logits[0], params, rng)
+            out.append(token)
+            if token in stop and not params.ignore_eos:
+                return GenerationResult(out, "stop")
+            if len(out) >= params.max_tokens:
+                return GenerationResult(out, "length")
+            pos, ids = pos + len(ids), [token]

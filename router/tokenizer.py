@@ -1,0 +1,31 @@
+"""The checkpoint's tokenizer (`tokenizer.json`, through the tokenizers library)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer):
+        self._tok = tok
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+        path = Path(model_dir) / "tokenizer.json"
+        return cls(_HFTokenizer.from_file(str(path))) if path.is_file() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; the post-processor adds <|begin_of_text|> when `add_special_tokens`."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)

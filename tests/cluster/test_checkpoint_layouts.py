@@ -1,0 +1,125 @@
+"""The same weights saved with and without `language_model.`, and as several shards, give identical outputs;
+missing or mis-shaped tensors fail naming the key; expert subsets are read without the other experts' bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster.checkpoint import CheckpointError, CheckpointReader
+from cluster.config import load_model_config
+from cluster.weights import load_expert_shard
+from tests.cluster.test_llama4_parity import full_logits, load_ours
+from tests.conftest import write_json
+
+IDS = list(range(5, 40))
+
+
+@pytest.fixture
+def plain(hf_checkpoint):
+    path, _ = hf_checkpoint(interleave_moe_layer_step=2, num_experts_per_tok=2)
+    return path
+
+
+def multimodal_copy(src, dst, shards: int = 1):
+    """Rewrite a Llama4ForCausalLM checkpoint as Llama4ForConditionalGeneration would store it."""
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    write_json(dst / "config.json", {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+                                      "text_config": cfg, "vision_config": {"hidden_size": 8}})
+    tensors = {f"language_model.{k}": v for k, v in load_file(src / "model.safetensors").items()}
+    tensors["vision_model.patch_embedding.weight"] = torch.zeros(4, 4)  # ignored by the text model
+    save_sharded(tensors, dst, shards)
+
+
+def save_sharded(tensors: dict, dst, shards: int):
+    keys = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, dst / "model.safetensors")
+        return
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in keys[i::shards]}
+        save_file(part, dst / name)
+        weight_map.update({k: name for k in part})
+    write_json(dst / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+
+
+def test_prefixed_multimodal_checkpoint_gives_identical_logits(plain, tmp_path):
+    multimodal_copy(plain, tmp_path / "mm")
+    expected = full_logits(*load_ours(plain), IDS)
+    assert torch.equal(full_logits(*load_ours(tmp_path / "mm"), IDS), expected)
+
+
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_sharded_checkpoint_gives_identical_logits(plain, tmp_path, prefixed):
+    dst = tmp_path / "sharded"
+    if prefixed:
+        multimodal_copy(plain, dst, shards=3)
+    else:
+        dst.mkdir()
+        (dst / "config.json").write_text((plain / "config.json").read_text())
+        save_sharded(load_file(plain / "model.safetensors"), dst, shards=3)
+    assert len(list(dst.glob("*.safetensors"))) == 3
+    assert torch.equal(full_logits(*load_ours(dst), IDS), full_logits(*load_ours(plain), IDS))
+
+
+def test_unfused_per_expert_tensors_give_identical_logits(plain, tmp_path):
+    dst = tmp_path / "unfused"
+    dst.mkdir()
+    (dst / "config.json").write_text((plain / "config.json").read_text())
+    tensors = load_file(plain / "model.safetensors")
+    for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
+        base = key.rsplit(".", 1)[0]
+        gate_up, down = tensors.pop(key), tensors.pop(f"{base}.down_proj")
+        width = down.shape[1]
+        for e in range(gate_up.shape[0]):
+            tensors[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
+            tensors[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
+            tensors[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
+    save_file(tensors, dst / "model.safetensors")
+    assert torch.equal(full_logits(*load_ours(dst), IDS), full_logits(*load_ours(plain), IDS))
+
+
+def test_missing_tensor_names_the_key(plain, tmp_path):
+    dst = tmp_path / "missing"
+    dst.mkdir()
+    (dst / "config.json").write_text((plain / "config.json").read_text())
+    tensors = load_file(plain / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, dst / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*missing"):
+        load_ours(dst)
+
+
+def test_misshaped_tensor_names_key_expected_and_found_shape(plain, tmp_path):
+    dst = tmp_path / "bad"
+    dst.mkdir()
+    (dst / "config.json").write_text((plain / "config.json").read_text())
+    tensors = load_file(plain / "model.safetensors")
+    tensors["model.layers.1.feed_forward.experts.down_proj"] = torch.zeros(8, 47, 64)
+    save_file(tensors, dst / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_ours(dst)
+    assert "model.layers.1.feed_forward.experts.down_proj" in str(err.value)
+    assert "[8, 47, 64]" in str(err.value) and "[8, 48, 64]" in str(err.value)
+
+
+def test_expert_subset_reads_only_those_experts_bytes(plain):
+    cfg = load_model_config(plain)
+    reader = CheckpointReader(plain)
+    shard = load_expert_shard(cfg, reader, 1, [2, 3, 6], torch.device("cpu"), torch.float32)
+    per_expert = 4 * (cfg.hidden_size * 2 * cfg.intermediate_size + cfg.intermediate_size * cfg.hidden_size)
+    assert reader.bytes_read == 3 * per_expert == shard.nbytes
+    full = load_file(plain / "model.safetensors")["model.layers.1.feed_forward.experts.gate_up_proj"]
+    assert torch.equal(shard.gate_up_EDI2, full[[2, 3, 6]])
+    assert shard.experts == (2, 3, 6)
+
+
+def test_no_safetensors_files_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        CheckpointReader(tmp_path)
