@@ -15,13 +15,12 @@ import torch
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
-from cluster.model import Llama4ForCausalLM
-from cluster.transport import ExpertTransport, LocalTransport
+from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model, resolve_dtype
 from router.contiguous_cache import ContiguousKVCache
+from router.model_runner import ModelRunner
 from router.sampler import request_generator, sample
 from router.sampling_params import InvalidRequest, SamplingParams
-from router.tokenizer import Tokenizer
 
 
 @dataclass
@@ -35,10 +34,16 @@ def load_generation_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def eos_token_ids(model_dir: str | Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """generation_config.json's EOS set when present, else config.json's."""
+    eos = load_generation_config(model_dir).get("eos_token_id", cfg.eos_token_ids)
+    return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+
 class Generator:
-    def __init__(self, model: Llama4ForCausalLM, transport: ExpertTransport, eos_ids: tuple[int, ...]):
-        self.model, self.transport, self.eos_ids = model, transport, eos_ids
-        self.config: ModelConfig = model.config
+    def __init__(self, runner: ModelRunner, eos_ids: tuple[int, ...]):
+        self.runner, self.model, self.eos_ids = runner, runner.model, eos_ids
+        self.config: ModelConfig = runner.model.config
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> "Generator":
@@ -48,9 +53,7 @@ class Generator:
         dt = resolve_dtype(dtype, cfg, dev)
         model = load_router_model(cfg, reader, dev, dt)
         transport = LocalTransport(load_all_experts(cfg, reader, dev, dt))
-        gen_cfg = load_generation_config(model_dir)
-        eos = gen_cfg.get("eos_token_id", cfg.eos_token_ids)
-        return cls(model, transport, tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()))
+        return cls(ModelRunner(model, transport), eos_token_ids(model_dir, cfg))
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
         if not prompt_ids:
@@ -71,9 +74,8 @@ class Generator:
         cache, out = ContiguousKVCache(), []
         ids, pos = list(prompt_ids), 0
         while True:
-            logits = self.model(
-                torch.tensor(ids, device=self.model.device), ForwardBatch((SeqSlice(0, len(ids), pos, 0),)), cache, self.transport
-            )
+            batch = ForwardBatch((SeqSlice(0, len(ids), pos, 0),))
+            logits = self.runner.forward(torch.tensor(ids, device=self.model.device), batch, cache)
             token = sample(logits[0], params, rng)
             out.append(token)
             if token in stop and not params.ignore_eos:

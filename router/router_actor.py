@@ -1,0 +1,110 @@
+"""The router actor: attention side of the cluster. Holds the model (minus routed experts), the KV cache and
+the sampler; reaches the experts over the all-to-all transport, or in-process when it has no workers.
+
+Life: created by the launcher -> `open_rendezvous` (picks a free port) -> `join` (rank 0, while the workers
+join) -> `start_workers` (starts each worker's persistent loop and a monitor of those calls) -> requests ->
+`shutdown` (STOP header, loops end, group left).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cluster.all_to_all import STOP, AllToAllTransport
+from cluster.checkpoint import CheckpointReader
+from cluster.config import load_model_config
+from cluster.placement import ExpertPlacement
+from cluster.process_group import RankLayout, Rendezvous, abort_groups, backend_for, join_groups, leave_groups
+from cluster.transport import LocalTransport
+from cluster.weights import load_all_experts, load_router_model, resolve_dtype
+from router.generator import Generator, eos_token_ids
+from router.model_runner import ModelRunner
+from router.sampling_params import SamplingParams
+from router.worker_monitor import WorkerMonitor
+
+log = logging.getLogger(__name__)
+
+
+class RouterActor:
+    def __init__(self, model_dir: str, layout: RankLayout, placement: ExpertPlacement | None,
+                 device: str = "cpu", dtype: str = "auto", collective_timeout_s: float = 60.0):
+        self.layout, self.placement = layout, placement
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)
+        self.config = cfg = load_model_config(model_dir)
+        self.dtype = resolve_dtype(dtype, cfg, self.device)
+        reader = CheckpointReader(model_dir)
+        self.model = load_router_model(cfg, reader, self.device, self.dtype)
+        self.local_experts = layout.num_workers == 0
+        transport = LocalTransport(load_all_experts(cfg, reader, self.device, self.dtype)) if self.local_experts else None
+        self.bytes_read = reader.bytes_read
+        self.collective_timeout_s = collective_timeout_s
+        self.monitor = WorkerMonitor(on_failure=self._on_worker_failure)
+        self.runner = ModelRunner(self.model, transport, failure=self.monitor.failure)
+        self.generator = Generator(self.runner, eos_token_ids(model_dir, cfg))
+        self._rendezvous: Rendezvous | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def open_rendezvous(self):
+        backend = backend_for(self.device)
+        self._rendezvous = Rendezvous(self.layout.world_size, backend, self.collective_timeout_s)
+        return self._rendezvous.address
+
+    def join(self) -> int:
+        assert self._rendezvous is not None, "open_rendezvous() first"
+        groups = join_groups(self._rendezvous.address, 0, store=self._rendezvous.store)
+        self.runner.transport = AllToAllTransport(self.layout, groups, self.placement, self.config.hidden_size,
+                                                  self.device, self.dtype)
+        return 0
+
+    def start_workers(self, workers: list) -> None:
+        """Start each worker's persistent loop; the monitor watches those calls for death or errors."""
+        self.workers = workers
+        self.monitor.watch({w: handle.run_loop.remote() for w, handle in enumerate(workers)})
+
+    def _on_worker_failure(self, reason: str) -> None:
+        log.error("%s", reason)
+        if backend_for(self.device) == "nccl":
+            abort_groups()  # NCCL would wait for the timeout; gloo already failed with the peer's socket
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict:
+        result = self.generator.generate(prompt_ids, params)
+        return {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
+
+    def forward_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one fresh sequence (for parity checks); CPU float32."""
+        from cluster.batch import ForwardBatch, SeqSlice
+        from router.contiguous_cache import ContiguousKVCache
+
+        batch = ForwardBatch((SeqSlice(0, len(ids), 0, 0),))
+        logits = self.runner.forward(torch.tensor(ids, device=self.device), batch, ContiguousKVCache(), all_logits=True)
+        return logits.float().cpu()
+
+    # ---- operations --------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return {"ready": self.monitor.failure() is None, "failure": self.monitor.failure(),
+                "workers": self.layout.num_workers, "steps": self.runner.steps}
+
+    def stats(self) -> dict:
+        counts = {layer: m.feed_forward.last_expert_counts.tolist()
+                  for layer, m in enumerate(self.model.model.layers)
+                  if m.is_moe and m.feed_forward.last_expert_counts is not None}
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "bytes_read": self.bytes_read, "steps": self.runner.steps, "last_step_expert_counts": counts,
+                "placement": self.placement.describe() if self.placement else None}
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        transport = self.runner.transport
+        self.monitor.stopping()
+        if isinstance(transport, AllToAllTransport) and self.monitor.failure() is None:
+            with self.runner.lock:
+                try:
+                    transport.send_header(STOP)
+                except Exception as e:  # noqa: BLE001 - shutting down anyway
+                    log.warning("could not send STOP to the workers: %s", e)
+            self.monitor.wait_all(timeout_s)
+        leave_groups()
