@@ -40,6 +40,17 @@ def eos_token_ids(model_dir: str | Path, cfg: ModelConfig) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
 
 
+def check_prompt(cfg: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:
+    if not prompt_ids:
+        raise InvalidRequest("prompt", "is empty; give at least one token")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
+    if bad:
+        raise InvalidRequest("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+    limit = cfg.max_position_embeddings
+    if len(prompt_ids) + max_tokens > limit:
+        raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the context length {limit}")
+
+
 class Generator:
     def __init__(self, runner: ModelRunner, eos_ids: tuple[int, ...]):
         self.runner, self.model, self.eos_ids = runner, runner.model, eos_ids
@@ -56,15 +67,7 @@ class Generator:
         return cls(ModelRunner(model, transport), eos_token_ids(model_dir, cfg))
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("prompt", "is empty; give at least one token")
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        limit = self.config.max_position_embeddings
-        if len(prompt_ids) + max_tokens > limit:
-            raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the context length {limit}")
+        check_prompt(self.config, prompt_ids, max_tokens)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:

@@ -49,12 +49,13 @@ class WorkerMonitor:
             if self._stopping.is_set():
                 return None
             if isinstance(e, ray.exceptions.ActorDiedError):
-                return f"expert worker {worker} died ({_first_line(e)})"
+                return f"expert worker {worker} died: {_first_line(e)}"
             return f"expert worker {worker} failed: {_first_line(e)}"
         return None if self._stopping.is_set() else f"expert worker {worker} left its loop unexpectedly"
 
 
 def _first_line(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return text[-1] if text else type(cause).__name__
+    lines = str(cause).strip().splitlines()
+    text = lines[-1] if lines else type(cause).__name__
+    return text.split(" Some common causes")[0][:300]
