@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -18,6 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement, PlacementError
 from cluster.process_group import RankLayout
+from router.engine import EngineConfig
+from router.messages import EngineRequest
 from router.router_actor import RouterActor
 from workers.expert_worker import ExpertWorker
 
@@ -38,6 +41,8 @@ class ClusterSpec:
     collective_timeout_s: float = 60.0
     startup_timeout_s: float = 300.0
     ray_address: str | None = None  # None: start a local Ray for this cluster
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    model_name: str | None = None  # served model name (default: the checkpoint directory's name)
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Cluster:
     workers: list
     pg: object
     owns_ray: bool
-    placement: ExpertPlacement
+    placement: ExpertPlacement | None
     _stopped: bool = field(default=False)
 
     @classmethod
@@ -76,20 +81,24 @@ class Cluster:
             raise ClusterStartError(f"Ray could not place 1 router + {spec.workers} workers within "
                                     f"{spec.startup_timeout_s:.0f}s; free resources or lower --workers")
 
-        def opts(bundle: int, name: str):
-            return dict(num_cpus=1, num_gpus=gpu, max_concurrency=4, name=None, max_restarts=0,
+        def opts(bundle: int, concurrency: int):
+            # workers: the loop plus health/stats calls; the router is async: one call per open stream
+            return dict(num_cpus=1, num_gpus=gpu, max_concurrency=concurrency, max_restarts=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle))
 
-        workers = [ray.remote(ExpertWorker).options(**opts(w + 1, f"worker-{w}")).remote(
+        workers = [ray.remote(ExpertWorker).options(**opts(w + 1, 4)).remote(
             spec.model_dir, w, layout, placement, spec.device, spec.dtype) for w in range(spec.workers)]
-        router = ray.remote(RouterActor).options(**opts(0, "router")).remote(
-            spec.model_dir, layout, placement, spec.device, spec.dtype, spec.collective_timeout_s)
+        router = ray.remote(RouterActor).options(**opts(0, 10_000)).remote(
+            spec.model_dir, layout, placement, spec.device, spec.dtype, spec.collective_timeout_s, spec.engine, spec.model_name)
         cluster = cls(spec, router, workers, pg, owns_ray, placement)
         try:
-            address = _get(router.open_rendezvous.remote(), spec.startup_timeout_s, "router start-up")
-            _get([router.join.remote()] + [w.join.remote(address) for w in workers], spec.startup_timeout_s,
-                 "process group rendezvous")
-            _get(router.start_workers.remote(workers), spec.startup_timeout_s, "worker loops")
+            if workers:
+                address = _get(router.open_rendezvous.remote(), spec.startup_timeout_s, "router start-up")
+                _get([router.join.remote()] + [w.join.remote(address) for w in workers], spec.startup_timeout_s,
+                     "process group rendezvous")
+                _get(router.start_workers.remote(workers), spec.startup_timeout_s, "worker loops")
+            else:
+                _get(router.health.remote(), spec.startup_timeout_s, "router start-up")
         except BaseException:
             cluster.stop()
             raise
@@ -97,11 +106,18 @@ class Cluster:
         return cluster
 
     def generate(self, prompt_ids: list[int], params, timeout_s: float | None = None) -> dict:
-        return ray.get(self.router.generate.remote(prompt_ids, params), timeout=timeout_s)
+        request = EngineRequest(uuid.uuid4().hex, params, prompt_ids=tuple(prompt_ids))
+        return ray.get(self.router.generate.remote(request), timeout=timeout_s)
+
+    def generate_batch(self, requests: list[EngineRequest], timeout_s: float | None = None) -> list[dict]:
+        return ray.get(self.router.generate_batch.remote(requests), timeout=timeout_s)
 
     def stats(self) -> dict:
         return {"router": ray.get(self.router.stats.remote(), timeout=30),
                 "workers": ray.get([w.stats.remote() for w in self.workers], timeout=30)}
+
+    def health(self, timeout_s: float = 10.0) -> dict:
+        return ray.get(self.router.health.remote(), timeout=timeout_s)
 
     def stop(self) -> None:
         """Stop loops, kill actors, release the placement group (and the local Ray, if this started it)."""
@@ -125,9 +141,14 @@ class Cluster:
         self.stop()
 
 
-def make_placement(spec: ClusterSpec, cfg) -> ExpertPlacement:
-    if spec.workers < 1:
-        raise PlacementError(f"--workers must be >= 1 for a cluster (got {spec.workers}); 0 runs experts in-process")
+def make_placement(spec: ClusterSpec, cfg) -> ExpertPlacement | None:
+    """None for `workers == 0`: the router actor then runs the experts itself."""
+    if spec.workers < 0:
+        raise PlacementError(f"--workers must be >= 0 (got {spec.workers}); 0 runs the experts in the router")
+    if spec.workers == 0:
+        if spec.placement:
+            raise PlacementError("--placement needs --workers >= 1; with 0 workers the router holds every expert")
+        return None
     if spec.placement:
         placement = ExpertPlacement.from_spec(spec.placement, cfg.num_local_experts, cfg.moe_layers)
         if placement.num_workers != spec.workers:

@@ -19,7 +19,7 @@ from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model, resolve_dtype
 from router.contiguous_cache import ContiguousKVCache
 from router.model_runner import ModelRunner
-from router.sampler import request_generator, sample
+from router.sampler import SamplingState, new_generator, sample_batch
 from router.sampling_params import InvalidRequest, SamplingParams
 
 
@@ -72,16 +72,16 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         self.check_prompt(prompt_ids, params.max_tokens)
-        stop = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
-        rng = request_generator(params, self.model.device)
-        cache, out = ContiguousKVCache(), []
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        state = SamplingState(params, list(prompt_ids), [], frozenset(stop), new_generator(params, self.model.device))
+        cache, out = ContiguousKVCache(), state.output_ids
         ids, pos = list(prompt_ids), 0
         while True:
             batch = ForwardBatch((SeqSlice(0, len(ids), pos, 0),))
             logits = self.runner.forward(torch.tensor(ids, device=self.model.device), batch, cache)
-            token = sample(logits[0], params, rng)
+            token = sample_batch(logits, [state])[0][0]
             out.append(token)
-            if token in stop and not params.ignore_eos:
+            if token in stop and len(out) >= params.min_tokens:
                 return GenerationResult(out, "stop")
             if len(out) >= params.max_tokens:
                 return GenerationResult(out, "length")

@@ -8,7 +8,9 @@ join) -> `start_workers` (starts each worker's persistent loop and a monitor of 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import torch
 
@@ -19,9 +21,12 @@ from cluster.placement import ExpertPlacement
 from cluster.process_group import RankLayout, Rendezvous, abort_groups, backend_for, join_groups, leave_groups
 from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model, resolve_dtype
-from router.generator import Generator, eos_token_ids
+from router.async_engine import AsyncEngine, collect
+from router.engine import Engine, EngineConfig
+from router.generator import eos_token_ids, load_generation_config
+from router.messages import EngineRequest
 from router.model_runner import ModelRunner
-from router.sampling_params import SamplingParams
+from router.tokenizer import Tokenizer
 from router.worker_monitor import WorkerMonitor
 
 log = logging.getLogger(__name__)
@@ -29,12 +34,14 @@ log = logging.getLogger(__name__)
 
 class RouterActor:
     def __init__(self, model_dir: str, layout: RankLayout, placement: ExpertPlacement | None,
-                 device: str = "cpu", dtype: str = "auto", collective_timeout_s: float = 60.0):
+                 device: str = "cpu", dtype: str = "auto", collective_timeout_s: float = 60.0,
+                 engine_config: EngineConfig = EngineConfig(), model_name: str | None = None):
         self.layout, self.placement = layout, placement
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)
         self.config = cfg = load_model_config(model_dir)
+        self.model_name = model_name or Path(model_dir).resolve().name
         self.dtype = resolve_dtype(dtype, cfg, self.device)
         reader = CheckpointReader(model_dir)
         self.model = load_router_model(cfg, reader, self.device, self.dtype)
@@ -44,7 +51,10 @@ class RouterActor:
         self.collective_timeout_s = collective_timeout_s
         self.monitor = WorkerMonitor(on_failure=self._on_worker_failure)
         self.runner = ModelRunner(self.model, transport, failure=self.monitor.failure)
-        self.generator = Generator(self.runner, eos_token_ids(model_dir, cfg))
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        engine = Engine(self.runner, self.tokenizer, eos_token_ids(model_dir, cfg), load_generation_config(model_dir),
+                        engine_config)
+        self.engine = AsyncEngine(engine)
         self._rendezvous: Rendezvous | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -71,9 +81,20 @@ class RouterActor:
             abort_groups()  # NCCL would wait for the timeout; gloo already failed with the peer's socket
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict:
-        result = self.generator.generate(prompt_ids, params)
-        return {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
+    async def generate_stream(self, request: EngineRequest):
+        """Deltas, then one Final (call with `.options(num_returns="streaming")`)."""
+        async for item in self.engine.generate(request):
+            yield item
+
+    async def generate(self, request: EngineRequest) -> dict:
+        return await collect(self.engine.generate(request))
+
+    async def generate_batch(self, requests: list[EngineRequest]) -> list[dict]:
+        """All requests at once, as one continuous batch; results in the order given."""
+        return list(await asyncio.gather(*(collect(self.engine.generate(r)) for r in requests)))
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
 
     def forward_logits(self, ids: list[int]) -> torch.Tensor:
         """Logits of every position of one fresh sequence (for parity checks); CPU float32."""
@@ -84,7 +105,35 @@ class RouterActor:
         logits = self.runner.forward(torch.tensor(ids, device=self.device), batch, ContiguousKVCache(), all_logits=True)
         return logits.float().cpu()
 
+    def bench_exchange(self, tokens: int, iters: int) -> dict[int, float]:
+        """Median ms per MoE layer of dispatch + combine through this router's transport (workers included)."""
+        from cluster.all_to_all import RUN
+        from router.exchange_timer import time_exchange
+
+        transport, cfg = self.runner.transport, self.config
+        remote = isinstance(transport, AllToAllTransport)
+        with self.runner.lock:
+            self.runner.check()
+            return time_exchange(transport, list(cfg.moe_layers), tokens, cfg.num_experts_per_tok,
+                                 cfg.num_local_experts, cfg.hidden_size, self.device, self.dtype, iters,
+                                 before_step=(lambda: transport.send_header(RUN)) if remote else (lambda: None))
+
     # ---- operations --------------------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        """What the gateway needs to validate requests and answer GetModelInfo."""
+        cfg, engine = self.config, self.engine.engine
+        return {"name": self.model_name, "architecture": cfg.architecture, "context_length": engine.limits.max_model_len,
+                "vocab_size": cfg.vocab_size, "num_experts": cfg.num_local_experts,
+                "experts_per_token": cfg.num_experts_per_tok, "num_layers": cfg.num_hidden_layers,
+                "moe_layers": list(cfg.moe_layers), "hidden_size": cfg.hidden_size, "limits": engine.limits,
+                "generation_defaults": engine.defaults, "eos_token_ids": sorted(engine.eos_ids),
+                "kv_token_capacity": engine.kv.token_capacity, "kv_bytes_per_token": engine.kv.full_bytes_per_token
+                + engine.kv.chunk_bytes_per_token, "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "workers": self.layout.num_workers}
+
+    def engine_stats(self):
+        return self.engine.stats()
+
     def health(self) -> dict:
         return {"ready": self.monitor.failure() is None, "failure": self.monitor.failure(),
                 "workers": self.layout.num_workers, "steps": self.runner.steps}
@@ -100,6 +149,7 @@ class RouterActor:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         transport = self.runner.transport
         self.monitor.stopping()
+        self.engine.shutdown()
         if isinstance(transport, AllToAllTransport) and self.monitor.failure() is None:
             with self.runner.lock:
                 try:

@@ -1,17 +1,35 @@
-"""Turns logits into tokens: greedy, or temperature with top-k, top-p and min-p, each request drawing from its
-own generator so its samples do not depend on what else is in the batch.
+"""Turns a batch of logits into tokens, one row per request that samples this step.
 
-Legend: V vocab.
+Per row: penalties (presence/frequency over generated tokens, repetition over prompt and generated tokens),
+min_tokens suppression of stop tokens, then greedy or temperature -> top-k -> top-p -> min-p sampling. Each
+request draws from its own torch.Generator, so a seeded request gets the same tokens whatever else is in the
+batch. Logprobs are of the model's distribution (log-softmax of the raw logits), as vLLM reports them.
+
+Legend: N rows, V vocab.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from router.messages import TokenLogprob
 from router.sampling_params import SamplingParams
 
 
-def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+@dataclass
+class SamplingState:
+    """What the sampler needs of one request, kept by the engine across steps."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+
+
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.greedy:
         return None
     gen = torch.Generator(device=device)
@@ -19,11 +37,38 @@ def request_generator(params: SamplingParams, device: torch.device) -> torch.Gen
     return gen
 
 
-def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    if params.greedy:
+def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
+    tokens, logprobs = [], []
+    for logits_V, state in zip(logits_NV.float(), states):
+        token = sample_row(adjusted_logits(logits_V, state), state)
+        tokens.append(token)
+        logprobs.append(token_logprob(logits_V, token, state.params.top_logprobs) if state.params.logprobs else None)
+    return tokens, logprobs
+
+
+def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    p = state.params
+    if p.needs_penalties:
+        logits_V = logits_V.clone()
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(state.prompt_ids) | set(state.output_ids)), dtype=torch.int64, device=logits_V.device)
+            vals = logits_V[seen]
+            logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if state.output_ids and (p.presence_penalty or p.frequency_penalty):
+            counts_V = torch.bincount(torch.tensor(state.output_ids, device=logits_V.device), minlength=logits_V.shape[0])
+            logits_V -= p.frequency_penalty * counts_V + p.presence_penalty * (counts_V > 0)
+    if len(state.output_ids) < p.min_tokens and state.stop_ids:
+        logits_V = logits_V.clone()
+        logits_V[torch.tensor(sorted(state.stop_ids), device=logits_V.device)] = float("-inf")
+    return logits_V
+
+
+def sample_row(logits_V: torch.Tensor, state: SamplingState) -> int:
+    p = state.params
+    if p.greedy:
         return int(torch.argmax(logits_V))
-    probs_V = filtered_probs(logits_V.float() / params.temperature, params)
-    return int(torch.multinomial(probs_V, 1, generator=generator))
+    probs_V = filtered_probs(logits_V / p.temperature, p)
+    return int(torch.multinomial(probs_V, 1, generator=state.generator))
 
 
 def filtered_probs(scaled_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -39,3 +84,12 @@ def filtered_probs(scaled_V: torch.Tensor, params: SamplingParams) -> torch.Tens
     if params.min_p > 0:
         probs_V = probs_V.masked_fill(probs_V < params.min_p * probs_V.max(), 0.0)
     return probs_V / probs_V.sum()
+
+
+def token_logprob(logits_V: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    logprobs_V = torch.log_softmax(logits_V.float(), dim=-1)
+    top = ()
+    if top_n:
+        values, ids = torch.topk(logprobs_V, top_n)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs_V[token]), top)

@@ -1,8 +1,8 @@
 """Per-request sampling parameters, validated at the edge with errors that name the parameter.
 
-Created by the CLI or the gateway from user input, consumed by the sampler and the generation loop. `None`
-for temperature / top_p / top_k means "the model's default" (its generation_config.json), filled in by
-`with_defaults` before validation.
+Created by the CLI or the gateway from user input, consumed by the scheduler (stop conditions), the sampler
+and the output processor (stop strings). `None` for temperature / top_p / top_k means "the model's default"
+(its generation_config.json), filled in by `with_defaults` before validation.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from typing import Any
+
+MAX_TOP_LOGPROBS = 20
 
 
 class InvalidRequest(ValueError):
@@ -26,14 +28,25 @@ class SamplingParams:
     top_p: float | None = None  # (0, 1]
     top_k: int | None = None  # 0 = off
     min_p: float = 0.0  # [0, 1]
+    presence_penalty: float = 0.0  # [-2, 2], OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # > 0, CTRL/transformers semantics, over prompt and generated tokens
     seed: int | None = None
     max_tokens: int = 64
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS set
-    ignore_eos: bool = False
+    min_tokens: int = 0  # stop tokens are suppressed until this many tokens exist
+    stop: tuple[str, ...] = ()  # stop strings, matched across token boundaries, excluded from the text
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens in addition to the model's EOS set
+    ignore_eos: bool = False  # the EOS set does not stop (stop_token_ids still do)
+    logprobs: bool = False  # return the sampled token's logprob
+    top_logprobs: int = 0  # and this many alternatives (0..20)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def with_defaults(self, defaults: dict[str, Any]) -> "SamplingParams":
         """Fill unset temperature/top_p/top_k from generation_config.json-style defaults."""
@@ -46,21 +59,36 @@ class SamplingParams:
             top_k=self.top_k if self.top_k is not None else int(defaults.get("top_k", 0) or 0),
         )
 
-    def validate(self) -> "SamplingParams":
-        _check(self.temperature is not None and _finite(self.temperature) and self.temperature >= 0,
-               "temperature", f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(self.top_p is not None and _finite(self.top_p) and 0 < self.top_p <= 1,
-               "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-               "seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        _check(_num(self.temperature) and self.temperature >= 0, "temperature",
+               f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        _check(_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               f"must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        _check(_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        _check(self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63), "seed",
+               f"must be an integer in [0, 2**63), got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        bad = [t for t in self.stop_token_ids if not (_int(t) and 0 <= t < (vocab_size or 2**31))]
+        _check(not bad, "stop_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        _check(_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+               f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         return self
 
 
-def _finite(x: Any) -> bool:
+def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, field: str, message: str) -> None:

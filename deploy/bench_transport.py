@@ -1,0 +1,71 @@
+"""Per MoE layer: dispatch + combine through the all-to-all transport (1, 2, 4 workers) beside the same rows
+through the in-process experts, same checkpoint, same run."""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray
+import torch
+
+from cluster.checkpoint import CheckpointReader
+from cluster.config import load_model_config
+from cluster.transport import LocalTransport
+from cluster.weights import load_all_experts, resolve_dtype
+from deploy.launcher import Cluster, ClusterSpec
+from router.exchange_timer import time_exchange
+
+# A checkpoint wide enough that expert compute is not all overhead, still quick to write on a laptop.
+BENCH_DIMS = {"hidden_size": 512, "intermediate_size": 1024, "num_local_experts": 16}
+
+
+def run_transport_bench(args) -> int:
+    tmp = None
+    model_dir = args.model
+    if model_dir is None:
+        from deploy.tiny_model import write_tiny_model
+
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0, overrides=BENCH_DIMS))
+    try:
+        table = _measure(model_dir, args)
+    finally:
+        if tmp:
+            tmp.cleanup()
+    _print(table, model_dir, args)
+    return 0
+
+
+def _measure(model_dir: str, args) -> dict[tuple[int, int], float]:
+    cfg = load_model_config(model_dir)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, cfg, device)
+    local = LocalTransport(load_all_experts(cfg, CheckpointReader(model_dir), device, dtype))
+    table: dict[tuple[int, int], float] = {}
+    for tokens in args.tokens:
+        per_layer = time_exchange(local, list(cfg.moe_layers), tokens, cfg.num_experts_per_tok,
+                                  cfg.num_local_experts, cfg.hidden_size, device, dtype, args.iters)
+        table[(tokens, 0)] = sum(per_layer.values()) / len(per_layer)
+    del local
+    for workers in args.workers:
+        spec = ClusterSpec(model_dir, workers, device=args.device, dtype=args.dtype)
+        with Cluster.start(spec) as cluster:
+            for tokens in args.tokens:
+                per_layer = ray.get(cluster.router.bench_exchange.remote(tokens, args.iters), timeout=600)
+                table[(tokens, workers)] = sum(per_layer.values()) / len(per_layer)
+    return table
+
+
+def _print(table, model_dir, args) -> None:
+    cfg = load_model_config(model_dir)
+    print(f"MoE exchange, ms per MoE layer (median of {args.iters} steps, mean over {len(cfg.moe_layers)} layers); "
+          f"hidden {cfg.hidden_size}, expert width {cfg.intermediate_size}, {cfg.num_local_experts} experts, "
+          f"top-{cfg.num_experts_per_tok}, device {args.device}")
+    head = f"{'tokens':>7} {'in-process experts':>19}" + "".join(
+        f" {f'{w} worker' + ('s' if w > 1 else '') + ' a2a':>15}" for w in args.workers)
+    print(head)
+    for tokens in args.tokens:
+        row = f"{tokens:>7} {table[(tokens, 0)]:>19.3f}"
+        row += "".join(f" {table[(tokens, w)]:>15.3f}" for w in args.workers)
+        print(row)
+    print("a2a = dispatch + combine through torch.distributed all_to_all_single, including the workers' expert compute")

@@ -1,0 +1,178 @@
+"""The serving engine's synchronous core: one `step()` = schedule, one forward pass over the batch, sample,
+update, then turn new tokens into deltas and finals. The life of a request:
+
+  add() -> waiting -> (scheduled pieces: prompt catch-up, then one token per step) -> finished
+  every accepted request ends with exactly one `Final`: length, stop (token or string), abort, or error.
+
+Not thread-safe: `AsyncEngine` drives it from one thread. Legend: T tokens in the step, N sampling rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.batch import ForwardBatch, SeqSlice
+from router.messages import Delta, EngineRequest, EngineStats, Final
+from router.model_runner import ClusterFailure, ModelRunner
+from router.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
+from router.request_prep import Limits, PreparedRequest, prepare_request
+from router.sampler import SamplingState, new_generator, sample_batch
+from router.sampling_params import InvalidRequest
+from router.scheduler import Scheduler, SchedRequest
+from router.detokenizer import TextStream
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the KV cache
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * 2**20
+
+
+@dataclass
+class _Live:
+    prepared: PreparedRequest
+    slot: int
+    sampling: SamplingState
+    text: TextStream
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, eos_ids: tuple[int, ...],
+                 generation_defaults: dict[str, Any], config: EngineConfig = EngineConfig()):
+        model_cfg = runner.model.config
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, frozenset(eos_ids)
+        self.defaults, self.config = generation_defaults, config
+        self.kv: KVLayout = plan_kv_layout(model_cfg, config.kv_cache_bytes, config.block_size,
+                                           config.max_num_seqs, runner.model.dtype)
+        if self.kv.token_capacity < config.block_size or (self.kv.chunk_layers and self.kv.chunk_blocks == 0):
+            raise ValueError(f"the KV cache budget of {config.kv_cache_bytes} bytes holds no usable block; raise it")
+        self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size)
+        self.cache = PagedKVCache(model_cfg, self.kv, runner.model.device, runner.model.dtype)
+        max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        self.limits = Limits(model_cfg.vocab_size, max_len, self.blocks.max_tokens_alone())
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, max_len,
+                                   model_cfg.attention_chunk_size if self.kv.chunk_layers else None)
+        self.live: dict[str, _Live] = {}
+        self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
+        self.failure: str | None = None
+        self.generated_tokens = 0
+        self.finished: dict[str, int] = {}
+        self._window: list[tuple[float, int]] = []
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add(self, req: EngineRequest) -> None:
+        """Accept a request or raise InvalidRequest (nothing else is disturbed)."""
+        if self.failure:
+            raise ClusterFailure(self.failure)
+        if req.request_id in self.live:
+            raise InvalidRequest("request_id", f"{req.request_id!r} is already in flight")
+        self.add_prepared(prepare_request(req, self.tokenizer, self.defaults, self.limits))
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        p = prepared.params
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        sampling = SamplingState(p, list(prepared.prompt_ids), [], stop_ids, new_generator(p, self.runner.model.device))
+        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, TextStream(self.tokenizer, p.stop))
+        self.scheduler.add(SchedRequest(prepared.request_id, list(prepared.prompt_ids), p.max_tokens, stop_ids,
+                                        p.min_tokens, output_ids=sampling.output_ids))
+
+    def abort(self, request_id: str) -> Final | None:
+        live = self.live.get(request_id)
+        if live is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._final(request_id, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[Delta | Final]:
+        plan = self.scheduler.schedule()
+        if not plan.pieces:
+            return []
+        try:
+            logits_NV = self._forward(plan)
+        except ClusterFailure as e:
+            return self.fail_all(str(e))
+        sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
+        states = [self.live[p.request_id].sampling for _, p in sampling_pieces]
+        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], states) if states else ([], [])
+        sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
+        finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
+        self._count(len(tokens))
+        out: list[Delta | Final] = []
+        for (_, piece), token, lp in zip(sampling_pieces, tokens, logprobs):
+            out += self._emit(piece.request_id, token, lp, finished.get(piece.request_id))
+        return out
+
+    def _forward(self, plan) -> torch.Tensor:
+        seqs, ids, start = [], [], 0
+        tables = {}
+        for piece in plan.pieces:
+            slot = self.live[piece.request_id].slot
+            seqs.append(SeqSlice(start, len(piece.token_ids), piece.pos0, slot))
+            tables[slot] = self.blocks.tables(piece.request_id)
+            ids += piece.token_ids
+            start += len(piece.token_ids)
+        self.cache.begin_step(tables)
+        ids_T = torch.tensor(ids, dtype=torch.int64, device=self.runner.model.device)
+        return self.runner.forward(ids_T, ForwardBatch(tuple(seqs)), self.cache)
+
+    def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
+        live = self.live[request_id]
+        text = live.text.push(token)
+        if live.text.matched is not None:  # a stop string wins over whatever else ended this step
+            self.scheduler.finish(request_id)
+            done_reason, matched = "stop", live.text.matched
+        elif done is not None:
+            done_reason, matched = done.reason, done.stop_token
+        else:
+            return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
+        text += live.text.flush() if live.text.matched is None else ""
+        return [Delta(request_id, (token,), text, (logprob,) if logprob else ()),
+                self._final(request_id, done_reason, matched)]
+
+    def _final(self, request_id: str, reason: str, matched=None, error: str | None = None) -> Final:
+        live = self.live.pop(request_id)
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        return Final(request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error)
+
+    def fail_all(self, reason: str) -> list[Final]:
+        """The expert side is gone: every request in flight ends with an error naming why."""
+        self.failure = reason
+        log.error("engine failed: %s", reason)
+        finals = []
+        for request_id in list(self.live):
+            self.scheduler.abort(request_id)
+            finals.append(self._final(request_id, "error", error=reason))
+        return finals
+
+    # ---- stats -------------------------------------------------------------------------------------------
+    def _count(self, n: int) -> None:
+        now = time.monotonic()
+        self.generated_tokens += n
+        self._window = [(t, k) for t, k in self._window if now - t < 10.0] + [(now, n)]
+
+    def stats(self) -> EngineStats:
+        span = time.monotonic() - self._window[0][0] if len(self._window) > 1 else 0.0
+        rate = sum(k for _, k in self._window[1:]) / span if span > 0 else 0.0
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.blocks_used, kv_blocks_total=self.blocks.blocks_total,
+            kv_bytes_per_token=self.kv.full_bytes_per_token + self.kv.chunk_bytes_per_token,
+            kv_token_capacity=self.kv.token_capacity, tokens_per_s=rate, finished=dict(self.finished),
+        )

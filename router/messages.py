@@ -1,0 +1,66 @@
+"""What crosses the gateway <-> engine boundary. The gateway (or the CLI) creates `EngineRequest`s; the
+engine answers each with a stream of `Delta`s and exactly one `Final`. Deltas carry only what is new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant | ipython
+    content: str
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """Exactly one of prompt / prompt_ids / messages is set (checked by `validate_request`)."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the top-n alternatives (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class Delta:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+FINISH_REASONS = ("length", "stop", "abort", "error")
+
+
+@dataclass(frozen=True)
+class Final:
+    request_id: str
+    finish_reason: str  # one of FINISH_REASONS
+    matched_stop: str | int | None = None  # the stop string or stop token id that ended it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # for finish_reason "error": what went wrong, naming the field if it was the request
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_bytes_per_token: int = 0
+    kv_token_capacity: int = 0
+    tokens_per_s: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,70 @@
+"""Turns an `EngineRequest` into prompt token ids and complete, validated sampling parameters.
+
+Used by the gateway (to answer INVALID_ARGUMENT before a stream starts) and by the engine (which never
+trusts its caller). Every failure is an `InvalidRequest` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from router.chat import render_chat
+from router.messages import EngineRequest
+from router.sampling_params import InvalidRequest, SamplingParams
+from router.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_model_len: int  # positions one sequence may reach
+    kv_tokens_alone: int  # the most tokens one sequence can keep in the KV cache with it all to itself
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+def prepare_request(req: EngineRequest, tokenizer: Tokenizer | None, defaults: dict[str, Any],
+                    limits: Limits) -> PreparedRequest:
+    if not isinstance(req.request_id, str) or not req.request_id:
+        raise InvalidRequest("request_id", "must be a non-empty string")
+    given = [name for name, v in (("prompt", req.prompt), ("input_ids", req.prompt_ids), ("messages", req.messages))
+             if v is not None]
+    if len(given) != 1:
+        raise InvalidRequest("prompt", f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
+    ids = _prompt_ids(req, tokenizer)
+    if not ids:
+        raise InvalidRequest(given[0], "is empty; give at least one token")
+    bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limits.vocab_size)]
+    if bad:
+        raise InvalidRequest("input_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    params = req.params.with_defaults(defaults).validate(limits.vocab_size)
+    if len(ids) >= limits.max_model_len:
+        raise InvalidRequest(given[0], f"is {len(ids)} tokens; the context length is {limits.max_model_len}")
+    total = len(ids) + params.max_tokens
+    if total > limits.max_model_len:
+        raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                           f"the context length {limits.max_model_len}; lower max_tokens to at most "
+                                           f"{limits.max_model_len - len(ids)}")
+    if total > limits.kv_tokens_alone:
+        raise InvalidRequest("max_tokens", f"prompt + max_tokens = {total} tokens, but the KV cache holds "
+                                           f"{limits.kv_tokens_alone} tokens for one sequence")
+    return PreparedRequest(req.request_id, tuple(ids), params)
+
+
+def _prompt_ids(req: EngineRequest, tokenizer: Tokenizer | None) -> list[int]:
+    if req.prompt_ids is not None:
+        return list(req.prompt_ids)
+    field = "prompt" if req.prompt is not None else "messages"
+    if tokenizer is None:
+        raise InvalidRequest(field, "this model has no tokenizer.json; send input_ids")
+    if req.prompt is not None:
+        if not isinstance(req.prompt, str):
+            raise InvalidRequest("prompt", "must be a string")
+        return tokenizer.encode(req.prompt) if req.prompt else []
+    return tokenizer.encode(render_chat(req.messages), add_special_tokens=False)
