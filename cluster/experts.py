@@ -42,7 +42,38 @@ class ExpertShard:
         return expert_segments(x_RD, counts, self.gate_up_EDI2, self.down_EID)
 
 
-def expert_segments(x_RD: torch.Tensor, counts: list[int], gate_up_EDI2, down_EID) -> torch.Tensor:
+def expert_segments(x_RD: torch.Tensor, counts: list[int], gate_up_EDI2, down_EID,
+                    grouped: bool | None = None) -> torch.Tensor:
+    """Rows grouped by expert (counts[e] rows for expert e) through their experts. `grouped=None` picks
+    torch._grouped_mm on CUDA for 32..2048 rows, where it measured 2-7% faster at Scout's shape on an H100
+    (`moecluster bench moe-layer`), and the per-expert loop otherwise (faster for decode-sized batches)."""
+    num_experts = gate_up_EDI2.shape[0]
+    assert not any(counts[num_experts:]), "rows for experts this shard does not hold"
+    counts = list(counts[:num_experts]) + [0] * (num_experts - len(counts))
+    if grouped is None:
+        grouped = x_RD.is_cuda and 32 <= x_RD.shape[0] <= 2048 and grouped_mm_supported(x_RD, gate_up_EDI2, down_EID)
+    if grouped and x_RD.shape[0]:
+        return _grouped(x_RD, counts, gate_up_EDI2, down_EID)
+    return _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID)
+
+
+def grouped_mm_supported(x_RD, gate_up_EDI2, down_EID) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows (all Llama 4 shapes are)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    row_bytes = x_RD.element_size()
+    return all((n * row_bytes) % 16 == 0 for n in (gate_up_EDI2.shape[1], gate_up_EDI2.shape[2], down_EID.shape[1]))
+
+
+def _grouped(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
+    width = down_EID.shape[1]
+    offs_E = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RD.device)  # end rows
+    gate_up_RI2 = torch._grouped_mm(x_RD, gate_up_EDI2, offs=offs_E)
+    act_RI = gate_up_RI2[:, width:] * F.silu(gate_up_RI2[:, :width])
+    return torch._grouped_mm(act_RI, down_EID, offs=offs_E)
+
+
+def _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
     y_RD = torch.empty_like(x_RD)
     width = down_EID.shape[1]
     start = 0

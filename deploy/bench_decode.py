@@ -22,18 +22,18 @@ def run_decode_bench(args) -> int:
 
         tmp = tempfile.TemporaryDirectory()
         model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
-    ours = Generator.from_checkpoint(model_dir, dtype="float32")
+    ours = Generator.from_checkpoint(model_dir, device=args.device, dtype=args.dtype)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, ours.config.vocab_size, (args.prompt_len,), generator=gen).tolist()
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = [("moecluster (LocalTransport)", *_time(lambda: ours.generate(prompt, params).token_ids, args.repeats))]
     try:
-        hf = _load_transformers(model_dir)
+        hf = _load_transformers(model_dir, args.device, args.dtype)
     except ImportError:
         hf = None
     if hf is not None:
         def hf_run():
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=args.device)
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                               min_new_tokens=args.new_tokens, do_sample=False)
             return out[0, len(prompt):].tolist()
@@ -47,10 +47,11 @@ def run_decode_bench(args) -> int:
     return 0
 
 
-def _load_transformers(model_dir: str):
+def _load_transformers(model_dir: str, device: str, dtype: str):
     from transformers import Llama4ForCausalLM
 
-    return Llama4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return Llama4ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                             attn_implementation="sdpa").to(device).eval()
 
 
 def _time(fn, repeats: int):
@@ -65,8 +66,8 @@ def _time(fn, repeats: int):
 
 
 def _print(rows, args, model_dir) -> None:
-    print(f"greedy decode, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}, {torch.get_num_threads()} threads, model {model_dir}")
+    print(f"greedy decode, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}, "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads, model {model_dir}")
     print(f"{'implementation':<34} {'seconds':>9} {'tokens/s':>10} {'same tokens':>12}")
     reference = rows[0][2]
     for name, seconds, tokens in rows:

@@ -1,38 +1,61 @@
-"""`moecluster generate`: run prompts through the model and print the results, in this process
-(`--workers 0`) or on an embedded Ray cluster of one router and N expert workers that the command starts and
-stops."""
+"""`moecluster generate`: run prompts through the serving engine as one concurrent batch and print one result
+per prompt, in the order given: in this process (`--workers 0`), or on an embedded Ray cluster of one router
+and N expert workers that the command starts and stops."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import uuid
+from pathlib import Path
 
 from cluster.config import load_model_config
-from router.generator import check_prompt, load_generation_config
+from router.engine import EngineConfig
+from router.generator import check_prompt
+from router.messages import ChatMessage, EngineRequest
 from router.sampling_params import SamplingParams
-from router.tokenizer import Tokenizer
+
+
+class _Inputs(argparse.Action):
+    """Keeps --prompt, --prompt-ids and --messages in one list, in command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        inputs = list(getattr(namespace, "inputs", None) or [])
+        inputs.append((self.dest, value))
+        namespace.inputs = inputs
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint directory")
     p.add_argument("--model", required=True, help="Hugging Face Llama 4 checkpoint directory")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompt-ids", action="append", default=[], type=_ids, help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompt", action=_Inputs, help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action=_Inputs, type=_ids, help="comma-separated token ids (repeatable)")
+    p.add_argument("--messages", action=_Inputs, type=_messages, help="JSON file: a list of {role, content} (repeatable)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config.json")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=_ids, default=[], help="comma-separated extra stop token ids")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N", help="return logprobs with N alternatives")
     p.add_argument("--workers", type=int, default=0, help="expert workers on an embedded Ray cluster (0: in-process)")
     p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even split)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    p.add_argument("--kv-cache-memory", type=int, default=256 * 2**20, help="KV cache budget in bytes")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, inputs=None)
 
 
 def _ids(text: str) -> list[int]:
@@ -42,72 +65,100 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
 
 
+def _messages(path: str) -> tuple[ChatMessage, ...]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    raw = raw.get("messages") if isinstance(raw, dict) else raw
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in raw):
+        raise argparse.ArgumentTypeError(f"{path}: expected a JSON list of {{\"role\": ..., \"content\": ...}}")
+    return tuple(ChatMessage(str(m["role"]), m["content"]) for m in raw)
+
+
 def run(args) -> int:
-    params, prompts, tokenizer = _prepare(args)
+    params, requests, engine_config = _prepare(args)
     if args.workers == 0:
-        from router.generator import Generator
+        results = asyncio.run(_in_process(args, requests, engine_config))
+    else:
+        from deploy.launcher import Cluster, ClusterSpec
 
-        gen = Generator.from_checkpoint(args.model, device=args.device, dtype=args.dtype)
-        results = (_as_dict(gen.generate(ids, params)) for ids in prompts)
-        _print_all(results, tokenizer, args.json)
-        return 0
-    from deploy.launcher import Cluster, ClusterSpec
-
-    spec = ClusterSpec(args.model, args.workers, device=args.device, dtype=args.dtype, placement=args.placement,
-                       collective_timeout_s=args.collective_timeout)
-    with Cluster.start(spec) as cluster:
-        _print_all((cluster.generate(ids, params) for ids in prompts), tokenizer, args.json)
+        spec = ClusterSpec(args.model, args.workers, device=args.device, dtype=args.dtype, placement=args.placement,
+                           collective_timeout_s=args.collective_timeout, engine=engine_config)
+        with Cluster.start(spec) as cluster:
+            results = cluster.generate_batch(requests)
+    for result in results:
+        _print(result, args.json)
+    errors = [r["error"] for r in results if r["finish_reason"] == "error"]
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _in_process(args, requests, engine_config) -> list[dict]:
+    from router.async_engine import AsyncEngine, collect
+    from router.engine import Engine
+    from router.generator import Generator, load_generation_config
+    from router.tokenizer import Tokenizer
+
+    gen = Generator.from_checkpoint(args.model, device=args.device, dtype=args.dtype)
+    engine = AsyncEngine(Engine(gen.runner, Tokenizer.from_dir(args.model), gen.eos_ids,
+                                load_generation_config(args.model), engine_config))
+    try:
+        return list(await asyncio.gather(*(collect(engine.generate(r)) for r in requests)))
+    finally:
+        engine.shutdown()
 
 
 def _prepare(args):
     """Everything checkable before loading weights or starting actors."""
     from deploy.cli import UsageError
 
-    if not args.prompt and not args.prompt_ids:
-        raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    if any(not text for text in args.prompt):
-        raise UsageError("--prompt: the prompt is empty")
-    if any(not ids for ids in args.prompt_ids):
-        raise UsageError("--prompt-ids: the prompt is empty")
+    if not args.inputs:
+        raise UsageError("give at least one --prompt TEXT, --prompt-ids 1,2,3 or --messages FILE.json")
+    for kind, value in args.inputs:
+        if not value:
+            raise UsageError(f"--{kind.replace('_', '-')}: the prompt is empty")
     if args.workers < 0:
         raise UsageError(f"--workers: expected an integer >= 0, got {args.workers}")
     _check_device(args.device)
     cfg = load_model_config(args.model)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-    ).with_defaults(load_generation_config(args.model)).validate()
-    tokenizer = Tokenizer.from_dir(args.model)
-    if args.prompt and tokenizer is None:
-        raise UsageError(f"--prompt: {args.model} has no tokenizer.json; pass token ids with --prompt-ids")
-    prompts = [tokenizer.encode(t) for t in args.prompt] + list(args.prompt_ids)
-    for ids in prompts:
-        check_prompt(cfg, ids, params.max_tokens)
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
+    )
+    from router.generator import load_generation_config
+
+    params.with_defaults(load_generation_config(args.model)).validate(cfg.vocab_size)
+    has_tokenizer = (Path(args.model) / "tokenizer.json").is_file()
+    requests = []
+    for kind, value in args.inputs:
+        if kind != "prompt_ids" and not has_tokenizer:
+            raise UsageError(f"--{kind.replace('_', '-')}: {args.model} has no tokenizer.json; "
+                             "pass token ids with --prompt-ids")
+        if kind == "prompt_ids":
+            check_prompt(cfg, value, params.max_tokens)
+        fields = {"prompt": value} if kind == "prompt" else (
+            {"prompt_ids": tuple(value)} if kind == "prompt_ids" else {"messages": value})
+        requests.append(EngineRequest(uuid.uuid4().hex, params, **fields))
     if args.workers:
-        from cluster.placement import ExpertPlacement
+        from deploy.launcher import ClusterSpec, make_placement
 
-        if args.placement:
-            placement = ExpertPlacement.from_spec(args.placement, cfg.num_local_experts, cfg.moe_layers)
-            if placement.num_workers != args.workers:
-                raise UsageError(f"--placement names {placement.num_workers} workers but --workers is {args.workers}")
-        else:
-            ExpertPlacement.even(cfg.num_local_experts, cfg.moe_layers, args.workers)
-    return params, prompts, tokenizer
+        make_placement(ClusterSpec(args.model, args.workers, placement=args.placement), cfg)
+    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_memory)
+    return params, requests, engine_config
 
 
-def _as_dict(result) -> dict:
-    return {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
-
-
-def _print_all(results, tokenizer, as_json: bool) -> None:
-    for result in results:
-        text = tokenizer.decode(result["token_ids"]) if tokenizer else ""
-        if as_json:
-            print(json.dumps({"token_ids": result["token_ids"], "text": text, "finish_reason": result["finish_reason"]}))
-        else:
-            print(text if tokenizer else " ".join(map(str, result["token_ids"])))
-        sys.stdout.flush()
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    elif result["finish_reason"] != "error":
+        print(result["text"] if result["text"] or not result["token_ids"] else " ".join(map(str, result["token_ids"])))
+    sys.stdout.flush()
 
 
 def _check_device(device: str) -> None:

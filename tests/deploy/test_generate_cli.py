@@ -54,7 +54,8 @@ def test_json_output_has_generated_ids_text_and_finish_reason(checkpoint):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert set(row) == {"token_ids", "text", "finish_reason"}
+        assert {"token_ids", "text", "finish_reason"} <= set(row) <= {"token_ids", "text", "finish_reason", "matched_stop"}
+        assert ("matched_stop" in row) == (row["finish_reason"] == "stop")
         assert row["finish_reason"] in ("length", "stop")
         assert 1 <= len(row["token_ids"]) <= 6
         assert row["finish_reason"] == "stop" or len(row["token_ids"]) == 6

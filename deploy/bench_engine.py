@@ -1,0 +1,134 @@
+"""Serving throughput and latency: 1, 8 and 32 concurrent requests through the engine (in-process and with 2
+Ray expert workers), beside transformers' `generate` run one request at a time, same checkpoint, same run."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import torch
+
+from router.messages import Delta, EngineRequest, Final
+from router.sampling_params import SamplingParams
+
+
+def run_engine_bench(args) -> int:
+    tmp = None
+    model_dir = args.model
+    if model_dir is None:
+        from deploy.tiny_model import write_tiny_model
+
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    prompts = _prompts(model_dir, args)
+    rows = []
+    rows += _in_process(model_dir, prompts, params, args)
+    if args.workers:
+        rows += _with_workers(model_dir, prompts, params, args)
+    rows += _transformers(model_dir, prompts, params, args)
+    _print(rows, args)
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+def _prompts(model_dir: str, args) -> list[list[int]]:
+    from cluster.config import load_model_config
+
+    vocab = load_model_config(model_dir).vocab_size
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(max(args.concurrency))]
+
+
+async def _measure(stream_for: Callable[[EngineRequest], AsyncIterator], prompts, params) -> dict:
+    """Run all prompts at once; tokens/s over the wall time, inter-token latency within each request."""
+    gaps: list[float] = []
+    tokens = 0
+
+    async def one(ids):
+        nonlocal tokens
+        last = None
+        async for item in stream_for(EngineRequest(uuid.uuid4().hex, params, prompt_ids=tuple(ids))):
+            now = time.perf_counter()
+            if isinstance(item, Delta):
+                tokens += len(item.token_ids)
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+            elif isinstance(item, Final) and item.finish_reason == "error":
+                raise RuntimeError(item.error)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "itl_ms": 1e3 * statistics.mean(gaps) if gaps else float("nan")}
+
+
+def _in_process(model_dir, prompts, params, args) -> list[tuple]:
+    from router.async_engine import AsyncEngine
+    from router.engine import Engine, EngineConfig
+    from router.generator import Generator, load_generation_config
+    from router.tokenizer import Tokenizer
+
+    gen = Generator.from_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+    engine = AsyncEngine(Engine(gen.runner, Tokenizer.from_dir(model_dir), gen.eos_ids, load_generation_config(model_dir),
+                                EngineConfig(max_num_seqs=max(args.concurrency))))
+    try:
+        asyncio.run(_measure(engine.generate, prompts[:2], params))  # warm-up
+        return [("engine, in-process experts", n, asyncio.run(_measure(engine.generate, prompts[:n], params)))
+                for n in args.concurrency]
+    finally:
+        engine.shutdown()
+
+
+def _with_workers(model_dir, prompts, params, args) -> list[tuple]:
+    from deploy.launcher import Cluster, ClusterSpec
+    from router.engine import EngineConfig
+
+    spec = ClusterSpec(model_dir, args.workers, device=args.device, dtype=args.dtype, engine=EngineConfig(max_num_seqs=max(args.concurrency)))
+    with Cluster.start(spec) as cluster:
+        async def stream(request):
+            async for ref in cluster.router.generate_stream.options(num_returns="streaming").remote(request):
+                yield await ref
+
+        asyncio.run(_measure(stream, prompts[:2], params))
+        return [(f"engine, {args.workers} Ray expert workers", n, asyncio.run(_measure(stream, prompts[:n], params)))
+                for n in args.concurrency]
+
+
+def _transformers(model_dir, prompts, params, args) -> list[tuple]:
+    try:
+        from transformers import Llama4ForCausalLM
+    except ImportError:
+        print("baseline skipped: transformers is not installed (pip install 'moecluster[test]')")
+        return []
+    hf = Llama4ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
+                                           attn_implementation="sdpa").to(args.device).eval()
+    rows = []
+    with torch.inference_mode():  # warm-up
+        x = torch.tensor([prompts[0]], device=args.device)
+        hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False)
+    for n in args.concurrency:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for ids in prompts[:n]:  # one request at a time: generate has no continuous batching
+                x = torch.tensor([ids], device=args.device)
+                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=params.max_tokens,
+                            min_new_tokens=params.max_tokens, do_sample=False)
+        wall = time.perf_counter() - start
+        rows.append(("transformers generate, sequential", n,
+                     {"tokens_per_s": n * params.max_tokens / wall, "itl_ms": 1e3 * wall / (n * params.max_tokens)}))
+    return rows
+
+
+def _print(rows, args) -> None:
+    print(f"serving: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request (greedy), "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads")
+    print(f"{'path':<36} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12}")
+    for name, n, m in rows:
+        print(f"{name:<36} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}")
