@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
 MULTIMODAL_PREFIX = "language_model."
 
 
@@ -37,6 +39,15 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
+
+    def nbytes(self, name: str, rows: Sequence[int] | None = None) -> int:
+        """Bytes `read` (or `read_rows` with these rows) will take from the file, before reading them."""
+        sl = self._slice(name)
+        shape = sl.get_shape()
+        n = 1
+        for dim in shape[1:]:
+            n *= dim
+        return n * (len(rows) if rows is not None else (shape[0] if shape else 1)) * _DTYPE_BYTES[sl.get_dtype()]
 
     def read(self, name: str, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor `name` (text-model key, without `language_model.`), checked against `shape`."""

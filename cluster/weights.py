@@ -79,6 +79,26 @@ def _read_unfused(reader, layer, experts, d, i, dtype):
     return gate_up.contiguous(), down.contiguous()
 
 
+def router_bytes(cfg: ModelConfig, reader: CheckpointReader) -> int:
+    """What `load_router_model` will read, for progress display."""
+    with torch.device("meta"):
+        names = [name for name, _ in Llama4ForCausalLM(cfg).named_parameters()]
+    return sum(reader.nbytes("model.embed_tokens.weight" if n == "lm_head.weight" and n not in reader else n)
+               for n in names)
+
+
+def experts_bytes(cfg: ModelConfig, reader: CheckpointReader, experts_by_layer: dict[int, Sequence[int]]) -> int:
+    """What `load_expert_shard` will read for these experts, for progress display."""
+    total = 0
+    for layer, experts in experts_by_layer.items():
+        if expert_key(layer, "gate_up_proj") in reader:
+            total += sum(reader.nbytes(expert_key(layer, w), list(experts)) for w in ("gate_up_proj", "down_proj"))
+        else:
+            total += sum(reader.nbytes(f"{expert_key(layer, str(e))}.{w}_proj.weight")
+                         for e in experts for w in ("gate", "up", "down"))
+    return total
+
+
 def load_all_experts(cfg, reader, device, dtype) -> dict[int, ExpertShard]:
     everyone = range(cfg.num_local_experts)
     return {layer: load_expert_shard(cfg, reader, layer, everyone, device, dtype) for layer in cfg.moe_layers}

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement, PlacementError
 from cluster.process_group import RankLayout
+from deploy.load_display import load_with_progress
 from router.engine import EngineConfig
 from router.messages import EngineRequest
 from router.router_actor import RouterActor
@@ -43,6 +44,7 @@ class ClusterSpec:
     ray_address: str | None = None  # None: start a local Ray for this cluster
     engine: EngineConfig = field(default_factory=EngineConfig)
     model_name: str | None = None  # served model name (default: the checkpoint directory's name)
+    show_progress: bool = True  # weight-loading progress on stderr
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Cluster:
             spec.model_dir, layout, placement, spec.device, spec.dtype, spec.collective_timeout_s, spec.engine, spec.model_name)
         cluster = cls(spec, router, workers, pg, owns_ray, placement)
         try:
+            load_with_progress([router, *workers], spec.startup_timeout_s, show=spec.show_progress)
             if workers:
                 address = _get(router.open_rendezvous.remote(), spec.startup_timeout_s, "router start-up")
                 _get([router.join.remote()] + [w.join.remote(address) for w in workers], spec.startup_timeout_s,

@@ -1,7 +1,7 @@
 """The router actor: attention side of the cluster. Holds the model (minus routed experts), the KV cache and
 the sampler; reaches the experts over the all-to-all transport, or in-process when it has no workers.
 
-Life: created by the launcher -> `open_rendezvous` (picks a free port) -> `join` (rank 0, while the workers
+Life: created by the launcher -> `load` (weights, with progress) -> `open_rendezvous` (picks a free port) -> `join` (rank 0, while the workers
 join) -> `start_workers` (starts each worker's persistent loop and a monitor of those calls) -> requests ->
 `shutdown` (STOP header, loops end, group left).
 """
@@ -20,7 +20,8 @@ from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement
 from cluster.process_group import RankLayout, Rendezvous, abort_groups, backend_for, join_groups, leave_groups
 from cluster.transport import LocalTransport
-from cluster.weights import load_all_experts, load_router_model, resolve_dtype
+from cluster.load_progress import LoadProgress
+from cluster.weights import experts_bytes, load_all_experts, load_router_model, resolve_dtype, router_bytes
 from router.async_engine import AsyncEngine, collect
 from router.engine import Engine, EngineConfig
 from router.generator import eos_token_ids, load_generation_config
@@ -43,21 +44,43 @@ class RouterActor:
         self.config = cfg = load_model_config(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self.dtype = resolve_dtype(dtype, cfg, self.device)
-        reader = CheckpointReader(model_dir)
-        self.model = load_router_model(cfg, reader, self.device, self.dtype)
+        self.model_dir, self.engine_config = model_dir, engine_config
+        self.reader = CheckpointReader(model_dir)
         self.local_experts = layout.num_workers == 0
-        transport = LocalTransport(load_all_experts(cfg, reader, self.device, self.dtype)) if self.local_experts else None
-        self.bytes_read = reader.bytes_read
+        everyone = {layer: range(cfg.num_local_experts) for layer in cfg.moe_layers}
+        self.bytes_total = router_bytes(cfg, self.reader) + (experts_bytes(cfg, self.reader, everyone)
+                                                             if self.local_experts else 0)
         self.collective_timeout_s = collective_timeout_s
         self.monitor = WorkerMonitor(on_failure=self._on_worker_failure)
-        self.runner = ModelRunner(self.model, transport, failure=self.monitor.failure)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        engine = Engine(self.runner, self.tokenizer, eos_token_ids(model_dir, cfg), load_generation_config(model_dir),
-                        engine_config)
-        self.engine = AsyncEngine(engine)
+        self.model = self.runner = self.engine = None
+        self._loaded = False
         self._rendezvous: Rendezvous | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------
+    async def load(self) -> int:
+        """Read the router's weights (every expert too when it has no workers), off the event loop so that
+        `load_progress` answers meanwhile; then build the engine and its KV cache. Returns bytes read."""
+        await asyncio.to_thread(self._load)
+        return self.reader.bytes_read
+
+    def _load(self) -> None:
+        cfg, reader = self.config, self.reader
+        self.model = load_router_model(cfg, reader, self.device, self.dtype)
+        transport = LocalTransport(load_all_experts(cfg, reader, self.device, self.dtype)) if self.local_experts else None
+        self.runner = ModelRunner(self.model, transport, failure=self.monitor.failure)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        engine = Engine(self.runner, self.tokenizer, eos_token_ids(self.model_dir, cfg),
+                        load_generation_config(self.model_dir), self.engine_config)
+        self.engine = AsyncEngine(engine)
+        self._loaded = True
+
+    def load_progress(self) -> LoadProgress:
+        return LoadProgress("router", self.reader.bytes_read, self.bytes_total, self.reader.tensors_read, self._loaded)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
     def open_rendezvous(self):
         backend = backend_for(self.device)
         self._rendezvous = Rendezvous(self.layout.world_size, backend, self.collective_timeout_s)
@@ -135,8 +158,9 @@ class RouterActor:
         return self.engine.stats()
 
     def health(self) -> dict:
-        return {"ready": self.monitor.failure() is None, "failure": self.monitor.failure(),
-                "workers": self.layout.num_workers, "steps": self.runner.steps}
+        failure = self.monitor.failure() or (self.engine.engine.failure if self.engine else None)
+        return {"ready": self._loaded and failure is None, "failure": failure,
+                "workers": self.layout.num_workers, "steps": self.runner.steps if self.runner else 0}
 
     def stats(self) -> dict:
         counts = {layer: m.feed_forward.last_expert_counts.tolist()
@@ -147,9 +171,10 @@ class RouterActor:
                 "placement": self.placement.describe() if self.placement else None}
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        transport = self.runner.transport
+        transport = self.runner.transport if self.runner else None
         self.monitor.stopping()
-        self.engine.shutdown()
+        if self.engine:
+            self.engine.shutdown()
         if isinstance(transport, AllToAllTransport) and self.monitor.failure() is None:
             with self.runner.lock:
                 try:

@@ -1,6 +1,7 @@
 """The expert worker: holds its experts of every MoE layer and serves them in a persistent loop.
 
-Life: created by the launcher (one GPU each on a GPU cluster) -> `join` the process group (Ray call) ->
+Life: created by the launcher (one GPU each on a GPU cluster) -> `load` (its experts only, with progress) ->
+`join` the process group (Ray call) ->
 `run_loop` (one Ray call that lasts until stop) -> per step, receive the header, then for each MoE layer
 receive rows, run its experts, reply. Ray calls besides the loop: `health`, `stats`, `shutdown`; never per
 token. Workers hold no request state, so one can be replaced without losing a request.
@@ -19,7 +20,9 @@ from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement
 from cluster.process_group import GroupAddress, RankLayout, join_groups, leave_groups
-from cluster.weights import load_expert_shard, resolve_dtype
+from cluster.experts import ExpertShard
+from cluster.load_progress import LoadProgress
+from cluster.weights import experts_bytes, load_expert_shard, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +30,42 @@ log = logging.getLogger(__name__)
 class ExpertWorker:
     def __init__(self, model_dir: str, worker: int, layout: RankLayout, placement: ExpertPlacement,
                  device: str = "cpu", dtype: str = "auto"):
+        """Cheap: reads config.json and the checkpoint's headers. `load()` reads the weights."""
         self.worker, self.layout, self.placement = worker, layout, placement
         self.rank = layout.worker_rank(worker)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)  # Ray exposes exactly this actor's GPU
-        cfg = load_model_config(model_dir)
-        self.config = cfg
+        self.config = cfg = load_model_config(model_dir)
         self.dtype = resolve_dtype(dtype, cfg, self.device)
-        reader = CheckpointReader(model_dir)
-        started = time.perf_counter()
-        self.shards = {layer: load_expert_shard(cfg, reader, layer, placement.experts_of(worker, layer),
-                                                self.device, self.dtype) for layer in cfg.moe_layers}
-        self.bytes_read = reader.bytes_read
-        self.tokens_per_expert = {layer: torch.zeros(len(s.experts), dtype=torch.int64) for layer, s in self.shards.items()}
+        self.reader = CheckpointReader(model_dir)
+        self.mine = {layer: placement.experts_of(worker, layer) for layer in cfg.moe_layers}
+        self.bytes_total = experts_bytes(cfg, self.reader, self.mine)
+        self.shards: dict[int, ExpertShard] = {}
+        self.tokens_per_expert: dict[int, torch.Tensor] = {}
         self.steps = 0
         self.transport: AllToAllTransport | None = None
         self._lock = threading.Lock()
-        log.info("worker %d loaded %d experts (%.1f MB) in %.2fs", worker, self.num_experts,
+        self._loaded = False
+
+    def load(self) -> int:
+        """Read this worker's experts (and nothing else) from the checkpoint; returns bytes read."""
+        started = time.perf_counter()
+        for layer, experts in self.mine.items():
+            self.shards[layer] = load_expert_shard(self.config, self.reader, layer, experts, self.device, self.dtype)
+            self.tokens_per_expert[layer] = torch.zeros(len(experts), dtype=torch.int64)
+        self._loaded = True
+        log.info("worker %d loaded %d experts (%.1f MB) in %.2fs", self.worker, self.num_experts,
                  self.bytes_resident / 1e6, time.perf_counter() - started)
+        return self.reader.bytes_read
+
+    def load_progress(self) -> LoadProgress:
+        return LoadProgress(f"worker {self.worker}", self.reader.bytes_read, self.bytes_total,
+                            self.reader.tensors_read, self._loaded)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
 
     @property
     def num_experts(self) -> int:
