@@ -37,7 +37,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the KV cache
     block_size: int = 16
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int | None = None  # None: 256 MiB on CPU; on CUDA half the GPU memory free after loading
+
+
+def kv_budget(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 256 * 2**20
 
 
 @dataclass
@@ -55,10 +64,11 @@ class Engine:
         model_cfg = runner.model.config
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, frozenset(eos_ids)
         self.defaults, self.config = generation_defaults, config
-        self.kv: KVLayout = plan_kv_layout(model_cfg, config.kv_cache_bytes, config.block_size,
+        budget = kv_budget(config, runner.model.device)
+        self.kv: KVLayout = plan_kv_layout(model_cfg, budget, config.block_size,
                                            config.max_num_seqs, runner.model.dtype)
         if self.kv.token_capacity < config.block_size or (self.kv.chunk_layers and self.kv.chunk_blocks == 0):
-            raise ValueError(f"the KV cache budget of {config.kv_cache_bytes} bytes holds no usable block; raise it")
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no usable block; raise it")
         self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size)
         self.cache = PagedKVCache(model_cfg, self.kv, runner.model.device, runner.model.dtype)
         max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
