@@ -31,7 +31,7 @@ def run_grpc_bench(args) -> int:
         tmp = tempfile.TemporaryDirectory()
         model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
     config = ServerConfig(model_dir, args.workers, device=args.device, dtype=args.dtype,
-                          gateway=GatewayConfig(port=0, max_concurrent_streams=max(args.concurrency) + 8))
+                          model_name=None if args.model else "tiny-scout (random weights)", gateway=GatewayConfig(port=0, max_concurrent_streams=max(args.concurrency) + 8))
     try:
         with Server(config) as server:
             rows = _measure(server, args)
@@ -45,7 +45,8 @@ def run_grpc_bench(args) -> int:
 def _measure(server, args) -> list[tuple]:
     vocab = asyncio.run(_vocab(server.target))
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(max(args.concurrency))]
+    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
+               for _ in range(max(args.concurrency))]
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.new_tokens, ignore_eos=True)
     paths = {"engine via Ray (baseline)": lambda n: _direct(server.cluster.router, prompts[:n], params),
              "gRPC gateway": lambda n: _grpc(server.target, prompts[:n], params)}
@@ -132,5 +133,8 @@ def _ms(values: list[float]) -> tuple[str, str, str]:
     if not values:
         return "-", "-", "-"
     s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))]
+
     return f"{1000 * statistics.mean(s):.1f}", f"{1000 * pick(0.5):.1f}", f"{1000 * pick(0.9):.1f}"

@@ -15,7 +15,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deploy import bench_command, generate_command, tiny_model_command
+    from deploy import bench_command, client_command, generate_command, serve_command, tiny_model_command
 
     parser = argparse.ArgumentParser(prog="moecluster", description="Serve Llama 4 mixture-of-experts models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_model_command.add_parser(sub)
     generate_command.add_parser(sub)
     bench_command.add_parser(sub)
+    serve_command.add_parser(sub)
+    client_command.add_parser(sub)
     return parser
 
 

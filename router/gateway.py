@@ -10,6 +10,7 @@ Every method is a coroutine of one event loop; deploy/server.py runs that loop o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see Gateway.port)
     max_concurrent_streams: int = 256  # open Generate streams; beyond: RESOURCE_EXHAUSTED
-    max_queued_requests: int = 256  # requests waiting in the engine; beyond: RESOURCE_EXHAUSTED (0: no bound)
+    max_queued_requests: int = 256  # waiting in the engine (as last polled); beyond: RESOURCE_EXHAUSTED (0: off)
     max_message_bytes: int = 4 * 2**20  # each way; larger messages: RESOURCE_EXHAUSTED (by grpc itself)
     drain_grace_s: float = 30.0
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port (see Gateway.metrics_port)
-    metrics_host: str = "0.0.0.0"
-    poll_interval_s: float = 1.0  # router health and engine load
+    metrics_host: str | None = None  # None: the gRPC host
+    poll_interval_s: float = 0.25  # router health and engine load (the queue bound uses the latest)
     expert_stats_interval_s: float = 5.0  # tokens per expert from the workers
     ray_timeout_s: float = 10.0  # control calls to the actors
 
@@ -88,7 +89,7 @@ class Gateway:
         await self.health.start()
         self._server, self.port = server, port
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host or c.host)
         log.info("gateway listening on %s:%d", c.host, port)
         return port
 
@@ -100,6 +101,13 @@ class Gateway:
         self.service.backend = Backend(router, workers, info, Tokenizer.from_dir(model_dir), poller)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
+
+    def set_limits(self, max_concurrent_streams: int | None = None, max_queued_requests: int | None = None) -> None:
+        """Change the admission limits while serving; requests arriving from now on see the new ones. A plain
+        attribute swap, so any thread may call it."""
+        changes = {k: v for k, v in (("max_concurrent_streams", max_concurrent_streams),
+                                     ("max_queued_requests", max_queued_requests)) if v is not None}
+        self.service.limits = dataclasses.replace(self.service.limits, **changes)
 
     async def drain(self, grace_s: float | None = None) -> int:
         """NOT_SERVING; wait up to `grace_s` for open streams to finish, then abort the rest in the engine.

@@ -65,13 +65,15 @@ def first_line(error: BaseException) -> str:
 
 
 class ClusterPoller:
-    """Every `interval_s`: the router's health (-> readiness) and engine stats (-> load metrics); every
-    `expert_interval_s`: the workers' routed-token counts (-> the tokens-per-expert gauge)."""
+    """Every `interval_s`: the router's health (-> readiness) and engine stats (-> `engine`, the load metrics
+    and the gateway's queue bound); every `expert_interval_s`: the workers' routed-token counts (-> the
+    tokens-per-expert gauge). Polling keeps the Ray round trip off each request's path."""
 
     def __init__(self, router, workers: list, health: GatewayHealth, metrics: GatewayMetrics,
-                 interval_s: float = 1.0, expert_interval_s: float = 5.0, timeout_s: float = 10.0):
+                 interval_s: float = 0.25, expert_interval_s: float = 5.0, timeout_s: float = 10.0):
         self.router, self.workers, self.health, self.metrics = router, workers, health, metrics
         self.interval_s, self.expert_interval_s, self.timeout_s = interval_s, expert_interval_s, timeout_s
+        self.engine = None  # the latest EngineStats
 
     async def check(self) -> tuple[bool, str]:
         """Ready now? Asks the router; a dead or unresponsive router is not ready."""
@@ -85,18 +87,22 @@ class ClusterPoller:
         loop = asyncio.get_running_loop()
         next_experts = loop.time()
         while True:
-            ready, reason = await self.check()
-            await self.health.set_ready(ready, reason)
-            if ready:
-                await self._refresh_load()
-                if loop.time() >= next_experts:
-                    next_experts = loop.time() + self.expert_interval_s
-                    await self._refresh_experts()
+            try:
+                ready, reason = await self.check()
+                await self.health.set_ready(ready, reason)
+                if ready:
+                    await self._refresh_load()
+                    if loop.time() >= next_experts:
+                        next_experts = loop.time() + self.expert_interval_s
+                        await self._refresh_experts()
+            except Exception:  # noqa: BLE001 - a bug here must not stop readiness updates for good
+                log.exception("cluster poll failed")
             await asyncio.sleep(self.interval_s)
 
     async def _refresh_load(self) -> None:
         try:
-            self.metrics.observe_load(await resolve(self.router.engine_stats.remote(), self.timeout_s))
+            self.engine = await resolve(self.router.engine_stats.remote(), self.timeout_s)
+            self.metrics.observe_load(self.engine)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             log.warning("engine stats: %s", e)
 

@@ -2,8 +2,9 @@
 actor's Ray handle. The life of a Generate call:
 
   admit:  draining / not ready -> UNAVAILABLE; other model -> NOT_FOUND; tokenize + validate (prepare_request,
-          with the router's limits and defaults) -> INVALID_ARGUMENT naming the field; engine queue or open
-          streams at their limits -> RESOURCE_EXHAUSTED; request_id in flight -> ALREADY_EXISTS
+          with the router's limits and defaults) -> INVALID_ARGUMENT naming the field; engine queue (its
+          waiting count as of the last poll) or open streams at their limits -> RESOURCE_EXHAUSTED;
+          request_id in flight -> ALREADY_EXISTS
   stream: router.generate_stream (a Ray streaming call) yields Deltas, then one Final -> Chunks, then Complete
   end:    client cancel or deadline (the handler task is cancelled) -> router.abort frees the KV blocks;
           the router or a worker died, or the engine failed -> Error message, then UNAVAILABLE
@@ -75,7 +76,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         arrived = time.monotonic()
         try:
-            backend, prepared = await self._admit(request, request.request_id or uuid.uuid4().hex)
+            backend, prepared = self._admit(request, request.request_id or uuid.uuid4().hex)
         except GatewayError as e:
             self.metrics.requests.labels(e.outcome).inc()
             await context.abort(e.code, e.message)
@@ -87,7 +88,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.streams.pop(prepared.request_id, None)
             self.metrics.active_streams.dec()
 
-    async def _admit(self, request: pb.GenerateRequest, request_id: str) -> tuple[Backend, PreparedRequest]:
+    def _admit(self, request: pb.GenerateRequest, request_id: str) -> tuple[Backend, PreparedRequest]:
+        """No await in here: the checks and the registration of the stream happen as one step."""
         backend = self._backend()
         name = backend.info["name"]
         if request.model and request.model != name:
@@ -99,12 +101,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         except InvalidRequest as e:
             path = convert.field_path(e.field)
             raise GatewayError(Code.INVALID_ARGUMENT, f"{path}: {str(e).split(': ', 1)[1]}", path) from None
-        if self.limits.max_queued_requests:
-            waiting = (await self._call(backend.router.engine_stats.remote())).waiting
-            if waiting >= self.limits.max_queued_requests:
-                raise GatewayError(Code.RESOURCE_EXHAUSTED, f"{waiting} requests are queued in the engine (limit "
-                                                            f"{self.limits.max_queued_requests}); retry later")
-        # no await from here to the registration: the checks and the count stay consistent
+        waiting = backend.poller.engine.waiting if backend.poller.engine else 0  # as of the last poll
+        if self.limits.max_queued_requests and waiting >= self.limits.max_queued_requests:
+            raise GatewayError(Code.RESOURCE_EXHAUSTED, f"{waiting} requests are queued in the engine (limit "
+                                                        f"{self.limits.max_queued_requests}); retry later")
         if request_id in self.streams:
             raise GatewayError(Code.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight", "request_id")
         if len(self.streams) >= self.limits.max_concurrent_streams:
@@ -246,4 +246,5 @@ class InferenceService(pb_grpc.InferenceServicer):
         except ray.exceptions.RayError as e:
             raise GatewayError(Code.UNAVAILABLE, f"the cluster failed: {first_line(e)}") from None
         except asyncio.TimeoutError:
-            raise GatewayError(Code.UNAVAILABLE, f"the cluster did not answer within {self.limits.ray_timeout_s}s") from None
+            raise GatewayError(Code.UNAVAILABLE,
+                               f"the cluster did not answer within {self.limits.ray_timeout_s}s") from None

@@ -38,7 +38,7 @@ class GatewayMetrics:
                                    "started", ["layer", "expert"], registry=r)
         self._http = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve(self, port: int, host: str) -> int:
         """Expose /metrics on `port` (0: any free port); returns the port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         port = self._http.server_address[1]

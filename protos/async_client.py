@@ -1,0 +1,123 @@
+"""The asyncio client for `moecluster.v1.Inference`; the same calls as protos/client.py, awaited.
+
+    async with AsyncInferenceClient("localhost:50051") as client:
+        await client.wait_until_serving(timeout=60)
+        gen = client.generate("Once upon a time", max_tokens=32)
+        async for chunk in gen:
+            print(chunk.text, end="", flush=True)
+        print(gen.result.finish_reason)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.client import DEFAULT_MAX_MESSAGE_BYTES
+from protos.client_types import (READINESS, Chunk, GenerationError, GenerationResult, StreamFolder, build_request,
+                                 tokenize_request)
+from protos.moecluster.v1 import inference_pb2 as pb
+from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+
+
+class AsyncGeneration:
+    """One Generate call: `async for` the chunks; `result` once the stream has ended; `cancel()` to stop."""
+
+    def __init__(self, call, request_id: str = ""):
+        self._call, self._request_id = call, request_id
+        self._folder = StreamFolder()
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            async for response in self._call:
+                chunk = self._folder.add(response)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as e:
+            raise self._folder.failure(e) from None
+
+    @property
+    def request_id(self) -> str:
+        return self._folder.result.request_id or self._request_id
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._folder.done:
+            raise RuntimeError("the stream has not completed; iterate it to the end first")
+        return self._folder.result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncInferenceClient:
+    """Create it inside the event loop that will use it (grpc.aio channels belong to one loop)."""
+
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
+                 messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
+                 timeout: float | None = None, **sampling) -> AsyncGeneration:
+        request = build_request(prompt, input_ids=input_ids, messages=messages, request_id=request_id, model=model,
+                                stream=stream, **sampling)
+        return AsyncGeneration(self.stub.Generate(request, timeout=timeout), request_id)
+
+    async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+        gen = self.generate(prompt, stream=False, **kwargs)
+        async for _ in gen:
+            pass
+        return gen.result
+
+    async def tokenize(self, prompt: str | None = None, *, messages: Iterable | None = None,
+                       add_special_tokens: bool = True, timeout: float | None = 30) -> list[int]:
+        request = tokenize_request(prompt, messages, add_special_tokens)
+        return list((await self._unary(self.stub.Tokenize, request, timeout)).token_ids)
+
+    async def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
+        return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    async def cluster_status(self, timeout: float | None = 30) -> pb.GetClusterStatusResponse:
+        return await self._unary(self.stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+
+    async def abort(self, *request_ids: str, timeout: float | None = 30) -> list[str]:
+        return list((await self._unary(self.stub.Abort, pb.AbortRequest(request_ids=request_ids), timeout)).aborted)
+
+    async def health_status(self, service: str = READINESS, timeout: float | None = 5) -> str:
+        try:
+            response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def wait_until_serving(self, timeout: float = 60.0, poll_s: float = 0.2) -> None:
+        deadline, status = time.monotonic() + timeout, "UNREACHABLE"
+        while time.monotonic() < deadline:
+            status = await self.health_status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            if status == "SERVING":
+                return
+            await asyncio.sleep(poll_s)
+        raise TimeoutError(f"the server was not SERVING within {timeout}s (last status: {status})")
+
+    async def _unary(self, method, request, timeout):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise GenerationError.from_rpc(e) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncInferenceClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

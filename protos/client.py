@@ -1,0 +1,132 @@
+"""A blocking Python client for `moecluster.v1.Inference` (the asyncio twin is protos/async_client.py).
+
+    with InferenceClient("localhost:50051") as client:
+        client.wait_until_serving(timeout=60)
+        gen = client.generate("Once upon a time", max_tokens=32, temperature=0)
+        for chunk in gen:                  # as the tokens arrive
+            print(chunk.text, end="", flush=True)
+        print(gen.result.finish_reason)    # length | stop | abort
+        client.generate_text("12 13 14", max_tokens=8).text
+
+Every non-OK status is raised as `GenerationError` (its `code` a grpc.StatusCode, `field` the request field
+at fault when the server named one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.client_types import (READINESS, Chunk, GenerationError, GenerationResult, StreamFolder, build_request,
+                                 tokenize_request)
+from protos.moecluster.v1 import inference_pb2 as pb
+from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
+
+
+class Generation:
+    """One Generate call: iterate for chunks; `result` once the stream has ended; `cancel()` to stop early
+    (the server aborts the request and frees its KV blocks)."""
+
+    def __init__(self, call, request_id: str = ""):
+        self._call, self._request_id = call, request_id
+        self._folder = StreamFolder()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for response in self._call:
+                chunk = self._folder.add(response)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as e:
+            raise self._folder.failure(e) from None
+
+    @property
+    def request_id(self) -> str:
+        """As given, or as the server assigned it (known from the first response on)."""
+        return self._folder.result.request_id or self._request_id
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._folder.done:
+            raise RuntimeError("the stream has not completed; iterate it to the end first")
+        return self._folder.result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class InferenceClient:
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 channel: grpc.Channel | None = None):
+        self.channel = channel or grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
+                 messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
+                 timeout: float | None = None, **sampling) -> Generation:
+        request = build_request(prompt, input_ids=input_ids, messages=messages, request_id=request_id, model=model,
+                                stream=stream, **sampling)
+        return Generation(self.stub.Generate(request, timeout=timeout), request_id)
+
+    def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+        """The whole result at once (sent as one chunk: stream=False)."""
+        gen = self.generate(prompt, stream=False, **kwargs)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def tokenize(self, prompt: str | None = None, *, messages: Iterable | None = None,
+                 add_special_tokens: bool = True, timeout: float | None = 30) -> list[int]:
+        request = tokenize_request(prompt, messages, add_special_tokens)
+        return list(self._unary(self.stub.Tokenize, request, timeout).token_ids)
+
+    def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
+        return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def cluster_status(self, timeout: float | None = 30) -> pb.GetClusterStatusResponse:
+        return self._unary(self.stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+
+    def abort(self, *request_ids: str, timeout: float | None = 30) -> list[str]:
+        """The ids that were in flight (their streams end with finish_reason "abort")."""
+        return list(self._unary(self.stub.Abort, pb.AbortRequest(request_ids=request_ids), timeout).aborted)
+
+    def health_status(self, service: str = READINESS, timeout: float | None = 5) -> str:
+        """SERVING, NOT_SERVING, ... for a grpc.health.v1 name ("" = liveness); UNREACHABLE if no answer."""
+        try:
+            status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+    def wait_until_serving(self, timeout: float = 60.0, poll_s: float = 0.2) -> None:
+        """Block until readiness is SERVING; TimeoutError naming the last status otherwise."""
+        deadline, status = time.monotonic() + timeout, "UNREACHABLE"
+        while time.monotonic() < deadline:
+            status = self.health_status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            if status == "SERVING":
+                return
+            time.sleep(poll_s)
+        raise TimeoutError(f"the server was not SERVING within {timeout}s (last status: {status})")
+
+    def _unary(self, method, request, timeout):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise GenerationError.from_rpc(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

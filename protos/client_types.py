@@ -1,0 +1,122 @@
+"""What the client libraries (protos/client.py, protos/async_client.py) share: request building, the result
+types they hand back, and how a Generate stream folds into one result. Over the generated stubs only: no
+engine, torch or Ray imports, so any Python process can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.moecluster.v1 import inference_pb2 as pb
+
+READINESS = "moecluster.v1.Inference"  # the grpc.health.v1 name that is SERVING when generations can run
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "ignore_eos", "logprobs", "top_logprobs", "stop",
+                   "stop_token_ids")
+FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_ABORT: "abort",
+                  pb.FINISH_REASON_ERROR: "error", pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
+
+
+class GenerationError(Exception):
+    """An RPC that ended with a non-OK status. `code` is a grpc.StatusCode; `field` names the request field
+    at fault when the server said which."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = ""):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message, self.field = code, message, field
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, field: str = "") -> "GenerationError":
+        return cls(error.code(), error.details() or "", field)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[pb.TokenLogprob, ...] = ()
+
+
+@dataclass
+class GenerationResult:
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # length | stop | abort
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+
+
+def build_request(prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
+                  messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
+                  **sampling) -> pb.GenerateRequest:
+    """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts);
+    sampling keywords are SamplingParams' fields (unset = the model's default)."""
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
+    req = pb.GenerateRequest(request_id=request_id, model=model, stream=stream,
+                             sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}))
+    if prompt is not None:
+        req.prompt = prompt
+    if input_ids is not None:
+        req.input_ids.SetInParent()  # set even when empty, so the server names the empty field
+        req.input_ids.ids.extend(input_ids)
+    if messages is not None:
+        req.messages.SetInParent()
+        req.messages.CopyFrom(chat_messages(messages))
+    return req
+
+
+def chat_messages(messages: Iterable) -> pb.ChatMessages:
+    out = pb.ChatMessages()
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.messages.add(role=role, content=content)
+    return out
+
+
+def tokenize_request(prompt: str | None, messages: Iterable | None, add_special_tokens: bool) -> pb.TokenizeRequest:
+    if (prompt is None) == (messages is None):
+        raise TypeError("give exactly one of prompt or messages")
+    if prompt is not None:
+        return pb.TokenizeRequest(prompt=prompt, add_special_tokens=add_special_tokens)
+    return pb.TokenizeRequest(messages=chat_messages(messages))
+
+
+class StreamFolder:
+    """Folds GenerateResponses into chunks (returned by `add`) and one GenerationResult."""
+
+    def __init__(self):
+        self.result = GenerationResult()
+        self.error: pb.Error | None = None
+        self.done = False
+
+    def add(self, response: pb.GenerateResponse) -> Chunk | None:
+        r = self.result
+        r.request_id = response.request_id
+        kind = response.WhichOneof("kind")
+        if kind == "chunk":
+            c = response.chunk
+            r.token_ids += c.token_ids
+            r.text += c.text
+            r.logprobs += c.logprobs
+            return Chunk(tuple(c.token_ids), c.text, tuple(c.logprobs))
+        if kind == "complete":
+            c = response.complete
+            r.finish_reason = FINISH_REASONS.get(c.finish_reason, str(c.finish_reason))
+            stop = c.WhichOneof("matched_stop")
+            r.matched_stop = getattr(c, stop) if stop else None
+            r.prompt_tokens, r.completion_tokens = c.prompt_tokens, c.completion_tokens
+            self.done = True
+        elif kind == "error":
+            self.error = response.error
+        return None
+
+    def failure(self, error: grpc.RpcError) -> GenerationError:
+        return GenerationError.from_rpc(error, self.error.field if self.error else "")

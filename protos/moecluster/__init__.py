@@ -1,0 +1,1 @@
+"""moecluster's gRPC API, one folder per version."""

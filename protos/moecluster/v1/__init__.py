@@ -1,0 +1,1 @@
+"""moecluster.v1: inference.proto and its generated modules (regenerate with protos/generate.sh)."""

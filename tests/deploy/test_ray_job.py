@@ -1,0 +1,83 @@
+"""`ray job submit` as a user runs it: a Ray head started with `ray start --head`, the serve entrypoint
+submitted with the working directory, health over gRPC, a streamed generation, then `ray job stop` and
+`ray stop`, leaving no Ray process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from protos.client import InferenceClient
+from tests.deploy.test_cluster_cli import _ray_processes
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_env():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # explicit: a private head for this test only
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def ray(env, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
+    assert not _ray_processes(), "another Ray is running; this test checks that ours leaves nothing behind"
+    from deploy.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model", "scout", train_steps=0)
+    port, gcs_port, dashboard = free_port(), free_port(), free_port()
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "cluster": {"workers": 2},
+                                      "gateway": {"host": "127.0.0.1", "port": port}, "metrics": {"enabled": False}}))
+    head = ray(ray_env, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats")
+    assert head.returncode == 0, head.stderr
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        submitted = ray(ray_env, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+                        "--", "python", "-m", "deploy.ray_job", "--config", str(config), timeout=300)
+        assert submitted.returncode == 0, submitted.stderr + submitted.stdout
+        job_id = re.search(r"(raysubmit_\w+)", submitted.stdout + submitted.stderr).group(1)
+        with InferenceClient(f"127.0.0.1:{port}") as client:
+            try:
+                client.wait_until_serving(timeout=240)
+            except Exception:
+                logs = ray(ray_env, "job", "logs", "--address", address, job_id)
+                pytest.fail(f"the job never served:\n{logs.stdout[-3000:]}")
+            chunks = list(client.generate(input_ids=[1, 5, 9, 13], max_tokens=8, temperature=0, ignore_eos=True))
+        assert sum(len(c.token_ids) for c in chunks) == 8
+        stopped = ray(ray_env, "job", "stop", "--address", address, job_id, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        status = ray(ray_env, "job", "status", "--address", address, job_id)
+        assert "STOPPED" in status.stdout + status.stderr
+        deadline = time.monotonic() + 30
+        while any("RouterActor" in p or "ExpertWorker" in p for p in _ray_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any("RouterActor" in p or "ExpertWorker" in p for p in _ray_processes())
+    finally:
+        ray(ray_env, "stop", "--force")
+    deadline = time.monotonic() + 30
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes()
