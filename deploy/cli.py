@@ -15,11 +15,13 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deploy import bench_command, client_command, generate_command, serve_command, tiny_model_command
+    from deploy import (bench_command, client_command, demo_command, generate_command, serve_command,
+                        tiny_model_command)
 
     parser = argparse.ArgumentParser(prog="moecluster", description="Serve Llama 4 mixture-of-experts models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo_command.add_parser(sub)
     tiny_model_command.add_parser(sub)
     generate_command.add_parser(sub)
     bench_command.add_parser(sub)

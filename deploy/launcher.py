@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -122,20 +123,31 @@ class Cluster:
     def health(self, timeout_s: float = 10.0) -> dict:
         return ray.get(self.router.health.remote(), timeout=timeout_s)
 
-    def stop(self) -> None:
-        """Stop loops, kill actors, release the placement group (and the local Ray, if this started it)."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop loops, kill actors, release the placement group (and the local Ray, if this started it).
+        Bounded: with the raylet already gone, removing the placement group would never return."""
         if self._stopped:
             return
         self._stopped = True
+        stopper = threading.Thread(target=self._release, name="cluster-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            log.error("the cluster did not stop within %.0fs (is the raylet gone?); disconnecting", timeout_s)
+        if self.owns_ray:
+            ray.shutdown()
+
+    def _release(self) -> None:
         try:
             ray.get(self.router.shutdown.remote(), timeout=15)
         except Exception as e:  # noqa: BLE001 - the actors are killed below regardless
             log.info("router shutdown: %s", e)
         for actor in [self.router, *self.workers]:
-            ray.kill(actor, no_restart=True)
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # noqa: BLE001
+                log.info("kill: %s", e)
         remove_placement_group(self.pg)
-        if self.owns_ray:
-            ray.shutdown()
 
     def __enter__(self) -> "Cluster":
         return self

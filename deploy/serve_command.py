@@ -13,26 +13,56 @@ import time
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over gRPC (gateway + router + expert workers)")
+    p.add_argument("--config", default=None, help="YAML serve configuration (deploy/configs/*.yaml); flags override it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the tiny model, made once in "
                    "$MOECLUSTER_CACHE or $XDG_CACHE_HOME/moecluster or ~/.cache/moecluster)")
     p.add_argument("--model-name", default=None, help="served model name (default: the directory's name)")
-    p.add_argument("--workers", type=int, default=2, help="expert workers (0: the router holds every expert)")
+    p.add_argument("--workers", type=int, default=None, help="expert workers (default 2; 0: the router holds every expert)")
     p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; the line printed says which)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per actor)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1 without --config; "
+                   "0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0: any free port, printed)")
+    p.add_argument("--device", default=None, help="cpu or cuda (one GPU per actor)")
+    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="Prometheus /metrics port (default: no endpoint; 0: any free port, logged)")
-    p.add_argument("--max-concurrent-streams", type=int, default=256, help="open Generate streams; beyond: "
-                   "RESOURCE_EXHAUSTED")
-    p.add_argument("--max-queued-requests", type=int, default=256, help="requests waiting in the engine; beyond: "
-                   "RESOURCE_EXHAUSTED (0: no bound)")
-    p.add_argument("--max-message-mb", type=float, default=4.0, help="largest gRPC message either way")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the engine's running batch")
-    p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM: seconds open streams may finish")
+                   help="Prometheus /metrics port (default: none without --config; 0: any free port, logged)")
+    p.add_argument("--max-concurrent-streams", type=int, default=None, help="open Generate streams; beyond: "
+                   "RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-queued-requests", type=int, default=None, help="requests waiting in the engine; beyond: "
+                   "RESOURCE_EXHAUSTED (default 1024; 0: no bound)")
+    p.add_argument("--max-message-mb", type=float, default=None, help="largest gRPC message either way (default 4)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences in the engine's running batch (default 64)")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 512MiB (default: automatic)")
+    p.add_argument("--drain-grace-s", type=float, default=None, help="on SIGTERM: seconds open streams may finish "
+                   "(default 30)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a private local Ray)")
     p.set_defaults(run=run)
+
+
+# Without --config: a private server on this machine (loopback only, no metrics port to collide with).
+LOCAL_DEFAULTS = {"gateway": {"host": "127.0.0.1"}, "metrics": {"enabled": False}}
+
+
+def serve_settings(args, env):
+    """The ServerConfig: the YAML file (or the local defaults), then every flag that was given."""
+    import dataclasses
+
+    from deploy.config import apply_overrides, load_serve_config, parse_serve_config
+    from deploy.serve_settings import server_config_from
+
+    cfg = load_serve_config(args.config) if args.config else parse_serve_config(LOCAL_DEFAULTS, "built-in defaults")
+    cfg = apply_overrides(cfg, model_path=args.model, model_name=args.model_name, workers=args.workers,
+                          placement=args.placement, host=args.host, port=args.port, device=args.device,
+                          dtype=args.dtype, metrics_port=args.metrics_port, max_num_seqs=args.max_num_seqs,
+                          kv_cache_memory=args.kv_cache_memory, ray_address=args.ray_address)
+    if args.metrics_port is not None:
+        cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, enabled=True))
+    server = server_config_from(cfg, env)
+    gateway_flags = {"max_concurrent_streams": args.max_concurrent_streams,
+                     "max_queued_requests": args.max_queued_requests, "drain_grace_s": args.drain_grace_s,
+                     "max_message_bytes": int(args.max_message_mb * 2**20) if args.max_message_mb else None}
+    gateway = dataclasses.replace(server.gateway, **{k: v for k, v in gateway_flags.items() if v is not None})
+    return dataclasses.replace(server, gateway=gateway), cfg
 
 
 def run(args) -> int:
@@ -41,18 +71,12 @@ def run(args) -> int:
     _check(args, UsageError)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # Ray forks helpers; gRPC's fork handlers only warn
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from deploy.model_cache import cache_dir, tiny_model
-    from deploy.server import Server, ServerConfig
-    from router.engine import EngineConfig
-    from router.gateway import GatewayConfig
+    from deploy.logging_setup import setup_logging
+    from deploy.server import Server
 
-    model_dir = args.model or str(tiny_model(cache_dir(os.environ)))
-    gateway = GatewayConfig(host=args.host, port=args.port, max_concurrent_streams=args.max_concurrent_streams,
-                            max_queued_requests=args.max_queued_requests, drain_grace_s=args.drain_grace_s,
-                            max_message_bytes=int(args.max_message_mb * 2**20), metrics_port=args.metrics_port)
-    config = ServerConfig(model_dir, args.workers, device=args.device, dtype=args.dtype, placement=args.placement,
-                          ray_address=args.ray_address, model_name=args.model_name,
-                          engine=EngineConfig(max_num_seqs=args.max_num_seqs), gateway=gateway)
+    config, settings = serve_settings(args, os.environ)
+    if args.config:
+        setup_logging(settings.logging.level, settings.logging.format)
     server = Server(config)
     signals = _Signals()
     signals.install(serving=False)  # a signal now interrupts the start-up (Server.start cleans up)
@@ -60,7 +84,7 @@ def run(args) -> int:
     signals.install(serving=True)  # again: starting Ray may have replaced the SIGTERM handler
     try:
         if _wait_serving(server, signals.stop, timeout_s=60.0):
-            print(f"moecluster serving {server.model_name} on {args.host}:{server.port}", flush=True)
+            print(f"moecluster serving {server.model_name} on {config.gateway.host}:{server.port}", flush=True)
         while not signals.stop.wait(0.5):  # a bare wait() would not let the handler run promptly
             pass
     finally:
@@ -101,24 +125,27 @@ def _wait_serving(server, stop: threading.Event, timeout_s: float) -> bool:
 
 
 def _check(args, UsageError) -> None:
-    if args.workers < 0:
+    """Flags the YAML config does not cover; the rest are validated with the config (naming the flag)."""
+    if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers: expected an integer >= 0, got {args.workers}")
-    if not 0 <= args.port < 65536:
+    if args.port is not None and not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535 (0: any free port), got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
         raise UsageError(f"--metrics-port: expected 0..65535 (0: any free port), got {args.metrics_port}")
     for flag, value in (("--max-concurrent-streams", args.max_concurrent_streams),
                         ("--max-num-seqs", args.max_num_seqs)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{flag}: expected an integer >= 1, got {value}")
-    if args.max_queued_requests < 0:
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise UsageError(f"--max-queued-requests: expected an integer >= 0 (0: no bound), "
                          f"got {args.max_queued_requests}")
-    if args.drain_grace_s < 0:
+    if args.drain_grace_s is not None and args.drain_grace_s < 0:
         raise UsageError(f"--drain-grace-s: expected seconds >= 0, got {args.drain_grace_s}")
-    if args.max_message_mb <= 0:
+    if args.max_message_mb is not None and args.max_message_mb <= 0:
         raise UsageError(f"--max-message-mb: expected a size > 0, got {args.max_message_mb}")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
         raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
     if args.model is not None and not os.path.isdir(args.model):
         raise UsageError(f"--model: {args.model} is not a directory")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise UsageError(f"--config: {args.config} is not a file")

@@ -34,7 +34,8 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta | Final]:
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         if request.request_id in self._streams:
-            yield Final(request.request_id, "error", error=f"request_id: {request.request_id!r} is already in flight")
+            yield Final(request.request_id, "error", error=f"request_id: {request.request_id!r} is already in flight",
+                        error_kind="request")
             return
         self._streams[request.request_id] = (loop, q)
         self._commands.put(("add", request))
@@ -81,7 +82,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 except Exception as e:  # noqa: BLE001 - a bug in a step must not strand any request
                     log.exception("engine step failed")
-                    outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                    outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind="internal")
                 for item in outputs:
                     self._deliver(item)
             self._stats = self.engine.stats()
@@ -106,8 +107,10 @@ class AsyncEngine:
         if kind == "add":
             try:
                 self.engine.add(arg)
-            except (InvalidRequest, RuntimeError) as e:
-                self._deliver(Final(arg.request_id, "error", error=str(e)))
+            except InvalidRequest as e:
+                self._deliver(Final(arg.request_id, "error", error=str(e), error_kind="request"))
+            except RuntimeError as e:  # the engine has failed (ClusterFailure): nothing can run
+                self._deliver(Final(arg.request_id, "error", error=str(e), error_kind="cluster"))
         elif kind == "abort":
             final = self.engine.abort(arg)
             if final:

@@ -156,19 +156,22 @@ class Engine:
         return [Delta(request_id, (token,), text, (logprob,) if logprob else ()),
                 self._final(request_id, done_reason, matched)]
 
-    def _final(self, request_id: str, reason: str, matched=None, error: str | None = None) -> Final:
+    def _final(self, request_id: str, reason: str, matched=None, error: str | None = None,
+               error_kind: str | None = None) -> Final:
         live = self.live.pop(request_id)
         self.finished[reason] = self.finished.get(reason, 0) + 1
-        return Final(request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error)
+        return Final(request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error,
+                     error_kind)
 
-    def fail_all(self, reason: str) -> list[Final]:
-        """The expert side is gone: every request in flight ends with an error naming why."""
+    def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:
+        """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
+        the engine then refuses new requests."""
         self.failure = reason
         log.error("engine failed: %s", reason)
         finals = []
         for request_id in list(self.live):
             self.scheduler.abort(request_id)
-            finals.append(self._final(request_id, "error", error=reason))
+            finals.append(self._final(request_id, "error", error=reason, error_kind=kind))
         return finals
 
     # ---- stats -------------------------------------------------------------------------------------------

@@ -161,9 +161,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         (self.metrics.ttft if first else self.metrics.itl).observe(now - since)
 
     async def _engine_error(self, backend: Backend, final: Final) -> GatewayError:
-        """An engine-side error after admission: a broken cluster (UNAVAILABLE) or a bug (INTERNAL)."""
+        """An engine-side error after admission: a bad request the engine caught (INVALID_ARGUMENT), a broken
+        cluster (UNAVAILABLE) or a bug (INTERNAL)."""
+        if final.error_kind == "request":
+            return GatewayError(Code.INVALID_ARGUMENT, final.error or "invalid request")
         ready, reason = await backend.poller.check()
-        if not ready:
+        if final.error_kind == "cluster" or not ready:
             await self.health.set_ready(False, reason)
             return GatewayError(Code.UNAVAILABLE, f"the cluster failed: {final.error or reason}")
         return GatewayError(Code.INTERNAL, final.error or "the engine failed")

@@ -52,6 +52,7 @@ class Final:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # for finish_reason "error": what went wrong, naming the field if it was the request
+    error_kind: str | None = None  # for "error": "request" (bad input), "cluster" (workers/router gone), "internal"
 
 
 @dataclass

@@ -163,11 +163,13 @@ class RouterActor:
                 "workers": self.layout.num_workers, "steps": self.runner.steps if self.runner else 0}
 
     def stats(self) -> dict:
-        counts = {layer: m.feed_forward.last_expert_counts.tolist()
-                  for layer, m in enumerate(self.model.model.layers)
-                  if m.is_moe and m.feed_forward.last_expert_counts is not None}
+        moe = [(layer, m.feed_forward) for layer, m in enumerate(self.model.model.layers) if m.is_moe] if self.model else []
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "bytes_read": self.bytes_read, "steps": self.runner.steps, "last_step_expert_counts": counts,
+                "bytes_read": self.bytes_read, "steps": self.runner.steps if self.runner else 0,
+                # routed tokens per expert since start (every expert's, wherever it lives)
+                "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
+                "last_step_expert_counts": {layer: ff.last_expert_counts.tolist() for layer, ff in moe
+                                            if ff.last_expert_counts is not None},
                 "placement": self.placement.describe() if self.placement else None}
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
