@@ -45,6 +45,10 @@ def load_router_model(
         state[name] = reader.read(key, shape=param.shape, dtype=dtype).to(device)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq_F = inverse_frequencies(cfg.rope, cfg.head_dim).to(device)
+    for module in model.modules():  # counters (non-persistent buffers) were built on "meta": start them at 0
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
     return model.eval().requires_grad_(False)
 
 

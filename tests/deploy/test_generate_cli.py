@@ -116,3 +116,34 @@ def test_wrong_tensor_shape_is_named(checkpoint, tmp_path):
 
 def test_missing_config_is_named(tmp_path):
     assert_one_line_error(moecluster("generate", "--model", str(tmp_path), "--prompt-ids", "1"), "no config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from deploy.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "maverick", train_steps=0)
+
+
+def test_several_prompts_run_as_one_batch_and_print_in_the_order_given(tiny_with_tokenizer, tmp_path, capsys):
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"role": "user", "content": "count from 3"}]))
+    common = ["--model", str(tiny_with_tokenizer), "--max-tokens", "7", "--temperature", "0", "--ignore-eos", "--json"]
+    inputs = [["--prompt", "12 13 14"], ["--messages", str(chat)], ["--prompt-ids", "1,40,41"], ["--prompt", "héllo"]]
+    together = moecluster_in_process(capsys, "generate", *common, *[a for pair in inputs for a in pair])
+    assert together.returncode == 0, together.stderr
+    rows = [json.loads(line) for line in together.stdout.splitlines()]
+    alone = []
+    for pair in inputs:
+        proc = moecluster_in_process(capsys, "generate", *common, *pair)
+        assert proc.returncode == 0, proc.stderr
+        alone.append(json.loads(proc.stdout))
+    assert rows == alone
+    assert all(len(r["token_ids"]) == 7 and r["finish_reason"] == "length" for r in rows)
+
+
+def test_bad_messages_file_is_named(tiny_with_tokenizer, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"role": "user"}))
+    proc = moecluster_in_process(capsys, "generate", "--model", str(tiny_with_tokenizer), "--messages", str(bad))
+    assert_one_line_error(proc, "--messages", "role")

@@ -144,6 +144,9 @@ def test_serve_prints_one_line_serves_clients_drains_on_sigterm_and_leaves_no_ra
             time.sleep(0.2)
         left = {pid: text for pid, text in ray_processes.items() if _alive(pid)}
         assert not left, f"Ray processes left behind: {left}"
+        with socket.socket() as s:  # and no port: nothing listens on the gateway's port any more
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a restarted server would
+            s.bind(("127.0.0.1", port))
     finally:
         watch.close()
         if proc.poll() is None:
