@@ -7,7 +7,7 @@ Legend: T new tokens, H q heads, K kv heads, Dh head_dim, S keys of one sequence
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,19 @@ class AttentionInputs:
     cos_TF: torch.Tensor
     sin_TF: torch.Tensor
     temp_scale_T: torch.Tensor | None  # float32, NoPE layers only
+    memo: dict = field(default_factory=dict)  # padded query layout and masks, shared by layers of one kind
+
+    def query_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows_Nt (index into T; 0 where padded), valid_Nt, pos_Nt (-1 where padded) for the batched path."""
+        if "queries" not in self.memo:
+            seqs, t = self.batch.seqs, max(s.length for s in self.batch.seqs)
+            offsets = torch.arange(t)
+            rows = torch.stack([s.start + offsets for s in seqs])
+            valid = offsets[None, :] < torch.tensor([s.length for s in seqs])[:, None]
+            pos = torch.stack([s.pos0 + offsets for s in seqs])
+            dev = self.positions_T.device
+            self.memo["queries"] = (rows.where(valid, 0).to(dev), valid.to(dev), pos.where(valid, -1).to(dev))
+        return self.memo["queries"]
 
 
 def temperature_scale(cfg: ModelConfig, positions_T: torch.Tensor) -> torch.Tensor:
@@ -63,13 +76,40 @@ class Attention(nn.Module):
                 q_THD, k_TKD = rms_normalize(q_THD, self.eps), rms_normalize(k_TKD, self.eps)
         elif self.temp_tuning:
             q_THD = (q_THD * inp.temp_scale_T[:, None, None]).to(q_THD.dtype)
+        if len(inp.batch.seqs) > 1 and hasattr(cache, "store_and_load_batch"):
+            return self.o_proj(self._attend_batched(q_THD, k_TKD, v_TKD, inp, cache).flatten(-2))
         out_THD = torch.empty_like(q_THD)
-        for seq in inp.batch.seqs:
+        for seq in inp.batch.seqs:  # the reference path: one sequence at a time
             rows = slice(seq.start, seq.end)
             lo = (seq.pos0 // self.chunk) * self.chunk if self.chunk else 0
             k_SKD, v_SKD = cache.store_and_load(self.layer, seq, k_TKD[rows], v_TKD[rows], lo)
             out_THD[rows] = self._attend(q_THD[rows], k_SKD, v_SKD, seq.pos0, lo)
         return self.o_proj(out_THD.flatten(-2))
+
+    def _attend_batched(self, q_THD, k_TKD, v_TKD, inp: AttentionInputs, cache) -> torch.Tensor:
+        """Every sequence in one SDPA call: queries and keys padded to the longest, padding masked out."""
+        lo = tuple((s.pos0 // self.chunk) * self.chunk if self.chunk else 0 for s in inp.batch.seqs)
+        k_NSKD, v_NSKD, kpos_NS = cache.store_and_load_batch(self.layer, inp.batch, k_TKD, v_TKD, lo)
+        rows_Nt, valid_Nt, qpos_Nt = inp.query_layout()
+        key = ("mask", self.chunk)
+        if key not in inp.memo:
+            q_pos, k_pos = qpos_Nt[:, :, None], kpos_NS[:, None, :]
+            mask_NtS = (k_pos >= 0) & (k_pos <= q_pos)
+            if self.chunk is not None:
+                mask_NtS &= k_pos // self.chunk == q_pos // self.chunk
+            mask_NtS |= ~valid_Nt[:, :, None] & (torch.arange(mask_NtS.shape[2], device=mask_NtS.device) == 0)
+            inp.memo[key] = mask_NtS[:, None]  # padded query rows see key 0 only: no NaN, discarded below
+        group = self.n_heads // self.n_kv
+        out_NHtD = F.scaled_dot_product_attention(
+            q_THD[rows_Nt].transpose(1, 2),
+            k_NSKD.transpose(1, 2).repeat_interleave(group, dim=1),
+            v_NSKD.transpose(1, 2).repeat_interleave(group, dim=1),
+            attn_mask=inp.memo[key],
+            scale=1.0 / math.sqrt(self.head_dim),
+        )
+        out_THD = torch.empty_like(q_THD)
+        out_THD[rows_Nt[valid_Nt]] = out_NHtD.transpose(1, 2)[valid_Nt]
+        return out_THD
 
     def _attend(self, q_tHD, k_SKD, v_SKD, pos0: int, lo: int) -> torch.Tensor:
         t, s = q_tHD.shape[0], k_SKD.shape[0]

@@ -57,3 +57,12 @@ class KVCache(Protocol):
     def store_and_load(
         self, layer: int, seq: SeqSlice, k_tKD: torch.Tensor, v_tKD: torch.Tensor, lo: int
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BatchedKVCache(KVCache, Protocol):
+    """A cache that can also serve every sequence of the step at once (one gather per layer, not one per
+    sequence). `store_and_load_batch` writes all new k/v [T, K, Dh] and returns, per sequence, its keys and
+    values padded to the longest: [N, S, K, Dh] each, and their positions [N, S] (-1 where padded)."""
+
+    def store_and_load_batch(self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
+                             lo: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

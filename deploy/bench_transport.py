@@ -28,11 +28,10 @@ def run_transport_bench(args) -> int:
         tmp = tempfile.TemporaryDirectory()
         model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0, overrides=BENCH_DIMS))
     try:
-        table = _measure(model_dir, args)
+        _print(_measure(model_dir, args), model_dir, args)
     finally:
         if tmp:
             tmp.cleanup()
-    _print(table, model_dir, args)
     return 0
 
 

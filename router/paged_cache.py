@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.batch import SeqSlice
+from cluster.batch import ForwardBatch, SeqSlice
 from cluster.config import ModelConfig
 from router.block_manager import KVBlockManager, SeqBlocks
 
@@ -90,12 +90,12 @@ class PagedKVCache:
             self.v[layer] = torch.zeros((blocks, *shape), device=device, dtype=dtype)
         self.device = device
         self._tables: dict[int, SeqBlocks] = {}
-        self._memo: dict[tuple[bool, int, int, int], torch.Tensor] = {}
+        self._memo: dict[tuple, object] = {}
 
     def begin_step(self, tables: dict[int, SeqBlocks]) -> None:
         """`tables[slot]`: the block tables of the sequence that `SeqSlice.slot` names this step."""
         self._tables = tables
-        self._memo: dict[tuple[bool, int, int, int], torch.Tensor] = {}
+        self._memo: dict[tuple, object] = {}
 
     def store_and_load(self, layer: int, seq: SeqSlice, k_tKD: torch.Tensor, v_tKD: torch.Tensor, lo: int):
         end = seq.pos0 + seq.length
@@ -106,6 +106,31 @@ class PagedKVCache:
         k_flat[new_slots] = k_tKD
         v_flat[new_slots] = v_tKD
         return k_flat[read_slots], v_flat[read_slots]
+
+    def store_and_load_batch(self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
+                             lo: tuple[int, ...]):
+        """All sequences at once: one write of the step's new k/v, one padded gather (see BatchedKVCache)."""
+        chunk_layer = self.is_chunk_layer[layer]
+        key = ("batch", chunk_layer, lo)
+        if key not in self._memo:
+            self._memo[key] = self._batch_slots(chunk_layer, batch, lo)
+        new_T, read_NS, pos_NS = self._memo[key]
+        k_flat = self.k[layer].view(-1, *k_TKD.shape[1:])
+        v_flat = self.v[layer].view(-1, *v_TKD.shape[1:])
+        k_flat[new_T] = k_TKD
+        v_flat[new_T] = v_TKD
+        return k_flat[read_NS], v_flat[read_NS], pos_NS
+
+    def _batch_slots(self, chunk_layer: bool, batch: ForwardBatch, lo: tuple[int, ...]):
+        new = [self._compute_slots(chunk_layer, s.slot, s.pos0, s.pos0 + s.length) for s in batch.seqs]
+        reads = [self._compute_slots(chunk_layer, s.slot, a, s.pos0 + s.length) for s, a in zip(batch.seqs, lo)]
+        width = max(len(r) for r in reads)
+        read_NS = torch.zeros(len(reads), width, dtype=torch.int64, device=self.device)
+        pos_NS = torch.full((len(reads), width), -1, dtype=torch.int64, device=self.device)
+        for i, (r, a) in enumerate(zip(reads, lo)):
+            read_NS[i, : len(r)] = r
+            pos_NS[i, : len(r)] = torch.arange(a, a + len(r), device=self.device)
+        return torch.cat(new), read_NS, pos_NS
 
     def _slots(self, layer: int, slot: int, start: int, end: int) -> torch.Tensor:
         key = (self.is_chunk_layer[layer], slot, start, end)  # the same for every layer of a pool
