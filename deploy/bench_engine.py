@@ -69,6 +69,12 @@ async def _measure(stream_for: Callable[[EngineRequest], AsyncIterator], prompts
     return {"tokens_per_s": tokens / wall, "itl_ms": 1e3 * statistics.mean(gaps) if gaps else float("nan")}
 
 
+def _warm_then_measure(stream_for, prompts, params) -> dict:
+    """One unmeasured round at this concurrency first: on CUDA, new batch shapes pick their kernels then."""
+    asyncio.run(_measure(stream_for, prompts, params))
+    return asyncio.run(_measure(stream_for, prompts, params))
+
+
 def _in_process(model_dir, prompts, params, args) -> list[tuple]:
     from router.async_engine import AsyncEngine
     from router.engine import Engine, EngineConfig
@@ -79,8 +85,7 @@ def _in_process(model_dir, prompts, params, args) -> list[tuple]:
     engine = AsyncEngine(Engine(gen.runner, Tokenizer.from_dir(model_dir), gen.eos_ids, load_generation_config(model_dir),
                                 EngineConfig(max_num_seqs=max(args.concurrency))))
     try:
-        asyncio.run(_measure(engine.generate, prompts[:2], params))  # warm-up
-        return [("engine, in-process experts", n, asyncio.run(_measure(engine.generate, prompts[:n], params)))
+        return [("engine, in-process experts", n, _warm_then_measure(engine.generate, prompts[:n], params))
                 for n in args.concurrency]
     finally:
         engine.shutdown()
@@ -96,8 +101,7 @@ def _with_workers(model_dir, prompts, params, args) -> list[tuple]:
             async for ref in cluster.router.generate_stream.options(num_returns="streaming").remote(request):
                 yield await ref
 
-        asyncio.run(_measure(stream, prompts[:2], params))
-        return [(f"engine, {args.workers} Ray expert workers", n, asyncio.run(_measure(stream, prompts[:n], params)))
+        return [(f"engine, {args.workers} Ray expert workers", n, _warm_then_measure(stream, prompts[:n], params))
                 for n in args.concurrency]
 
 
