@@ -107,11 +107,14 @@ class ClusterPoller:
             log.warning("engine stats: %s", e)
 
     async def _refresh_experts(self) -> None:
-        if not self.workers:
-            return
         try:
+            if not self.workers:  # the router holds every expert and counts them itself
+                router = await resolve(self.router.stats.remote(), self.timeout_s)
+                self.metrics.observe_experts({(layer, e): int(n) for layer, counts in router["tokens_per_expert"].items()
+                                              for e, n in enumerate(counts)})
+                return
             stats = await asyncio.gather(*(resolve(w.stats.remote(), self.timeout_s) for w in self.workers))
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            log.warning("worker stats: %s", e)
+            log.warning("expert stats: %s", e)
             return
         self.metrics.observe_experts(expert_tokens(list(stats)))
