@@ -34,7 +34,7 @@ def tiny_model(root: Path, train_steps: int | None = None) -> Path:
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    log.warning("writing the tiny model to %s (once; training it takes a few minutes)", final)
+    log.warning("writing the tiny model to %s (once; training it takes about a minute on 2 idle cores)", final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.", dir=root))
     try:
         write_tiny_model(tmp, "scout", train_steps=train_steps)
