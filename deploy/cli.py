@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cluster.checkpoint import CheckpointError
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Never let a stray Ray call start a second, hidden local Ray (e.g. while shutting down): read at import.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -129,11 +130,21 @@ class Cluster:
         if self._stopped:
             return
         self._stopped = True
+        if not _local_ray_alive():  # a group signal (Ctrl-C, systemd, timeout) already took the raylet down
+            log.warning("the local Ray's daemons are gone; shutting Ray down without releasing actors one by one")
+            ray.shutdown()
+            return
         stopper = threading.Thread(target=self._release, name="cluster-stop", daemon=True)
         stopper.start()
-        stopper.join(timeout_s)
-        if stopper.is_alive():
-            log.error("the cluster did not stop within %.0fs (is the raylet gone?); disconnecting", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while stopper.is_alive() and time.monotonic() < deadline:
+            stopper.join(0.2)
+            if not _local_ray_alive():  # the daemons died meanwhile: Ray calls would only hang now
+                log.warning("the local Ray's daemons exited while stopping; shutting Ray down")
+                break
+        else:
+            if stopper.is_alive():
+                log.error("the cluster did not stop within %.0fs; disconnecting", timeout_s)
         if self.owns_ray:
             ray.shutdown()
 
@@ -154,6 +165,27 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _local_ray_alive() -> bool:
+    """False when this process started Ray and its raylet or GCS has exited (True when Ray runs elsewhere)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return True
+    try:
+        pids = [info.process.pid for kind in ("raylet", "gcs_server") for info in node.all_processes.get(kind, [])]
+    except Exception:  # noqa: BLE001 - private API: assume alive, the bounded path handles the rest
+        return True
+    return all(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (Popen.poll() misses daemons that Ray's own reaper collected)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def make_placement(spec: ClusterSpec, cfg) -> ExpertPlacement | None:

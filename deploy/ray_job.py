@@ -22,6 +22,7 @@ log = logging.getLogger("moecluster.job")
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # never start a hidden local Ray: join the job's
     p = argparse.ArgumentParser(prog="python -m deploy.ray_job", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="YAML serve configuration (default: the tiny CPU setup)")
     p.add_argument("--model", dest="model_path", default=None)

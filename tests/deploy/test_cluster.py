@@ -7,7 +7,6 @@ import os
 
 import pytest
 import ray
-import torch
 
 from deploy.launcher import Cluster, ClusterSpec
 from router.generator import Generator

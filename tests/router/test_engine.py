@@ -33,7 +33,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in (3, 17, 9, 26, 1, 40, 12)]
 
 
-def drive(engine: Engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[int, list[str]] = {},
+def drive(engine: Engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[int, list[str]] | None = None,
           on_step=lambda engine: None) -> tuple[dict[str, list[int]], dict[str, Final]]:
     tokens: dict[str, list[int]] = {}
     finals: dict[str, Final] = {}
@@ -42,7 +42,7 @@ def drive(engine: Engine, arrivals: dict[int, list[EngineRequest]], aborts: dict
         for req in arrivals.get(step, []):
             engine.add(req)
             tokens[req.request_id] = []
-        for rid in aborts.get(step, []):
+        for rid in (aborts or {}).get(step, []):
             final = engine.abort(rid)
             if final:
                 finals[rid] = final
