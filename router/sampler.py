@@ -38,12 +38,24 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
 
 
 def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
-    tokens, logprobs = [], []
-    for logits_V, state in zip(logits_NV.float(), states):
-        token = sample_row(adjusted_logits(logits_V, state), state)
-        tokens.append(token)
-        logprobs.append(token_logprob(logits_V, token, state.params.top_logprobs) if state.params.logprobs else None)
+    logits_NV = logits_NV.float()
+    tokens: list[int | None] = [None] * len(states)
+    plain = [i for i, st in enumerate(states) if _plain_greedy(st)]
+    if plain:  # one argmax and one device->host copy for all of them, not one per row
+        for i, token in zip(plain, torch.argmax(logits_NV[plain], dim=-1).tolist()):
+            tokens[i] = token
+    for i, st in enumerate(states):
+        if tokens[i] is None:
+            tokens[i] = sample_row(adjusted_logits(logits_NV[i], st), st)
+    logprobs = [token_logprob(logits_NV[i], tokens[i], st.params.top_logprobs) if st.params.logprobs else None
+                for i, st in enumerate(states)]
     return tokens, logprobs
+
+
+def _plain_greedy(state: SamplingState) -> bool:
+    """Greedy with nothing that changes the logits first: argmax of the raw row."""
+    p = state.params
+    return p.greedy and not p.needs_penalties and not (len(state.output_ids) < p.min_tokens and state.stop_ids)
 
 
 def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tensor:
