@@ -137,6 +137,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         except asyncio.CancelledError:  # client cancel or deadline: grpc cancels this task
             expired = context.time_remaining() is not None and context.time_remaining() <= 0
             self.metrics.requests.labels("deadline_exceeded" if expired else "cancelled").inc()
+            log.info("%s: aborted in the engine", "deadline exceeded" if expired else "cancelled by the client",
+                     extra={"request_id": rid})
             raise
         finally:
             if final is None:
@@ -147,6 +149,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             error = await self._engine_error(backend, final)
         if error is not None:
             self.metrics.requests.labels(error.outcome).inc()
+            log.warning("failed with %s: %s", error.code.name, error.message, extra={"request_id": rid})
             yield pb.GenerateResponse(request_id=rid, error=pb.Error(code=error.code.name, message=error.message,
                                                                      field=error.field))
             await context.abort(error.code, error.message)
@@ -155,6 +158,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics.requests.labels(final.finish_reason).inc()
         self.metrics.prompt_tokens.inc(final.prompt_tokens)
         self.metrics.completion_tokens.inc(final.completion_tokens)
+        log.info("finished (%s): %d prompt + %d completion tokens in %.3fs", final.finish_reason, final.prompt_tokens,
+                 final.completion_tokens, time.monotonic() - arrived, extra={"request_id": rid})
         yield pb.GenerateResponse(request_id=rid, complete=convert.complete(final))
 
     def _observe_latency(self, since: float, now: float, first: bool) -> None:
