@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even split)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
-    p.add_argument("--kv-cache-memory", type=int, default=256 * 2**20, help="KV cache budget in bytes")
+    p.add_argument("--kv-cache-memory", type=_bytes, default=None,
+                   help="KV cache budget, e.g. 512MiB or bytes (default: 256MiB on CPU, half the free GPU memory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -63,6 +64,15 @@ def _ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+def _bytes(text: str) -> int:
+    from deploy.config import ServeConfigError, parse_bytes
+
+    try:
+        return parse_bytes(int(text) if text.isdigit() else text)
+    except (ServeConfigError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _messages(path: str) -> tuple[ChatMessage, ...]:
