@@ -122,15 +122,17 @@ class PagedKVCache:
         return k_flat[read_NS], v_flat[read_NS], pos_NS
 
     def _batch_slots(self, chunk_layer: bool, batch: ForwardBatch, lo: tuple[int, ...]):
-        new = [self._compute_slots(chunk_layer, s.slot, s.pos0, s.pos0 + s.length) for s in batch.seqs]
-        reads = [self._compute_slots(chunk_layer, s.slot, a, s.pos0 + s.length) for s, a in zip(batch.seqs, lo)]
+        """Built on the host, then one copy each to the device (not one small copy per sequence)."""
+        cpu = torch.device("cpu")
+        new = [self._compute_slots(chunk_layer, s.slot, s.pos0, s.pos0 + s.length, cpu) for s in batch.seqs]
+        reads = [self._compute_slots(chunk_layer, s.slot, a, s.pos0 + s.length, cpu) for s, a in zip(batch.seqs, lo)]
         width = max(len(r) for r in reads)
-        read_NS = torch.zeros(len(reads), width, dtype=torch.int64, device=self.device)
-        pos_NS = torch.full((len(reads), width), -1, dtype=torch.int64, device=self.device)
+        read_NS = torch.zeros(len(reads), width, dtype=torch.int64)
+        pos_NS = torch.full((len(reads), width), -1, dtype=torch.int64)
         for i, (r, a) in enumerate(zip(reads, lo)):
             read_NS[i, : len(r)] = r
-            pos_NS[i, : len(r)] = torch.arange(a, a + len(r), device=self.device)
-        return torch.cat(new), read_NS, pos_NS
+            pos_NS[i, : len(r)] = torch.arange(a, a + len(r))
+        return tuple(t.to(self.device, non_blocking=True) for t in (torch.cat(new), read_NS, pos_NS))
 
     def _slots(self, layer: int, slot: int, start: int, end: int) -> torch.Tensor:
         key = (self.is_chunk_layer[layer], slot, start, end)  # the same for every layer of a pool
@@ -138,7 +140,8 @@ class PagedKVCache:
             self._memo[key] = self._compute_slots(key[0], slot, start, end)
         return self._memo[key]
 
-    def _compute_slots(self, chunk_layer: bool, slot: int, start: int, end: int) -> torch.Tensor:
+    def _compute_slots(self, chunk_layer: bool, slot: int, start: int, end: int,
+                       device: torch.device | None = None) -> torch.Tensor:
         tables = self._tables[slot]
         p = self.block_size
         logical = range(start // p, -(-end // p))
@@ -148,4 +151,4 @@ class PagedKVCache:
             physical = tables.full[logical.start:logical.stop]
         base = torch.tensor(physical, dtype=torch.int64).repeat_interleave(p) * p + torch.arange(p).repeat(len(physical))
         first = logical.start * p
-        return base[start - first: end - first].to(self.device)
+        return base[start - first: end - first].to(device or self.device)
