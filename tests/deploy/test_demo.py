@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.deploy.test_cluster_cli import _ray_processes
+from tests.deploy.test_cluster_cli import _ray_gone, _ray_processes
 
 pytestmark = pytest.mark.slow
 
@@ -25,4 +25,4 @@ def test_demo_streams_counting_answers_and_leaves_nothing_running(tmp_path):
     assert "assistant: 59 60 61 62 63 64 65 66" in out
     assert "0-7" in out and "8-15" in out  # the status table: where the experts live (16 on 2 workers)
     assert (tmp_path / "cache" / "tiny-scout-v1" / "config.json").is_file()
-    assert not _ray_processes()
+    assert _ray_gone(), _ray_processes()

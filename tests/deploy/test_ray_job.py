@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from protos.client import InferenceClient
-from tests.deploy.test_cluster_cli import _ray_processes
+from tests.deploy.test_cluster_cli import _ray_gone, _ray_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def ray(env, *args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
-    assert not _ray_processes(), "another Ray is running; this test checks that ours leaves nothing behind"
+    assert _ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
     from deploy.tiny_model import write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", "scout", train_steps=0)
@@ -77,7 +77,4 @@ def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
         assert not any("RouterActor" in p or "ExpertWorker" in p for p in _ray_processes())
     finally:
         ray(ray_env, "stop", "--force")
-    deadline = time.monotonic() + 30
-    while _ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes()
+    assert _ray_gone(30), _ray_processes()
