@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from deploy.arg_types import positive_ints
 
 
 def add_parser(sub) -> None:
@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
 
     t = what.add_parser("transport", help="per MoE layer: all-to-all dispatch + combine vs in-process experts")
     t.add_argument("--model", default=None, help="checkpoint directory (default: a generated 512-wide, 16-expert model)")
-    t.add_argument("--tokens", type=_ints, default=[1, 16, 256])
-    t.add_argument("--workers", type=_ints, default=[1, 2, 4])
+    t.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
+    t.add_argument("--workers", type=positive_ints, default=[1, 2, 4])
     t.add_argument("--iters", type=int, default=10)
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default="auto")
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     g = what.add_parser("grpc", help="time to first token and inter-token latency: through gRPC vs the engine via Ray")
     g.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
     g.add_argument("--workers", type=int, default=2)
-    g.add_argument("--concurrency", type=_ints, default=[1, 16])
+    g.add_argument("--concurrency", type=positive_ints, default=[1, 16])
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--rounds", type=int, default=3, help="rounds per path and concurrency (interleaved)")
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
     e = what.add_parser("engine", help="continuous batching: 1/8/32 concurrent requests vs transformers, sequential")
     e.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
-    e.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
+    e.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
     e.add_argument("--prompt-len", type=int, default=16)
     e.add_argument("--new-tokens", type=int, default=32)
     e.add_argument("--workers", type=int, default=2, help="also measure with this many Ray expert workers (0: skip)")
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     m.add_argument("--width", type=int, default=None, help="expert width; default: 8192 on CUDA, 2048 on CPU")
     m.add_argument("--experts", type=int, default=16)
     m.add_argument("--top-k", type=int, default=1)
-    m.add_argument("--tokens", type=_ints, default=[1, 8, 64, 256, 1024])
+    m.add_argument("--tokens", type=positive_ints, default=[1, 8, 64, 256, 1024])
     m.add_argument("--iters", type=int, default=10)
     m.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip transformers' dense experts")
     m.set_defaults(run=_run_moe_layer)
@@ -63,19 +63,9 @@ def add_parser(sub) -> None:
     c = what.add_parser("collective", help="all_to_all_single cost at world size 1 (NCCL on CUDA, gloo on CPU)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--hidden", type=int, default=5120)
-    c.add_argument("--tokens", type=_ints, default=[1, 16, 256])
+    c.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
     c.add_argument("--iters", type=int, default=20)
     c.set_defaults(run=_run_collective)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,16,256, got {text!r}")
-    return values
 
 
 def _run_moe_layer(args) -> int:

@@ -9,6 +9,7 @@ import sys
 
 from cluster.checkpoint import CheckpointError
 from cluster.config import ConfigError
+from cluster.errors import error_summary
 
 
 class UsageError(ValueError):
@@ -42,20 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # the cluster failed or could not start: say why, in one line
-        print(f"error: {_cause(e)}", file=sys.stderr)
+        print(f"error: {error_summary(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-
-
-def _cause(error: BaseException) -> str:
-    """The innermost message of an error raised inside a Ray actor, without Ray's traceback dump."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        return _cause(cause)
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

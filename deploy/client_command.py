@@ -10,9 +10,10 @@ A non-OK status prints `error: CODE: message` on stderr; exit status 2 for a bad
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from deploy.arg_types import token_ids
 
 
 def add_parser(sub) -> None:
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     g = what.add_parser("generate", help="stream a generation to the terminal")
     _target(g)
     g.add_argument("prompt", nargs="?", default=None, help="prompt text")
-    g.add_argument("--input-ids", type=_ids, default=None, help="comma-separated token ids instead of text")
+    g.add_argument("--input-ids", type=token_ids, default=None, help="comma-separated token ids instead of text")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat format)")
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--min-tokens", type=int, default=None)
@@ -50,13 +51,6 @@ def add_parser(sub) -> None:
 
 def _target(p) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
 
 
 def run_generate(args) -> int:

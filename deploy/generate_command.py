@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from cluster.config import load_model_config
+from deploy.arg_types import byte_size, token_ids
 from router.engine import EngineConfig
 from router.generator import check_prompt
 from router.messages import ChatMessage, EngineRequest
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint directory")
     p.add_argument("--model", required=True, help="Hugging Face Llama 4 checkpoint directory")
     p.add_argument("--prompt", action=_Inputs, help="prompt text (repeatable)")
-    p.add_argument("--prompt-ids", action=_Inputs, type=_ids, help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompt-ids", action=_Inputs, type=token_ids, help="comma-separated token ids (repeatable)")
     p.add_argument("--messages", action=_Inputs, type=_messages, help="JSON file: a list of {role, content} (repeatable)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--min-tokens", type=int, default=0)
@@ -44,35 +45,19 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", type=_ids, default=[], help="comma-separated extra stop token ids")
+    p.add_argument("--stop-token-ids", type=token_ids, default=[], help="comma-separated extra stop token ids")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="return logprobs with N alternatives")
     p.add_argument("--workers", type=int, default=0, help="expert workers on an embedded Ray cluster (0: in-process)")
     p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even split)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
-    p.add_argument("--kv-cache-memory", type=_bytes, default=None,
+    p.add_argument("--kv-cache-memory", type=byte_size, default=None,
                    help="KV cache budget, e.g. 512MiB or bytes (default: 256MiB on CPU, half the free GPU memory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(run=run, inputs=None)
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
-
-
-def _bytes(text: str) -> int:
-    from deploy.config import ServeConfigError, parse_bytes
-
-    try:
-        return parse_bytes(int(text) if text.isdigit() else text)
-    except (ServeConfigError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _messages(path: str) -> tuple[ChatMessage, ...]:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import ray
 
+from cluster.errors import error_summary
+
 
 class WorkerMonitor:
     def __init__(self, on_failure: Callable[[str], None], poll_s: float = 0.5):
@@ -49,13 +51,6 @@ class WorkerMonitor:
             if self._stopping.is_set():
                 return None
             if isinstance(e, ray.exceptions.ActorDiedError):
-                return f"expert worker {worker} died: {_first_line(e)}"
-            return f"expert worker {worker} failed: {_first_line(e)}"
+                return f"expert worker {worker} died: {error_summary(e)}"
+            return f"expert worker {worker} failed: {error_summary(e)}"
         return None if self._stopping.is_set() else f"expert worker {worker} left its loop unexpectedly"
-
-
-def _first_line(error: BaseException) -> str:
-    cause = getattr(error, "cause", None) or error
-    lines = str(cause).strip().splitlines()
-    text = lines[-1] if lines else type(cause).__name__
-    return text.split(" Some common causes")[0][:300]

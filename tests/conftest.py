@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,10 @@ def hf_checkpoint(tmp_path):
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

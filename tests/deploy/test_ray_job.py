@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,13 @@ import pytest
 import yaml
 
 from protos.client import InferenceClient
+from tests.conftest import free_port
 from tests.deploy.test_cluster_cli import _ray_gone, _ray_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
 def ray_env():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # explicit: a private head for this test only
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

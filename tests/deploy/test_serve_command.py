@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,6 @@ def model_dir(tmp_path_factory):
     from deploy.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmdline(pid: int) -> str:
@@ -110,7 +105,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_serve_prints_one_line_serves_clients_drains_on_sigterm_and_leaves_no_ray(model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     stderr = open(tmp_path / "serve.err", "w+")
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir), "--workers", "2",
