@@ -81,22 +81,31 @@ class Attention(nn.Module):
         out_THD = torch.empty_like(q_THD)
         for seq in inp.batch.seqs:  # the reference path: one sequence at a time
             rows = slice(seq.start, seq.end)
-            lo = (seq.pos0 // self.chunk) * self.chunk if self.chunk else 0
+            lo = self._window_start(seq.pos0)
             k_SKD, v_SKD = cache.store_and_load(self.layer, seq, k_TKD[rows], v_TKD[rows], lo)
             out_THD[rows] = self._attend(q_THD[rows], k_SKD, v_SKD, seq.pos0, lo)
         return self.o_proj(out_THD.flatten(-2))
 
+    def _window_start(self, pos0: int) -> int:
+        """The first position a query at `pos0` may see: its chunk's start on chunked layers, else 0."""
+        return (pos0 // self.chunk) * self.chunk if self.chunk else 0
+
+    def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Causal, and within the same chunk on chunked layers (positions are absolute)."""
+        allowed = k_pos <= q_pos
+        if self.chunk is not None:
+            allowed = allowed & (k_pos // self.chunk == q_pos // self.chunk)
+        return allowed
+
     def _attend_batched(self, q_THD, k_TKD, v_TKD, inp: AttentionInputs, cache) -> torch.Tensor:
         """Every sequence in one SDPA call: queries and keys padded to the longest, padding masked out."""
-        lo = tuple((s.pos0 // self.chunk) * self.chunk if self.chunk else 0 for s in inp.batch.seqs)
+        lo = tuple(self._window_start(s.pos0) for s in inp.batch.seqs)
         k_NSKD, v_NSKD, kpos_NS = cache.store_and_load_batch(self.layer, inp.batch, k_TKD, v_TKD, lo)
         rows_Nt, valid_Nt, qpos_Nt = inp.query_layout()
         key = ("mask", self.chunk)
         if key not in inp.memo:
-            q_pos, k_pos = qpos_Nt[:, :, None], kpos_NS[:, None, :]
-            mask_NtS = (k_pos >= 0) & (k_pos <= q_pos)
-            if self.chunk is not None:
-                mask_NtS &= k_pos // self.chunk == q_pos // self.chunk
+            k_pos = kpos_NS[:, None, :]
+            mask_NtS = (k_pos >= 0) & self._visible(qpos_Nt[:, :, None], k_pos)
             mask_NtS |= ~valid_Nt[:, :, None] & (torch.arange(mask_NtS.shape[2], device=mask_NtS.device) == 0)
             inp.memo[key] = mask_NtS[:, None]  # padded query rows see key 0 only: no NaN, discarded below
         group = self.n_heads // self.n_kv
@@ -118,9 +127,7 @@ class Attention(nn.Module):
         if needs_mask:
             q_pos = torch.arange(pos0, pos0 + t, device=q_tHD.device)[:, None]
             k_pos = torch.arange(lo, lo + s, device=q_tHD.device)[None, :]
-            mask_tS = k_pos <= q_pos
-            if self.chunk is not None:
-                mask_tS = mask_tS & (k_pos // self.chunk == q_pos // self.chunk)
+            mask_tS = self._visible(q_pos, k_pos)
         group = self.n_heads // self.n_kv
         out_HtD = F.scaled_dot_product_attention(
             q_tHD.transpose(0, 1),

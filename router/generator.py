@@ -20,7 +20,8 @@ from cluster.weights import load_all_experts, load_router_model, resolve_dtype
 from router.contiguous_cache import ContiguousKVCache
 from router.model_runner import ModelRunner
 from router.sampler import SamplingState, new_generator, sample_batch
-from router.sampling_params import InvalidRequest, SamplingParams
+from router.request_prep import Limits, check_length, check_token_ids
+from router.sampling_params import SamplingParams
 
 
 @dataclass
@@ -41,14 +42,9 @@ def eos_token_ids(model_dir: str | Path, cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def check_prompt(cfg: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:
-    if not prompt_ids:
-        raise InvalidRequest("prompt", "is empty; give at least one token")
-    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
-    if bad:
-        raise InvalidRequest("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
-    limit = cfg.max_position_embeddings
-    if len(prompt_ids) + max_tokens > limit:
-        raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the context length {limit}")
+    """The request checks that need only config.json (the engine adds its KV-cache limit)."""
+    check_token_ids(prompt_ids, cfg.vocab_size, "prompt", "prompt_ids")
+    check_length(len(prompt_ids), max_tokens, Limits(cfg.vocab_size, cfg.max_position_embeddings, 2**62), "prompt")
 
 
 class Generator:

@@ -38,23 +38,31 @@ def prepare_request(req: EngineRequest, tokenizer: Tokenizer | None, defaults: d
     if len(given) != 1:
         raise InvalidRequest("prompt", f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
     ids = _prompt_ids(req, tokenizer)
-    if not ids:
-        raise InvalidRequest(given[0], "is empty; give at least one token")
-    bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limits.vocab_size)]
-    if bad:
-        raise InvalidRequest("input_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    check_token_ids(ids, limits.vocab_size, given[0], "input_ids")
     params = req.params.with_defaults(defaults).validate(limits.vocab_size)
-    if len(ids) >= limits.max_model_len:
-        raise InvalidRequest(given[0], f"is {len(ids)} tokens; the context length is {limits.max_model_len}")
-    total = len(ids) + params.max_tokens
+    check_length(len(ids), params.max_tokens, limits, given[0])
+    return PreparedRequest(req.request_id, tuple(ids), params)
+
+
+def check_token_ids(ids, vocab_size: int, field: str, ids_field: str) -> None:
+    if not ids:
+        raise InvalidRequest(field, "is empty; give at least one token")
+    bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size)]
+    if bad:
+        raise InvalidRequest(ids_field, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
+def check_length(prompt_len: int, max_tokens: int, limits: Limits, field: str) -> None:
+    if prompt_len >= limits.max_model_len:
+        raise InvalidRequest(field, f"is {prompt_len} tokens; the context length is {limits.max_model_len}")
+    total = prompt_len + max_tokens
     if total > limits.max_model_len:
-        raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+        raise InvalidRequest("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
                                            f"the context length {limits.max_model_len}; lower max_tokens to at most "
-                                           f"{limits.max_model_len - len(ids)}")
+                                           f"{limits.max_model_len - prompt_len}")
     if total > limits.kv_tokens_alone:
         raise InvalidRequest("max_tokens", f"prompt + max_tokens = {total} tokens, but the KV cache holds "
                                            f"{limits.kv_tokens_alone} tokens for one sequence")
-    return PreparedRequest(req.request_id, tuple(ids), params)
 
 
 def _prompt_ids(req: EngineRequest, tokenizer: Tokenizer | None) -> list[int]:
