@@ -23,7 +23,7 @@ from cluster.experts import ExpertShard
 from cluster.placement import ExpertPlacement
 from cluster.process_group import Groups, RankLayout
 
-RUN, STOP, KEEPALIVE = 1, 2, 3
+RUN, STOP = 1, 2
 
 
 @dataclass

@@ -26,7 +26,6 @@ class MoE(nn.Module):
         self.layer, self.top_k = layer, cfg.num_experts_per_tok
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.last_expert_counts: torch.Tensor | None = None  # [E] tokens per expert in the last forward
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_local_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, transport: ExpertTransport) -> torch.Tensor:
@@ -36,6 +35,6 @@ class MoE(nn.Module):
         handle = transport.dispatch(self.layer, rows_RD, ids_Tk.reshape(-1))
         shared_TD = self.shared_expert(x_TD)  # overlaps the experts' compute when they are remote
         routed_TD = torch.zeros_like(x_TD).index_add_(0, token_R, transport.combine(handle))
-        self.last_expert_counts = torch.bincount(ids_Tk.reshape(-1), minlength=self.router.out_features)
-        self.tokens_per_expert += self.last_expert_counts  # cumulative, for stats (on device: no sync)
+        # routed tokens per expert since start, for stats (on the device: no sync)
+        self.tokens_per_expert += torch.bincount(ids_Tk.reshape(-1), minlength=self.router.out_features)
         return shared_TD + routed_TD

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 
 import torch
 
+from deploy.bench_models import bench_checkpoint, load_transformers
 from router.generator import Generator
 from router.sampling_params import SamplingParams
 
@@ -15,22 +15,18 @@ from router.sampling_params import SamplingParams
 def run_decode_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model
-    tmp = None
-    if model_dir is None:
-        from deploy.tiny_model import write_tiny_model
+    with bench_checkpoint(args.model) as model_dir:
+        _print(_measure(model_dir, args), args, model_dir)
+    return 0
 
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
+
+def _measure(model_dir: str, args) -> list[tuple]:
     ours = Generator.from_checkpoint(model_dir, device=args.device, dtype=args.dtype)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, ours.config.vocab_size, (args.prompt_len,), generator=gen).tolist()
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = [("moecluster (LocalTransport)", *_time(lambda: ours.generate(prompt, params).token_ids, args.repeats))]
-    try:
-        hf = _load_transformers(model_dir, args.device, args.dtype)
-    except ImportError:
-        hf = None
+    hf = load_transformers(model_dir, args.device, args.dtype)
     if hf is not None:
         def hf_run():
             ids = torch.tensor([prompt], device=args.device)
@@ -39,19 +35,7 @@ def run_decode_bench(args) -> int:
             return out[0, len(prompt):].tolist()
 
         rows.append(("transformers generate (baseline)", *_time(hf_run, args.repeats)))
-    _print(rows, args, model_dir)
-    if hf is None:
-        print("baseline skipped: transformers is not installed (pip install 'moecluster[test]')")
-    if tmp:
-        tmp.cleanup()
-    return 0
-
-
-def _load_transformers(model_dir: str, device: str, dtype: str):
-    from transformers import Llama4ForCausalLM
-
-    return Llama4ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                             attn_implementation="sdpa").to(device).eval()
+    return rows
 
 
 def _time(fn, repeats: int):

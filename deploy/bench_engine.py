@@ -5,35 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from deploy.bench_models import bench_checkpoint, load_transformers
 from router.messages import Delta, EngineRequest, Final
 from router.sampling_params import SamplingParams
 
 
 def run_engine_bench(args) -> int:
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        from deploy.tiny_model import write_tiny_model
-
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    prompts = _prompts(model_dir, args)
-    rows = []
-    rows += _in_process(model_dir, prompts, params, args)
-    if args.workers:
-        rows += _with_workers(model_dir, prompts, params, args)
-    rows += _transformers(model_dir, prompts, params, args)
+    with bench_checkpoint(args.model) as model_dir:
+        prompts = _prompts(model_dir, args)
+        rows = _in_process(model_dir, prompts, params, args)
+        if args.workers:
+            rows += _with_workers(model_dir, prompts, params, args)
+        rows += _transformers(model_dir, prompts, params, args)
     _print(rows, args)
-    if tmp:
-        tmp.cleanup()
     return 0
 
 
@@ -106,13 +97,9 @@ def _with_workers(model_dir, prompts, params, args) -> list[tuple]:
 
 
 def _transformers(model_dir, prompts, params, args) -> list[tuple]:
-    try:
-        from transformers import Llama4ForCausalLM
-    except ImportError:
-        print("baseline skipped: transformers is not installed (pip install 'moecluster[test]')")
+    hf = load_transformers(model_dir, args.device, args.dtype)
+    if hf is None:
         return []
-    hf = Llama4ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
-                                           attn_implementation="sdpa").to(args.device).eval()
     rows = []
     with torch.inference_mode():  # warm-up
         x = torch.tensor([prompts[0]], device=args.device)

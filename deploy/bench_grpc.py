@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 import uuid
 
 import torch
 
+from deploy.bench_models import bench_checkpoint
 from router.sampling_params import SamplingParams
 
 
@@ -23,22 +23,13 @@ def run_grpc_bench(args) -> int:
     from deploy.server import Server, ServerConfig
     from router.gateway import GatewayConfig
 
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        from deploy.tiny_model import write_tiny_model
-
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0))
-    config = ServerConfig(model_dir, args.workers, device=args.device, dtype=args.dtype,
-                          model_name=None if args.model else "tiny-scout (random weights)", gateway=GatewayConfig(port=0, max_concurrent_streams=max(args.concurrency) + 8))
-    try:
+    with bench_checkpoint(args.model) as model_dir:
+        config = ServerConfig(model_dir, args.workers, device=args.device, dtype=args.dtype,
+                              model_name=None if args.model else "tiny-scout (random weights)",
+                              gateway=GatewayConfig(port=0, max_concurrent_streams=max(args.concurrency) + 8))
         with Server(config) as server:
             rows = _measure(server, args)
         _print(rows, args, model_dir, server.model_name)
-    finally:
-        if tmp:
-            tmp.cleanup()
     return 0
 
 

@@ -3,8 +3,6 @@ through the in-process experts, same checkpoint, same run."""
 
 from __future__ import annotations
 
-import tempfile
-
 import ray
 import torch
 
@@ -12,6 +10,7 @@ from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, resolve_dtype
+from deploy.bench_models import bench_checkpoint
 from deploy.launcher import Cluster, ClusterSpec
 from router.exchange_timer import time_exchange
 
@@ -20,18 +19,8 @@ BENCH_DIMS = {"hidden_size": 512, "intermediate_size": 1024, "num_local_experts"
 
 
 def run_transport_bench(args) -> int:
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        from deploy.tiny_model import write_tiny_model
-
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(write_tiny_model(tmp.name, "scout", seed=0, train_steps=0, overrides=BENCH_DIMS))
-    try:
+    with bench_checkpoint(args.model, overrides=BENCH_DIMS) as model_dir:
         _print(_measure(model_dir, args), model_dir, args)
-    finally:
-        if tmp:
-            tmp.cleanup()
     return 0
 
 

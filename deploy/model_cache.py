@@ -26,18 +26,19 @@ def cache_dir(env: Mapping[str, str]) -> Path:
     return Path.home() / ".cache" / "moecluster"
 
 
-def tiny_model(root: Path, train_steps: int | None = None) -> Path:
-    """`root/tiny-scout-v1`, written first if it is not there yet."""
+def tiny_model(root: Path, preset: str = "scout", train_steps: int | None = None) -> Path:
+    """`root/tiny-<preset>-v1`, written first if it is not there yet."""
     from deploy.tiny_model import write_tiny_model
 
-    final = root / TINY_MODEL_NAME
+    name = TINY_MODEL_NAME.replace("scout", preset)
+    final = root / name
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     log.warning("writing the tiny model to %s (once; training it takes about a minute on 2 idle cores)", final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        write_tiny_model(tmp, "scout", train_steps=train_steps)
+        write_tiny_model(tmp, preset, train_steps=train_steps)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():  # not a concurrent writer that won the rename

@@ -16,14 +16,7 @@ def resolve_model_dir(cfg: ServeConfig, env: Mapping[str, str]) -> str:
         return cfg.model.path
     from deploy.model_cache import cache_dir, tiny_model
 
-    if cfg.model.tiny_preset != "scout":
-        from deploy.tiny_model import write_tiny_model
-
-        target = cache_dir(env) / f"tiny-{cfg.model.tiny_preset}-v1"
-        if not (target / "config.json").is_file():
-            write_tiny_model(target, cfg.model.tiny_preset)
-        return str(target)
-    return str(tiny_model(cache_dir(env)))
+    return str(tiny_model(cache_dir(env), cfg.model.tiny_preset))
 
 
 def server_config_from(cfg: ServeConfig, env: Mapping[str, str]) -> ServerConfig:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from dataclasses import replace
 from collections.abc import AsyncIterator
 
 from router.engine import Engine
@@ -87,9 +88,7 @@ class AsyncEngine:
                     self._deliver(item)
             self._stats = self.engine.stats()
         for request_id in list(self.engine.live):
-            final = self.engine.abort(request_id)
-            if final:
-                self._deliver(Final(request_id, "abort", error="the engine is shutting down"))
+            self._deliver(replace(self.engine.abort(request_id), error="the engine is shutting down"))
 
     def _drain(self, block: bool) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +79,9 @@ class Engine:
         self.live: dict[str, _Live] = {}
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
-        self.generated_tokens = 0
         self.finished: dict[str, int] = {}
-        self._window: list[tuple[float, int]] = []
+        self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of the steps of the last 10 s
+        self._window_tokens = 0
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add(self, req: EngineRequest) -> None:
@@ -177,12 +178,14 @@ class Engine:
     # ---- stats -------------------------------------------------------------------------------------------
     def _count(self, n: int) -> None:
         now = time.monotonic()
-        self.generated_tokens += n
-        self._window = [(t, k) for t, k in self._window if now - t < 10.0] + [(now, n)]
+        self._window.append((now, n))
+        self._window_tokens += n
+        while now - self._window[0][0] >= 10.0:
+            self._window_tokens -= self._window.popleft()[1]
 
     def stats(self) -> EngineStats:
         span = time.monotonic() - self._window[0][0] if len(self._window) > 1 else 0.0
-        rate = sum(k for _, k in self._window[1:]) / span if span > 0 else 0.0
+        rate = (self._window_tokens - self._window[0][1]) / span if span > 0 else 0.0
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.blocks_used, kv_blocks_total=self.blocks.blocks_total,

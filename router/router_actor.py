@@ -168,8 +168,6 @@ class RouterActor:
                 "bytes_read": self.bytes_read, "steps": self.runner.steps if self.runner else 0,
                 # routed tokens per expert since start (every expert's, wherever it lives)
                 "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
-                "last_step_expert_counts": {layer: ff.last_expert_counts.tolist() for layer, ff in moe
-                                            if ff.last_expert_counts is not None},
                 "placement": self.placement.describe() if self.placement else None}
 
     def shutdown(self, timeout_s: float = 10.0) -> None:

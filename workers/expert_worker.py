@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from cluster.all_to_all import KEEPALIVE, RUN, STOP, AllToAllTransport
+from cluster.all_to_all import RUN, STOP, AllToAllTransport
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement
@@ -53,7 +53,7 @@ class ExpertWorker:
         started = time.perf_counter()
         for layer, experts in self.mine.items():
             self.shards[layer] = load_expert_shard(self.config, self.reader, layer, experts, self.device, self.dtype)
-            self.tokens_per_expert[layer] = torch.zeros(len(experts), dtype=torch.int64)
+            self.tokens_per_expert[layer] = torch.zeros(len(experts), dtype=torch.int64, device=self.device)
         self._loaded = True
         log.info("worker %d loaded %d experts (%.1f MB) in %.2fs", self.worker, self.num_experts,
                  self.bytes_resident / 1e6, time.perf_counter() - started)
@@ -89,8 +89,6 @@ class ExpertWorker:
                 command = self.transport.receive_header()
                 if command == STOP:
                     return self.steps
-                if command == KEEPALIVE:
-                    continue
                 assert command == RUN, f"unknown step command {command}"
                 self.transport.serve_step(self.shards, self._count)
                 self.steps += 1
@@ -102,7 +100,7 @@ class ExpertWorker:
     def _count(self, layer: int, per_expert: torch.Tensor) -> None:
         n = len(self.shards[layer].experts)
         with self._lock:
-            self.tokens_per_expert[layer] += per_expert[:n].cpu()
+            self.tokens_per_expert[layer] += per_expert[:n]  # stays on the device: no sync per layer
 
     def health(self) -> dict:
         return {"worker": self.worker, "rank": self.rank, "steps": self.steps, "device": str(self.device)}
