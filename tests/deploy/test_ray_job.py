@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
 def ray_env():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # explicit: a private head for this test only
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
