@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.all_to_all import STOP, AllToAllTransport
+from cluster.all_to_all import RUN, STOP, AllToAllTransport
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement
@@ -130,7 +130,6 @@ class RouterActor:
 
     def bench_exchange(self, tokens: int, iters: int) -> dict[int, float]:
         """Median ms per MoE layer of dispatch + combine through this router's transport (workers included)."""
-        from cluster.all_to_all import RUN
         from router.exchange_timer import time_exchange
 
         transport, cfg = self.runner.transport, self.config
