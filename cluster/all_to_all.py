@@ -1,6 +1,6 @@
 """The expert exchange protocol over torch.distributed: both halves in one class, so they cannot drift.
 
-Per step, router 0 broadcasts a header (run / stop / keepalive) on the control group. Then, per MoE layer, in
+Per step, router 0 broadcasts a header (run or stop) on the control group. Then, per MoE layer, in
 layer order, every rank takes part in three `all_to_all_single` calls on the data group:
   1. counts   [W, Emax] int64: rows each rank sends to each rank, per local expert of the receiver
   2. tokens   gated rows, sorted by destination rank then local expert (routers send, workers receive)
@@ -34,8 +34,15 @@ class _Pending:
 
 
 class AllToAllTransport:
-    def __init__(self, layout: RankLayout, groups: Groups, placement: ExpertPlacement,
-                 hidden: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        layout: RankLayout,
+        groups: Groups,
+        placement: ExpertPlacement,
+        hidden: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.layout, self.groups, self.placement = layout, groups, placement
         self.hidden, self.device, self.dtype = hidden, device, dtype
         self.world = layout.world_size
@@ -64,8 +71,12 @@ class AllToAllTransport:
         y_sorted_RD = torch.empty_like(x_sorted_RD)
         works = [
             dist.all_to_all_single(torch.empty_like(counts), counts, group=self.groups.data, async_op=True),
-            dist.all_to_all_single(self._rows(0), x_sorted_RD, nothing, send_split, group=self.groups.data, async_op=True),
-            dist.all_to_all_single(y_sorted_RD, self._rows(0), send_split, nothing, group=self.groups.data, async_op=True),
+            dist.all_to_all_single(
+                self._rows(0), x_sorted_RD, nothing, send_split, group=self.groups.data, async_op=True
+            ),
+            dist.all_to_all_single(
+                y_sorted_RD, self._rows(0), send_split, nothing, group=self.groups.data, async_op=True
+            ),
         ]
         return _Pending(order_R, y_sorted_RD, works)
 

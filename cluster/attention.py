@@ -1,5 +1,5 @@
 """Llama 4 attention: GQA; RoPE layers use interleaved RoPE, weightless RMS qk-norm (Scout) and chunked local
-attention; NoPE layers use global attention with temperature tuning of q (reference/llama4.md section 3).
+attention; NoPE layers use global attention with temperature tuning of q (docs/llama4.md section 3).
 
 Legend: T new tokens, H q heads, K kv heads, Dh head_dim, S keys of one sequence, D hidden.
 """

@@ -64,5 +64,6 @@ class BatchedKVCache(KVCache, Protocol):
     sequence). `store_and_load_batch` writes all new k/v [T, K, Dh] and returns, per sequence, its keys and
     values padded to the longest: [N, S, K, Dh] each, and their positions [N, S] (-1 where padded)."""
 
-    def store_and_load_batch(self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
-                             lo: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def store_and_load_batch(
+        self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor, lo: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

@@ -3,7 +3,7 @@
 Both layouts are accepted: the multimodal `Llama4ForConditionalGeneration` config (text fields under
 `text_config`) and the text-only `Llama4ForCausalLM` config (fields at the top level). Every field that changes
 the math is honoured; fields absent from the file take transformers' Llama4TextConfig defaults, so a config
-that transformers loads gives the model transformers builds (reference/llama4.md, sections 1 and 11).
+that transformers loads gives the model transformers builds (docs/llama4.md, sections 1 and 11).
 """
 
 from __future__ import annotations
@@ -67,16 +67,6 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
 
-    def to_summary(self) -> dict[str, Any]:
-        return {
-            "layers": self.num_hidden_layers,
-            "moe_layers": len(self.moe_layers),
-            "experts": self.num_local_experts,
-            "top_k": self.num_experts_per_tok,
-            "hidden": self.hidden_size,
-            "vocab": self.vocab_size,
-        }
-
 
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # transformers' Llama4TextConfig defaults for everything else
@@ -139,12 +129,12 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     n_experts = fields.positive_int("num_local_experts")
     top_k = fields.positive_int("num_experts_per_tok")
     if top_k > n_experts:
-        raise ConfigError(
-            f"{source}: num_experts_per_tok ({top_k}) cannot exceed num_local_experts ({n_experts})"
-        )
+        raise ConfigError(f"{source}: num_experts_per_tok ({top_k}) cannot exceed num_local_experts ({n_experts})")
     chunk = fields.get("attention_chunk_size")
     if chunk is not None and (not _is_int(chunk) or chunk < 1):
-        raise ConfigError(f"{source}: {fields.prefix}attention_chunk_size must be a positive int or null, found {chunk!r}")
+        raise ConfigError(
+            f"{source}: {fields.prefix}attention_chunk_size must be a positive int or null, found {chunk!r}"
+        )
     eos = raw.get("eos_token_id", fields.get("eos_token_id", None))
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     return ModelConfig(

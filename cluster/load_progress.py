@@ -19,4 +19,5 @@ class LoadProgress:
     def line(self) -> str:
         pct = 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0
         state = "ready" if self.done else f"{pct:5.1f}%"
-        return f"{self.name}: {self.bytes_done / 1e6:.1f}/{self.bytes_total / 1e6:.1f} MB, {self.tensors_done} tensors, {state}"
+        done, total = self.bytes_done / 1e6, self.bytes_total / 1e6
+        return f"{self.name}: {done:.1f}/{total:.1f} MB, {self.tensors_done} tensors, {state}"

@@ -2,7 +2,7 @@
 
 Module names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...), so loading is
 "read the tensor with the parameter's own name". Routed experts are not parameters here: the MoE layers reach
-them through the transport given to `forward` (reference/llama4.md section 0).
+them through the transport given to `forward` (docs/llama4.md section 0).
 
 Legend: T new tokens in the flat batch, D hidden, V vocab, N rows whose logits are wanted.
 """

@@ -24,7 +24,7 @@ class ExpertPlacement:
     owners: dict[int, tuple[int, ...]]  # MoE layer -> owner worker index of each global expert
 
     @classmethod
-    def even(cls, num_experts: int, moe_layers: Sequence[int], num_workers: int) -> "ExpertPlacement":
+    def even(cls, num_experts: int, moe_layers: Sequence[int], num_workers: int) -> ExpertPlacement:
         """Contiguous blocks, sizes differing by at most one: 16 experts on 3 workers -> 6, 5, 5."""
         _check_worker_count(num_experts, num_workers)
         base, extra = divmod(num_experts, num_workers)
@@ -35,9 +35,11 @@ class ExpertPlacement:
 
     @classmethod
     def from_spec(
-        cls, spec: str | Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]],
-        num_experts: int, moe_layers: Sequence[int],
-    ) -> "ExpertPlacement":
+        cls,
+        spec: str | Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]],
+        num_experts: int,
+        moe_layers: Sequence[int],
+    ) -> ExpertPlacement:
         """`spec`: "0-5;6-10;11-15" (per worker, every layer), a list of expert lists per worker, or a mapping
         layer -> list of expert lists per worker."""
         if isinstance(spec, str):
@@ -45,8 +47,10 @@ class ExpertPlacement:
         per_layer = dict(spec) if isinstance(spec, Mapping) else {layer: spec for layer in moe_layers}
         missing = sorted(set(moe_layers) - set(per_layer))
         if missing or set(per_layer) - set(moe_layers):
-            raise PlacementError(f"placement must cover exactly the MoE layers {list(moe_layers)}; "
-                                 f"missing {missing}, extra {sorted(set(per_layer) - set(moe_layers))}")
+            raise PlacementError(
+                f"placement must cover exactly the MoE layers {list(moe_layers)}; "
+                f"missing {missing}, extra {sorted(set(per_layer) - set(moe_layers))}"
+            )
         counts = {len(groups) for groups in per_layer.values()}
         if len(counts) != 1:
             raise PlacementError(f"every layer must be split over the same number of workers, got {sorted(counts)}")
@@ -78,10 +82,14 @@ class ExpertPlacement:
 
 def _check_worker_count(num_experts: int, num_workers: int) -> None:
     if num_workers < 1:
-        raise PlacementError(f"need at least one expert worker, got {num_workers} (use --workers 0 for in-process experts)")
+        raise PlacementError(
+            f"need at least one expert worker, got {num_workers} (use --workers 0 for in-process experts)"
+        )
     if num_workers > num_experts:
-        raise PlacementError(f"{num_workers} workers is more than the {num_experts} experts per layer: "
-                             f"every worker must own at least one expert; use at most {num_experts} workers")
+        raise PlacementError(
+            f"{num_workers} workers is more than the {num_experts} experts per layer: "
+            f"every worker must own at least one expert; use at most {num_experts} workers"
+        )
 
 
 def _parse_ranges(text: str) -> list[int]:
@@ -95,8 +103,9 @@ def _parse_ranges(text: str) -> list[int]:
             elif part:
                 experts.append(int(part))
         except ValueError:
-            raise PlacementError(f"placement: cannot read {part!r}; write experts like '0-5,8;6,7,9-15' "
-                                 "(workers separated by ';')") from None
+            raise PlacementError(
+                f"placement: cannot read {part!r}; write experts like '0-5,8;6,7,9-15' (workers separated by ';')"
+            ) from None
     return experts
 
 

@@ -65,8 +65,9 @@ class Rendezvous:
 
     def __init__(self, world_size: int, backend: str, timeout_s: float, host: str | None = None):
         host = host or local_ip()
-        self.store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        self.store = dist.TCPStore(
+            host, 0, world_size, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
         self.address = GroupAddress(host, self.store.port, world_size, backend, timeout_s)
 
 

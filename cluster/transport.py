@@ -30,7 +30,9 @@ class LocalTransport:
 
     def __init__(self, shards: dict[int, ExpertShard]):
         for layer, shard in shards.items():
-            assert shard.experts == tuple(range(len(shard.experts))), f"layer {layer}: local shard must hold all experts"
+            assert shard.experts == tuple(range(len(shard.experts))), (
+                f"layer {layer}: local shard must hold all experts"
+            )
         self.shards = shards
 
     def dispatch(self, layer: int, x_RD: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from cluster.config import ModelConfig
 from cluster.experts import ExpertShard
 from cluster.model import Llama4ForCausalLM
 from cluster.rope import inverse_frequencies
+from cluster.transport import LocalTransport
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,7 +79,9 @@ def _read_unfused(reader, layer, experts, d, i, dtype):
     def weight(ex: int, proj: str, shape):
         return reader.read(f"{expert_key(layer, str(ex))}.{proj}.weight", shape=shape, dtype=dtype)
 
-    gate_up = torch.stack([torch.cat([weight(x, "gate_proj", (i, d)), weight(x, "up_proj", (i, d))]).T for x in experts])
+    gate_up = torch.stack(
+        [torch.cat([weight(x, "gate_proj", (i, d)), weight(x, "up_proj", (i, d))]).T for x in experts]
+    )
     down = torch.stack([weight(x, "down_proj", (d, i)).T for x in experts])
     return gate_up.contiguous(), down.contiguous()
 
@@ -87,8 +90,9 @@ def router_bytes(cfg: ModelConfig, reader: CheckpointReader) -> int:
     """What `load_router_model` will read, for progress display."""
     with torch.device("meta"):
         names = [name for name, _ in Llama4ForCausalLM(cfg).named_parameters()]
-    return sum(reader.nbytes("model.embed_tokens.weight" if n == "lm_head.weight" and n not in reader else n)
-               for n in names)
+    return sum(
+        reader.nbytes("model.embed_tokens.weight" if n == "lm_head.weight" and n not in reader else n) for n in names
+    )
 
 
 def experts_bytes(cfg: ModelConfig, reader: CheckpointReader, experts_by_layer: dict[int, Sequence[int]]) -> int:
@@ -98,11 +102,21 @@ def experts_bytes(cfg: ModelConfig, reader: CheckpointReader, experts_by_layer: 
         if expert_key(layer, "gate_up_proj") in reader:
             total += sum(reader.nbytes(expert_key(layer, w), list(experts)) for w in ("gate_up_proj", "down_proj"))
         else:
-            total += sum(reader.nbytes(f"{expert_key(layer, str(e))}.{w}_proj.weight")
-                         for e in experts for w in ("gate", "up", "down"))
+            total += sum(
+                reader.nbytes(f"{expert_key(layer, str(e))}.{w}_proj.weight")
+                for e in experts
+                for w in ("gate", "up", "down")
+            )
     return total
 
 
 def load_all_experts(cfg, reader, device, dtype) -> dict[int, ExpertShard]:
     everyone = range(cfg.num_local_experts)
     return {layer: load_expert_shard(cfg, reader, layer, everyone, device, dtype) for layer in cfg.moe_layers}
+
+
+def load_in_process(
+    cfg: ModelConfig, reader: CheckpointReader, device: torch.device, dtype: torch.dtype
+) -> tuple[Llama4ForCausalLM, LocalTransport]:
+    """The router-side model and every routed expert in this process (one device, tests, `--workers 0`)."""
+    return load_router_model(cfg, reader, device, dtype), LocalTransport(load_all_experts(cfg, reader, device, dtype))

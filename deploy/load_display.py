@@ -9,14 +9,13 @@ import time
 import ray
 
 from cluster.load_progress import LoadProgress
+from deploy.errors import ClusterStartError
 
 POLL_S = 0.25
 
 
 def load_with_progress(actors: list, timeout_s: float, stream=sys.stderr, show: bool = True) -> None:
     """Call `load()` on every actor and wait for all, drawing their `load_progress()` meanwhile."""
-    from deploy.launcher import ClusterStartError
-
     pending = {actor.load.remote(): actor for actor in actors}
     deadline = time.monotonic() + timeout_s
     tty = show and hasattr(stream, "isatty") and stream.isatty()

@@ -8,6 +8,17 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
+
+from cluster.settings import Settings, choice, setting
+
+
+@dataclass(frozen=True)
+class LoggingConfig(Settings):
+    """The `logging:` section of the serve config."""
+
+    level: str = setting("INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=True))
+    format: str = setting("text", choice("text", "json"))  # json: one object per line, for log collectors
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,8 +46,9 @@ class _TextFormatter(logging.Formatter):
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -15,8 +15,10 @@ import signal
 import sys
 import threading
 
-from deploy.config import ServeConfigError, apply_overrides, load_serve_config
+from cluster.settings import SettingError
+from deploy.config import apply_overrides, load_serve_config
 from deploy.logging_setup import setup_logging
+from deploy.server import Server
 
 log = logging.getLogger("moecluster.job")
 
@@ -28,13 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", dest="model_path", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--drain-grace-s", type=float, default=2.0,
-                   help="on SIGTERM: seconds open streams may finish (ray job stop kills after a few seconds)")
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=2.0,
+        help="on SIGTERM: seconds open streams may finish (ray job stop kills after a few seconds)",
+    )
     args = p.parse_args(argv)
     try:
-        cfg = apply_overrides(load_serve_config(args.config), model_path=args.model_path, workers=args.workers,
-                              port=args.port)
-    except ServeConfigError as e:
+        cfg = apply_overrides(
+            load_serve_config(args.config), model_path=args.model_path, workers=args.workers, port=args.port
+        )
+    except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
@@ -44,13 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_until_stopped(cfg, drain_grace_s: float) -> int:
-    from deploy.serve_settings import server_config_from
-    from deploy.server import Server
-
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = Server(server_config_from(cfg, os.environ))
+    server = Server(cfg)
     try:
         server.start()
         print(f"moecluster serving {server.model_name} on {server.target}", flush=True)

@@ -1,7 +1,7 @@
 """A whole serving process as one object: the gRPC gateway (on an event loop thread of its own) in front of a
-cluster started by the launcher. Used by `moecluster serve`, the gRPC benchmark and the end-to-end tests.
+deployment of actors on Ray. Used by `moecluster serve`, the Ray job, the demo, the gRPC benchmark and the tests.
 
-  server = Server(ServerConfig(model_dir, workers=2, port=0))
+  server = Server(serve_config, model_dir)
   server.start()          # = start_gateway() (port bound, readiness NOT_SERVING) + start_cluster() (SERVING)
   ... clients use server.target ...
   server.stop()           # drain (grace period), abort the rest, stop the gateway, stop the cluster
@@ -11,36 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
-from dataclasses import dataclass, field
 
 import ray
 
-from deploy.launcher import Cluster, ClusterSpec
-from router.engine import EngineConfig
-from router.gateway import Gateway, GatewayConfig
+from deploy.config import ServeConfig
+from deploy.deployment import Deployment, DeploymentSpec
+from deploy.tiny.cache import model_dir_for
+from router.gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServerConfig:
-    model_dir: str
-    workers: int = 2
-    device: str = "cpu"
-    dtype: str = "auto"
-    placement: str | None = None
-    ray_address: str | None = None  # None: a private local Ray, started and stopped with the server
-    model_name: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    gateway: GatewayConfig = field(default_factory=GatewayConfig)
-
-
 class Server:
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self.gateway = Gateway(config.gateway)
-        self.cluster: Cluster | None = None
+    def __init__(self, config: ServeConfig, show_progress: bool = True):
+        """Serves `config.model.path`, or the embedded tiny model (made once in the cache directory that
+        $MOECLUSTER_CACHE, $XDG_CACHE_HOME or ~/.cache names) when the config names no checkpoint."""
+        self.config, self.show_progress = config, show_progress
+        self.model_dir = model_dir_for(config.model.path, config.model.tiny_preset, os.environ)
+        self.gateway = Gateway(config.gateway, config.metrics)
+        self.cluster: Deployment | None = None
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -60,7 +51,7 @@ class Server:
         backend = self.gateway.service.backend
         return backend.info["name"] if backend else ""
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         try:
             self.start_gateway()
             self.start_cluster()
@@ -76,11 +67,9 @@ class Server:
 
     def start_cluster(self) -> None:
         """Start the router and workers (blocking, in this thread: Ray's driver lives here) and attach them."""
-        c = self.config
-        spec = ClusterSpec(c.model_dir, c.workers, device=c.device, dtype=c.dtype, placement=c.placement,
-                           ray_address=c.ray_address, engine=c.engine, model_name=c.model_name)
-        self.cluster = Cluster.start(spec)
-        self._run(self.gateway.attach(self.cluster.router, self.cluster.workers, c.model_dir))
+        spec = DeploymentSpec.from_serve(self.config, self.model_dir, self.show_progress)
+        self.cluster = Deployment.start(spec)
+        self._run(self.gateway.attach(self.cluster.router, self.cluster.workers, self.model_dir))
         log.info("serving %s on %s", self.model_name, self.target)
 
     def drain(self, grace_s: float | None = None) -> int:
@@ -107,7 +96,7 @@ class Server:
                     self._loop.close()
 
     def _stop_cluster(self, timeout_s: float = 45.0) -> None:
-        """Cluster.stop, bounded: with the raylet gone (Ctrl-C in a terminal signals Ray's daemons too) removing
+        """Deployment.stop, bounded: with the raylet gone (Ctrl-C in a terminal signals Ray's daemons too) removing
         the placement group never returns; then shut Ray down directly."""
         stopper = threading.Thread(target=self.cluster.stop, name="cluster-stop", daemon=True)
         stopper.start()
@@ -120,7 +109,7 @@ class Server:
     def _run(self, coro, timeout: float | None = 300):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

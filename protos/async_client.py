@@ -1,11 +1,11 @@
 """The asyncio client for `moecluster.v1.Inference`; the same calls as protos/client.py, awaited.
 
-    async with AsyncInferenceClient("localhost:50051") as client:
-        await client.wait_until_serving(timeout=60)
-        gen = client.generate("Once upon a time", max_tokens=32)
-        async for chunk in gen:
-            print(chunk.text, end="", flush=True)
-        print(gen.result.finish_reason)
+async with AsyncInferenceClient("localhost:50051") as client:
+    await client.wait_until_serving(timeout=60)
+    gen = client.generate("Once upon a time", max_tokens=32)
+    async for chunk in gen:
+        print(chunk.text, end="", flush=True)
+    print(gen.result.finish_reason)
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.client import DEFAULT_MAX_MESSAGE_BYTES
-from protos.client_types import (READINESS, Chunk, GenerationError, GenerationResult, StreamFolder, build_request,
-                                 tokenize_request)
+from protos.client_types import (
+    READINESS,
+    Chunk,
+    GenerationError,
+    GenerationResult,
+    StreamFolder,
+    build_request,
+    tokenize_request,
+)
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
@@ -58,17 +65,37 @@ class AsyncInferenceClient:
     """Create it inside the event loop that will use it (grpc.aio channels belong to one loop)."""
 
     def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
-                 messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
-                 timeout: float | None = None, **sampling) -> AsyncGeneration:
-        request = build_request(prompt, input_ids=input_ids, messages=messages, request_id=request_id, model=model,
-                                stream=stream, **sampling)
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        input_ids: Iterable[int] | None = None,
+        messages: Iterable | None = None,
+        request_id: str = "",
+        model: str = "",
+        stream: bool = True,
+        timeout: float | None = None,
+        **sampling,
+    ) -> AsyncGeneration:
+        request = build_request(
+            prompt,
+            input_ids=input_ids,
+            messages=messages,
+            request_id=request_id,
+            model=model,
+            stream=stream,
+            **sampling,
+        )
         return AsyncGeneration(self.stub.Generate(request, timeout=timeout), request_id)
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
@@ -77,8 +104,14 @@ class AsyncInferenceClient:
             pass
         return gen.result
 
-    async def tokenize(self, prompt: str | None = None, *, messages: Iterable | None = None,
-                       add_special_tokens: bool = True, timeout: float | None = 30) -> list[int]:
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable | None = None,
+        add_special_tokens: bool = True,
+        timeout: float | None = 30,
+    ) -> list[int]:
         request = tokenize_request(prompt, messages, add_special_tokens)
         return list((await self._unary(self.stub.Tokenize, request, timeout)).token_ids)
 
@@ -116,7 +149,7 @@ class AsyncInferenceClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncInferenceClient":
+    async def __aenter__(self) -> AsyncInferenceClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

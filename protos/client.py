@@ -20,8 +20,15 @@ from collections.abc import Iterable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.client_types import (READINESS, Chunk, GenerationError, GenerationResult, StreamFolder, build_request,
-                                 tokenize_request)
+from protos.client_types import (
+    READINESS,
+    Chunk,
+    GenerationError,
+    GenerationResult,
+    StreamFolder,
+    build_request,
+    tokenize_request,
+)
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
@@ -61,19 +68,40 @@ class Generation:
 
 
 class InferenceClient:
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+    def __init__(
+        self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None
+    ):
+        self.channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
-                 messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
-                 timeout: float | None = None, **sampling) -> Generation:
-        request = build_request(prompt, input_ids=input_ids, messages=messages, request_id=request_id, model=model,
-                                stream=stream, **sampling)
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        input_ids: Iterable[int] | None = None,
+        messages: Iterable | None = None,
+        request_id: str = "",
+        model: str = "",
+        stream: bool = True,
+        timeout: float | None = None,
+        **sampling,
+    ) -> Generation:
+        request = build_request(
+            prompt,
+            input_ids=input_ids,
+            messages=messages,
+            request_id=request_id,
+            model=model,
+            stream=stream,
+            **sampling,
+        )
         return Generation(self.stub.Generate(request, timeout=timeout), request_id)
 
     def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
@@ -83,8 +111,14 @@ class InferenceClient:
             pass
         return gen.result
 
-    def tokenize(self, prompt: str | None = None, *, messages: Iterable | None = None,
-                 add_special_tokens: bool = True, timeout: float | None = 30) -> list[int]:
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable | None = None,
+        add_special_tokens: bool = True,
+        timeout: float | None = 30,
+    ) -> list[int]:
         request = tokenize_request(prompt, messages, add_special_tokens)
         return list(self._unary(self.stub.Tokenize, request, timeout).token_ids)
 
@@ -125,7 +159,7 @@ class InferenceClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "InferenceClient":
+    def __enter__(self) -> InferenceClient:
         return self
 
     def __exit__(self, *exc) -> None:

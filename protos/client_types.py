@@ -13,11 +13,30 @@ import grpc
 from protos.moecluster.v1 import inference_pb2 as pb
 
 READINESS = "moecluster.v1.Inference"  # the grpc.health.v1 name that is SERVING when generations can run
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "ignore_eos", "logprobs", "top_logprobs", "stop",
-                   "stop_token_ids")
-FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_ABORT: "abort",
-                  pb.FINISH_REASON_ERROR: "error", pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "logprobs",
+    "top_logprobs",
+    "stop",
+    "stop_token_ids",
+)
+FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_ERROR: "error",
+    pb.FINISH_REASON_UNSPECIFIED: "unspecified",
+}
 
 
 class GenerationError(Exception):
@@ -29,7 +48,7 @@ class GenerationError(Exception):
         self.code, self.message, self.field = code, message, field
 
     @classmethod
-    def from_rpc(cls, error: grpc.RpcError, field: str = "") -> "GenerationError":
+    def from_rpc(cls, error: grpc.RpcError, field: str = "") -> GenerationError:
         return cls(error.code(), error.details() or "", field)
 
 
@@ -52,16 +71,27 @@ class GenerationResult:
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
 
 
-def build_request(prompt: str | None = None, *, input_ids: Iterable[int] | None = None,
-                  messages: Iterable | None = None, request_id: str = "", model: str = "", stream: bool = True,
-                  **sampling) -> pb.GenerateRequest:
+def build_request(
+    prompt: str | None = None,
+    *,
+    input_ids: Iterable[int] | None = None,
+    messages: Iterable | None = None,
+    request_id: str = "",
+    model: str = "",
+    stream: bool = True,
+    **sampling,
+) -> pb.GenerateRequest:
     """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts);
     sampling keywords are SamplingParams' fields (unset = the model's default)."""
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
-    req = pb.GenerateRequest(request_id=request_id, model=model, stream=stream,
-                             sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}))
+    req = pb.GenerateRequest(
+        request_id=request_id,
+        model=model,
+        stream=stream,
+        sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+    )
     if prompt is not None:
         req.prompt = prompt
     if input_ids is not None:

@@ -11,8 +11,8 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from router.engine import Engine
 from router.messages import Delta, EngineRequest, EngineStats, Final
@@ -35,8 +35,12 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta | Final]:
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         if request.request_id in self._streams:
-            yield Final(request.request_id, "error", error=f"request_id: {request.request_id!r} is already in flight",
-                        error_kind="request")
+            yield Final(
+                request.request_id,
+                "error",
+                error=f"request_id: {request.request_id!r} is already in flight",
+                error_kind="request",
+            )
             return
         self._streams[request.request_id] = (loop, q)
         self._commands.put(("add", request))
@@ -59,16 +63,6 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    def run_sync(self, fn):
-        """Run `fn(engine)` on the engine thread between steps and return its result (for stats, benches)."""
-        done, box = threading.Event(), {}
-        self._commands.put(("call", (fn, done, box)))
-        if not done.wait(timeout=60):
-            raise TimeoutError("the engine thread did not answer within 60s")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(("wake", None))
@@ -81,7 +75,7 @@ class AsyncEngine:
             if self.engine.has_work():
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - a bug in a step must not strand any request
+                except Exception as e:
                     log.exception("engine step failed")
                     outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind="internal")
                 for item in outputs:
@@ -114,13 +108,6 @@ class AsyncEngine:
             final = self.engine.abort(arg)
             if final:
                 self._deliver(final)
-        elif kind == "call":
-            fn, done, box = arg
-            try:
-                box["value"] = fn(self.engine)
-            except Exception as e:  # noqa: BLE001 - handed back to the caller
-                box["error"] = e
-            done.set()
 
     def _deliver(self, item: Delta | Final) -> None:
         target = self._streams.get(item.request_id)

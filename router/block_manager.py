@@ -38,8 +38,15 @@ class SeqBlocks:
 
 
 class KVBlockManager:
-    def __init__(self, block_size: int, full_blocks: int, chunk_blocks: int, chunk_size: int | None,
-                 uses_full: bool, uses_chunk: bool):
+    def __init__(
+        self,
+        block_size: int,
+        full_blocks: int,
+        chunk_blocks: int,
+        chunk_size: int | None,
+        uses_full: bool,
+        uses_chunk: bool,
+    ):
         assert chunk_size is None or chunk_size % block_size == 0, (chunk_size, block_size)
         self.block_size, self.chunk_size = block_size, chunk_size
         self.uses_full, self.uses_chunk = uses_full, uses_chunk

@@ -22,11 +22,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return ""  # an incomplete character (or a special token that decodes to nothing): wait
 
 
@@ -63,5 +63,5 @@ class TextStream:
     def _take(self, upto: int) -> str:
         if upto <= self.emitted:
             return ""
-        out, self.emitted = self.text[self.emitted:upto], upto
+        out, self.emitted = self.text[self.emitted : upto], upto
         return out

@@ -13,37 +13,34 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cluster.batch import ForwardBatch, SeqSlice
+from cluster.checkpoint import CheckpointReader
+from cluster.config import load_model_config
+from cluster.weights import load_in_process, load_router_model, resolve_dtype
+from router.detokenizer import TextStream
+from router.engine_config import EngineConfig
+from router.generation_config import eos_token_ids, load_generation_config
 from router.messages import Delta, EngineRequest, EngineStats, Final
 from router.model_runner import ClusterFailure, ModelRunner
 from router.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
 from router.request_prep import Limits, PreparedRequest, prepare_request
 from router.sampler import SamplingState, new_generator, sample_batch
 from router.sampling_params import InvalidRequest
-from router.scheduler import Scheduler, SchedRequest
-from router.detokenizer import TextStream
+from router.scheduler import SchedRequest, Scheduler
 from router.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the KV cache
-    block_size: int = 16
-    kv_cache_bytes: int | None = None  # None: 256 MiB on CPU; on CUDA half the GPU memory free after loading
-
-
 def kv_budget(config: EngineConfig, device: torch.device) -> int:
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
@@ -60,28 +57,72 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, eos_ids: tuple[int, ...],
-                 generation_defaults: dict[str, Any], config: EngineConfig = EngineConfig()):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer | None,
+        eos_ids: tuple[int, ...],
+        generation_defaults: dict[str, Any],
+        config: EngineConfig = EngineConfig(),
+    ):
         model_cfg = runner.model.config
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, frozenset(eos_ids)
         self.defaults, self.config = generation_defaults, config
         budget = kv_budget(config, runner.model.device)
-        self.kv: KVLayout = plan_kv_layout(model_cfg, budget, config.block_size,
-                                           config.max_num_seqs, runner.model.dtype)
+        self.kv: KVLayout = plan_kv_layout(
+            model_cfg, budget, config.block_size, config.max_num_seqs, runner.model.dtype
+        )
         if self.kv.token_capacity < config.block_size or (self.kv.chunk_layers and self.kv.chunk_blocks == 0):
             raise ValueError(f"the KV cache budget of {budget} bytes holds no usable block; raise it")
         self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size)
         self.cache = PagedKVCache(model_cfg, self.kv, runner.model.device, runner.model.dtype)
         max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         self.limits = Limits(model_cfg.vocab_size, max_len, self.blocks.max_tokens_alone())
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, max_len,
-                                   model_cfg.attention_chunk_size if self.kv.chunk_layers else None)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            max_len,
+            model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
+        )
         self.live: dict[str, _Live] = {}
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
-        self.finished: dict[str, int] = {}
+        self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
         self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of the steps of the last 10 s
         self._window_tokens = 0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        config: EngineConfig = EngineConfig(),
+        *,
+        local_experts: bool = True,
+        reader: CheckpointReader | None = None,
+        failure: Callable[[], str | None] = lambda: None,
+    ) -> Engine:
+        """The one way an engine is built: the router-side model read from `model_dir` (with every routed expert
+        when `local_experts`; otherwise the caller attaches a remote transport to `runner` before the first
+        step), the tokenizer, and generation_config.json's defaults and EOS set. `reader` lets the caller watch
+        the bytes read while this loads."""
+        cfg = load_model_config(model_dir)
+        reader = reader or CheckpointReader(model_dir)
+        dev = torch.device(device)
+        dt = resolve_dtype(dtype, cfg, dev)
+        if local_experts:
+            model, transport = load_in_process(cfg, reader, dev, dt)
+        else:
+            model, transport = load_router_model(cfg, reader, dev, dt), None
+        return cls(
+            ModelRunner(model, transport, failure=failure),
+            Tokenizer.from_dir(model_dir),
+            eos_token_ids(model_dir, cfg),
+            load_generation_config(model_dir),
+            config,
+        )
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add(self, req: EngineRequest) -> None:
@@ -96,9 +137,19 @@ class Engine:
         p = prepared.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         sampling = SamplingState(p, list(prepared.prompt_ids), [], stop_ids, new_generator(p, self.runner.model.device))
-        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, TextStream(self.tokenizer, p.stop))
-        self.scheduler.add(SchedRequest(prepared.request_id, list(prepared.prompt_ids), p.max_tokens, stop_ids,
-                                        p.min_tokens, output_ids=sampling.output_ids))
+        self.live[prepared.request_id] = _Live(
+            prepared, next(self._slots), sampling, TextStream(self.tokenizer, p.stop)
+        )
+        self.scheduler.add(
+            SchedRequest(
+                prepared.request_id,
+                list(prepared.prompt_ids),
+                p.max_tokens,
+                stop_ids,
+                p.min_tokens,
+                output_ids=sampling.output_ids,
+            )
+        )
 
     def abort(self, request_id: str) -> Final | None:
         live = self.live.get(request_id)
@@ -154,15 +205,19 @@ class Engine:
         else:
             return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
         text += live.text.flush() if live.text.matched is None else ""
-        return [Delta(request_id, (token,), text, (logprob,) if logprob else ()),
-                self._final(request_id, done_reason, matched)]
+        return [
+            Delta(request_id, (token,), text, (logprob,) if logprob else ()),
+            self._final(request_id, done_reason, matched),
+        ]
 
-    def _final(self, request_id: str, reason: str, matched=None, error: str | None = None,
-               error_kind: str | None = None) -> Final:
+    def _final(
+        self, request_id: str, reason: str, matched=None, error: str | None = None, error_kind: str | None = None
+    ) -> Final:
         live = self.live.pop(request_id)
-        self.finished[reason] = self.finished.get(reason, 0) + 1
-        return Final(request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error,
-                     error_kind)
+        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
+        return Final(
+            request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error, error_kind
+        )
 
     def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:
         """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
@@ -187,8 +242,12 @@ class Engine:
         span = time.monotonic() - self._window[0][0] if len(self._window) > 1 else 0.0
         rate = (self._window_tokens - self._window[0][1]) / span if span > 0 else 0.0
         return EngineStats(
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_blocks_used=self.blocks.blocks_used, kv_blocks_total=self.blocks.blocks_total,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.blocks_used,
+            kv_blocks_total=self.blocks.blocks_total,
             kv_bytes_per_token=self.kv.full_bytes_per_token + self.kv.chunk_bytes_per_token,
-            kv_token_capacity=self.kv.token_capacity, tokens_per_s=rate, finished=dict(self.finished),
+            kv_token_capacity=self.kv.token_capacity,
+            tokens_per_s=rate,
+            finished=dict(self.finish_counts),
         )

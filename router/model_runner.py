@@ -24,8 +24,13 @@ class ClusterFailure(RuntimeError):
 
 
 class ModelRunner:
-    def __init__(self, model: Llama4ForCausalLM, transport: ExpertTransport,
-                 failure: Callable[[], str | None] = lambda: None, failure_wait_s: float = 10.0):
+    def __init__(
+        self,
+        model: Llama4ForCausalLM,
+        transport: ExpertTransport,
+        failure: Callable[[], str | None] = lambda: None,
+        failure_wait_s: float = 10.0,
+    ):
         self.model, self.transport = model, transport
         self.failure, self.failure_wait_s = failure, failure_wait_s
         self.lock = threading.Lock()  # one step at a time: collectives must be issued in order
@@ -41,7 +46,9 @@ class ModelRunner:
             raise ClusterFailure(reason)
 
     @torch.inference_mode()
-    def forward(self, ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache, all_logits: bool = False
+    ) -> torch.Tensor:
         with self.lock:
             self.check()
             try:

@@ -47,11 +47,14 @@ class KVLayout:
 
     @property
     def total_bytes(self) -> int:
-        return (self.full_blocks * self.full_bytes_per_token + self.chunk_blocks * self.chunk_bytes_per_token) * self.block_size
+        return (
+            self.full_blocks * self.full_bytes_per_token + self.chunk_blocks * self.chunk_bytes_per_token
+        ) * self.block_size
 
 
-def plan_kv_layout(cfg: ModelConfig, budget_bytes: int, block_size: int, max_num_seqs: int,
-                   dtype: torch.dtype) -> KVLayout:
+def plan_kv_layout(
+    cfg: ModelConfig, budget_bytes: int, block_size: int, max_num_seqs: int, dtype: torch.dtype
+) -> KVLayout:
     """Give the chunk pool room for every sequence's current chunk (at most half the budget), the rest to
     the full pool."""
     chunk = cfg.attention_chunk_size
@@ -72,9 +75,14 @@ def plan_kv_layout(cfg: ModelConfig, budget_bytes: int, block_size: int, max_num
 
 
 def block_manager_for(layout: KVLayout, chunk_size: int | None) -> KVBlockManager:
-    return KVBlockManager(layout.block_size, layout.full_blocks, layout.chunk_blocks,
-                          chunk_size if layout.chunk_layers else None,
-                          uses_full=bool(layout.full_layers), uses_chunk=bool(layout.chunk_layers))
+    return KVBlockManager(
+        layout.block_size,
+        layout.full_blocks,
+        layout.chunk_blocks,
+        chunk_size if layout.chunk_layers else None,
+        uses_full=bool(layout.full_layers),
+        uses_chunk=bool(layout.chunk_layers),
+    )
 
 
 class PagedKVCache:
@@ -107,8 +115,9 @@ class PagedKVCache:
         v_flat[new_slots] = v_tKD
         return k_flat[read_slots], v_flat[read_slots]
 
-    def store_and_load_batch(self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
-                             lo: tuple[int, ...]):
+    def store_and_load_batch(
+        self, layer: int, batch: ForwardBatch, k_TKD: torch.Tensor, v_TKD: torch.Tensor, lo: tuple[int, ...]
+    ):
         """All sequences at once: one write of the step's new k/v, one padded gather (see BatchedKVCache)."""
         chunk_layer = self.is_chunk_layer[layer]
         key = ("batch", chunk_layer, lo)
@@ -140,15 +149,18 @@ class PagedKVCache:
             self._memo[key] = self._compute_slots(key[0], slot, start, end)
         return self._memo[key]
 
-    def _compute_slots(self, chunk_layer: bool, slot: int, start: int, end: int,
-                       device: torch.device | None = None) -> torch.Tensor:
+    def _compute_slots(
+        self, chunk_layer: bool, slot: int, start: int, end: int, device: torch.device | None = None
+    ) -> torch.Tensor:
         tables = self._tables[slot]
         p = self.block_size
         logical = range(start // p, -(-end // p))
         if chunk_layer:
             physical = [tables.chunk[i] for i in logical]
         else:
-            physical = tables.full[logical.start:logical.stop]
-        base = torch.tensor(physical, dtype=torch.int64).repeat_interleave(p) * p + torch.arange(p).repeat(len(physical))
+            physical = tables.full[logical.start : logical.stop]
+        base = torch.tensor(physical, dtype=torch.int64).repeat_interleave(p) * p + torch.arange(p).repeat(
+            len(physical)
+        )
         first = logical.start * p
-        return base[start - first: end - first].to(device or self.device)
+        return base[start - first : end - first].to(device or self.device)

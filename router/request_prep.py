@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.config import ModelConfig
 from router.chat import render_chat
 from router.messages import EngineRequest
 from router.sampling_params import InvalidRequest, SamplingParams
@@ -29,12 +30,16 @@ class PreparedRequest:
     params: SamplingParams
 
 
-def prepare_request(req: EngineRequest, tokenizer: Tokenizer | None, defaults: dict[str, Any],
-                    limits: Limits) -> PreparedRequest:
+def prepare_request(
+    req: EngineRequest, tokenizer: Tokenizer | None, defaults: dict[str, Any], limits: Limits
+) -> PreparedRequest:
     if not isinstance(req.request_id, str) or not req.request_id:
         raise InvalidRequest("request_id", "must be a non-empty string")
-    given = [name for name, v in (("prompt", req.prompt), ("input_ids", req.prompt_ids), ("messages", req.messages))
-             if v is not None]
+    given = [
+        name
+        for name, v in (("prompt", req.prompt), ("input_ids", req.prompt_ids), ("messages", req.messages))
+        if v is not None
+    ]
     if len(given) != 1:
         raise InvalidRequest("prompt", f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
     ids = _prompt_ids(req, tokenizer)
@@ -57,12 +62,18 @@ def check_length(prompt_len: int, max_tokens: int, limits: Limits, field: str) -
         raise InvalidRequest(field, f"is {prompt_len} tokens; the context length is {limits.max_model_len}")
     total = prompt_len + max_tokens
     if total > limits.max_model_len:
-        raise InvalidRequest("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
-                                           f"the context length {limits.max_model_len}; lower max_tokens to at most "
-                                           f"{limits.max_model_len - prompt_len}")
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"the context length {limits.max_model_len}; lower max_tokens to at most "
+            f"{limits.max_model_len - prompt_len}",
+        )
     if total > limits.kv_tokens_alone:
-        raise InvalidRequest("max_tokens", f"prompt + max_tokens = {total} tokens, but the KV cache holds "
-                                           f"{limits.kv_tokens_alone} tokens for one sequence")
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt + max_tokens = {total} tokens, but the KV cache holds "
+            f"{limits.kv_tokens_alone} tokens for one sequence",
+        )
 
 
 def _prompt_ids(req: EngineRequest, tokenizer: Tokenizer | None) -> list[int]:
@@ -76,3 +87,9 @@ def _prompt_ids(req: EngineRequest, tokenizer: Tokenizer | None) -> list[int]:
             raise InvalidRequest("prompt", "must be a string")
         return tokenizer.encode(req.prompt) if req.prompt else []
     return tokenizer.encode(render_chat(req.messages), add_special_tokens=False)
+
+
+def check_prompt(cfg: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:
+    """The request checks that need only config.json (the engine adds its KV-cache limit)."""
+    check_token_ids(prompt_ids, cfg.vocab_size, "prompt", "prompt_ids")
+    check_length(len(prompt_ids), max_tokens, Limits(cfg.vocab_size, cfg.max_position_embeddings, 2**62), "prompt")

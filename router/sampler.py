@@ -47,8 +47,10 @@ def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[
     for i, st in enumerate(states):
         if tokens[i] is None:
             tokens[i] = sample_row(adjusted_logits(logits_NV[i], st), st)
-    logprobs = [token_logprob(logits_NV[i], tokens[i], st.params.top_logprobs) if st.params.logprobs else None
-                for i, st in enumerate(states)]
+    logprobs = [
+        token_logprob(logits_NV[i], tokens[i], st.params.top_logprobs) if st.params.logprobs else None
+        for i, st in enumerate(states)
+    ]
     return tokens, logprobs
 
 
@@ -63,11 +65,15 @@ def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tenso
     if p.needs_penalties:
         logits_V = logits_V.clone()
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(state.prompt_ids) | set(state.output_ids)), dtype=torch.int64, device=logits_V.device)
+            seen = torch.tensor(
+                sorted(set(state.prompt_ids) | set(state.output_ids)), dtype=torch.int64, device=logits_V.device
+            )
             vals = logits_V[seen]
             logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if state.output_ids and (p.presence_penalty or p.frequency_penalty):
-            counts_V = torch.bincount(torch.tensor(state.output_ids, device=logits_V.device), minlength=logits_V.shape[0])
+            counts_V = torch.bincount(
+                torch.tensor(state.output_ids, device=logits_V.device), minlength=logits_V.shape[0]
+            )
             logits_V -= p.frequency_penalty * counts_V + p.presence_penalty * (counts_V > 0)
     if len(state.output_ids) < p.min_tokens and state.stop_ids:
         logits_V = logits_V.clone()

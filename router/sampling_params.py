@@ -48,38 +48,58 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    def with_defaults(self, defaults: dict[str, Any]) -> "SamplingParams":
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
         """Fill unset temperature/top_p/top_k from generation_config.json-style defaults."""
         do_sample = defaults.get("do_sample", False)
         return replace(
             self,
-            temperature=self.temperature if self.temperature is not None else (
-                float(defaults.get("temperature", 1.0)) if do_sample else 0.0),
+            temperature=self.temperature
+            if self.temperature is not None
+            else (float(defaults.get("temperature", 1.0)) if do_sample else 0.0),
             top_p=self.top_p if self.top_p is not None else float(defaults.get("top_p", 1.0) or 1.0),
             top_k=self.top_k if self.top_k is not None else int(defaults.get("top_k", 0) or 0),
         )
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
-        _check(_num(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        _check(
+            _num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be a number >= 0 (0 = greedy), got {self.temperature!r}",
+        )
         _check(_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check(_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        _check(_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               f"must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
-        _check(_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
-               f"must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        _check(self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63), "seed",
-               f"must be an integer in [0, 2**63), got {self.seed!r}")
+        _check(
+            _num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be a number > 0 (1 = off), got {self.repetition_penalty!r}",
+        )
+        _check(
+            _int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            f"must be an integer >= 1, got {self.max_tokens!r}",
+        )
+        _check(
+            _int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+        )
+        _check(
+            self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
+            "seed",
+            f"must be an integer in [0, 2**63), got {self.seed!r}",
+        )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         bad = [t for t in self.stop_token_ids if not (_int(t) and 0 <= t < (vocab_size or 2**31))]
         _check(not bad, "stop_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-        _check(_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
-               f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        _check(
+            _int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
+        )
         return self
 
 

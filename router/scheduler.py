@@ -64,8 +64,14 @@ class Finished:
 
 
 class Scheduler:
-    def __init__(self, blocks: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, chunk_size: int | None):
+    def __init__(
+        self,
+        blocks: KVBlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        chunk_size: int | None,
+    ):
         self.blocks = blocks
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.chunk_size = max_model_len, chunk_size

@@ -12,7 +12,7 @@ class Tokenizer:
         self._tok = tok
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer | None:
         path = Path(model_dir) / "tokenizer.json"
         return cls(_HFTokenizer.from_file(str(path))) if path.is_file() else None
 

@@ -22,7 +22,7 @@ class WorkerMonitor:
     def failure(self) -> str | None:
         return self._failure
 
-    def watch(self, loop_refs: dict[int, "ray.ObjectRef"]) -> None:
+    def watch(self, loop_refs: dict[int, ray.ObjectRef]) -> None:
         self._refs = {ref: worker for worker, ref in loop_refs.items()}
         self._thread = threading.Thread(target=self._run, name="worker-monitor", daemon=True)
         self._thread.start()

@@ -45,7 +45,9 @@ LLAMA3_ROPE = {
 
 
 def hf_text_config(**overrides):
-    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install -e '.[test]')")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is the test oracle (pip install -e '.[test]')"
+    )
     fields = {**BASE_CONFIG, **overrides}
     fields.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0})
     return transformers.Llama4TextConfig(attn_implementation="sdpa", **fields)

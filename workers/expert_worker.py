@@ -18,18 +18,25 @@ import torch
 from cluster.all_to_all import RUN, STOP, AllToAllTransport
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
-from cluster.placement import ExpertPlacement
-from cluster.process_group import GroupAddress, RankLayout, join_groups, leave_groups
 from cluster.experts import ExpertShard
 from cluster.load_progress import LoadProgress
+from cluster.placement import ExpertPlacement
+from cluster.process_group import GroupAddress, RankLayout, join_groups, leave_groups
 from cluster.weights import experts_bytes, load_expert_shard, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
 class ExpertWorker:
-    def __init__(self, model_dir: str, worker: int, layout: RankLayout, placement: ExpertPlacement,
-                 device: str = "cpu", dtype: str = "auto"):
+    def __init__(
+        self,
+        model_dir: str,
+        worker: int,
+        layout: RankLayout,
+        placement: ExpertPlacement,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ):
         """Cheap: reads config.json and the checkpoint's headers. `load()` reads the weights."""
         self.worker, self.layout, self.placement = worker, layout, placement
         self.rank = layout.worker_rank(worker)
@@ -55,13 +62,19 @@ class ExpertWorker:
             self.shards[layer] = load_expert_shard(self.config, self.reader, layer, experts, self.device, self.dtype)
             self.tokens_per_expert[layer] = torch.zeros(len(experts), dtype=torch.int64, device=self.device)
         self._loaded = True
-        log.info("worker %d loaded %d experts (%.1f MB) in %.2fs", self.worker, self.num_experts,
-                 self.bytes_resident / 1e6, time.perf_counter() - started)
+        log.info(
+            "worker %d loaded %d experts (%.1f MB) in %.2fs",
+            self.worker,
+            self.num_experts,
+            self.bytes_resident / 1e6,
+            time.perf_counter() - started,
+        )
         return self.reader.bytes_read
 
     def load_progress(self) -> LoadProgress:
-        return LoadProgress(f"worker {self.worker}", self.reader.bytes_read, self.bytes_total,
-                            self.reader.tensors_read, self._loaded)
+        return LoadProgress(
+            f"worker {self.worker}", self.reader.bytes_read, self.bytes_total, self.reader.tensors_read, self._loaded
+        )
 
     @property
     def bytes_read(self) -> int:
@@ -77,8 +90,9 @@ class ExpertWorker:
 
     def join(self, address: GroupAddress) -> int:
         groups = join_groups(address, self.rank)
-        self.transport = AllToAllTransport(self.layout, groups, self.placement, self.config.hidden_size,
-                                           self.device, self.dtype)
+        self.transport = AllToAllTransport(
+            self.layout, groups, self.placement, self.config.hidden_size, self.device, self.dtype
+        )
         return self.rank
 
     def run_loop(self) -> int:

@@ -18,8 +18,10 @@ LAYERS = (0, 2)
 
 def make_shards() -> dict[int, ExpertShard]:
     g = torch.Generator().manual_seed(0)
-    return {layer: ExpertShard(tuple(range(E)), torch.randn(E, D, 2 * I, generator=g),
-                               torch.randn(E, I, D, generator=g)) for layer in LAYERS}
+    return {
+        layer: ExpertShard(tuple(range(E)), torch.randn(E, D, 2 * I, generator=g), torch.randn(E, I, D, generator=g))
+        for layer in LAYERS
+    }
 
 
 def steps() -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
@@ -27,8 +29,9 @@ def steps() -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(1)
     out = []
     for rows, hi in ((37, E), (4, 6), (1, E), (64, E)):
-        out.append({layer: (torch.randn(rows, D, generator=g), torch.randint(0, hi, (rows,), generator=g))
-                    for layer in LAYERS})
+        out.append(
+            {layer: (torch.randn(rows, D, generator=g), torch.randint(0, hi, (rows,), generator=g)) for layer in LAYERS}
+        )
     return out
 
 
@@ -40,8 +43,14 @@ def _worker(rank: int, address, layout) -> None:
     groups = join_groups(address, rank)
     w = layout.worker_of(rank)
     p = placement()
-    shards = {layer: ExpertShard(p.experts_of(w, layer), s.gate_up_EDI2[list(p.experts_of(w, layer))],
-                                 s.down_EID[list(p.experts_of(w, layer))]) for layer, s in make_shards().items()}
+    shards = {
+        layer: ExpertShard(
+            p.experts_of(w, layer),
+            s.gate_up_EDI2[list(p.experts_of(w, layer))],
+            s.down_EID[list(p.experts_of(w, layer))],
+        )
+        for layer, s in make_shards().items()
+    }
     transport = AllToAllTransport(layout, groups, p, D, torch.device("cpu"), torch.float32)
     while transport.receive_header() == RUN:
         transport.serve_step(shards, lambda layer, counts: None)

@@ -28,8 +28,15 @@ def multimodal_copy(src, dst, shards: int = 1):
     """Rewrite a Llama4ForCausalLM checkpoint as Llama4ForConditionalGeneration would store it."""
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
-    write_json(dst / "config.json", {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
-                                      "text_config": cfg, "vision_config": {"hidden_size": 8}})
+    write_json(
+        dst / "config.json",
+        {
+            "architectures": ["Llama4ForConditionalGeneration"],
+            "model_type": "llama4",
+            "text_config": cfg,
+            "vision_config": {"hidden_size": 8},
+        },
+    )
     tensors = {f"language_model.{k}": v for k, v in load_file(src / "model.safetensors").items()}
     tensors["vision_model.patch_embedding.weight"] = torch.zeros(4, 4)  # ignored by the text model
     save_sharded(tensors, dst, shards)
@@ -121,5 +128,5 @@ def test_expert_subset_reads_only_those_experts_bytes(plain):
 
 
 def test_no_safetensors_files_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         CheckpointReader(tmp_path)

@@ -10,8 +10,8 @@ from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model
-from router.contiguous_cache import ContiguousKVCache
-from router.generator import Generator
+from router.reference.contiguous_cache import ContiguousKVCache
+from router.reference.decode import Generator
 from router.sampling_params import SamplingParams
 from tests.conftest import LLAMA3_ROPE
 
@@ -19,14 +19,21 @@ CPU = torch.device("cpu")
 
 VARIANTS = {
     "scout-like: moe every layer, top-1, qk-norm, llama3 rope": dict(
-        interleave_moe_layer_step=1, num_experts_per_tok=1, use_qk_norm=True, rope_parameters=LLAMA3_ROPE),
+        interleave_moe_layer_step=1, num_experts_per_tok=1, use_qk_norm=True, rope_parameters=LLAMA3_ROPE
+    ),
     "maverick-like: moe every 2nd layer, top-1, no qk-norm, plain rope": dict(
-        interleave_moe_layer_step=2, num_experts_per_tok=1, use_qk_norm=False),
+        interleave_moe_layer_step=2, num_experts_per_tok=1, use_qk_norm=False
+    ),
     "top-2, moe every layer, no qk-norm, llama3 rope": dict(
-        interleave_moe_layer_step=1, num_experts_per_tok=2, use_qk_norm=False, rope_parameters=LLAMA3_ROPE),
+        interleave_moe_layer_step=1, num_experts_per_tok=2, use_qk_norm=False, rope_parameters=LLAMA3_ROPE
+    ),
     "top-2, moe every 2nd layer, qk-norm, plain rope, 8 layers": dict(
-        interleave_moe_layer_step=2, num_experts_per_tok=2, use_qk_norm=True, num_hidden_layers=8,
-        no_rope_layers=[1, 1, 1, 0] * 2),
+        interleave_moe_layer_step=2,
+        num_experts_per_tok=2,
+        use_qk_norm=True,
+        num_hidden_layers=8,
+        no_rope_layers=[1, 1, 1, 0] * 2,
+    ),
 }
 
 
@@ -59,8 +66,13 @@ def test_greedy_generation_with_cache_matches_transformers_generate(hf_checkpoin
     path, hf = hf_checkpoint(**VARIANTS[variant])
     prompt = [1, 17, 33, 250, 9]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
-                          max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, 5:].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 5, dtype=torch.long),
+            max_new_tokens=40,
+            min_new_tokens=40,
+            do_sample=False,
+        )[0, 5:].tolist()
     gen = Generator.from_checkpoint(path, dtype="float32")
     got = gen.generate(prompt, SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=40, ignore_eos=True))
     assert got.token_ids == ref  # 45 positions: crosses five 8-token chunks
@@ -75,7 +87,7 @@ def test_incremental_decoding_equals_full_recompute(hf_checkpoint):
     with torch.inference_mode():
         for n in (5, 1, 1, 7, 3, 1, 9):  # uneven prefill chunks, some crossing chunk boundaries
             batch = ForwardBatch((SeqSlice(0, n, pos, 0),))
-            pieces.append(model(torch.tensor(ids[pos:pos + n]), batch, cache, transport, all_logits=True))
+            pieces.append(model(torch.tensor(ids[pos : pos + n]), batch, cache, transport, all_logits=True))
             pos += n
     assert (torch.cat(pieces) - full).abs().max().item() < 1e-5
 
@@ -88,4 +100,4 @@ def test_several_sequences_in_one_batch_match_each_alone(hf_checkpoint):
     with torch.inference_mode():
         both = model(torch.tensor(a + b), batch, ContiguousKVCache(), transport, all_logits=True)
     assert (both[: len(a)] - full_logits(model, transport, a)).abs().max().item() < 1e-5
-    assert (both[len(a):] - full_logits(model, transport, b)).abs().max().item() < 1e-5
+    assert (both[len(a) :] - full_logits(model, transport, b)).abs().max().item() < 1e-5

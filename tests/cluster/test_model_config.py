@@ -6,8 +6,15 @@ import pytest
 
 from cluster.config import ConfigError, parse_model_config
 
-TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=32, num_hidden_layers=8, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
+TEXT = dict(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def test_text_only_layout_takes_transformers_defaults():
@@ -21,8 +28,13 @@ def test_text_only_layout_takes_transformers_defaults():
 
 
 def test_multimodal_layout_reads_text_config_and_top_level_token_ids():
-    cfg = parse_model_config({"architectures": ["Llama4ForConditionalGeneration"], "eos_token_id": [7, 8],
-                              "text_config": {**TEXT, "interleave_moe_layer_step": 2}})
+    cfg = parse_model_config(
+        {
+            "architectures": ["Llama4ForConditionalGeneration"],
+            "eos_token_id": [7, 8],
+            "text_config": {**TEXT, "interleave_moe_layer_step": 2},
+        }
+    )
     assert cfg.architecture == "Llama4ForConditionalGeneration"
     assert cfg.moe_layers == (1, 3, 5, 7)
     assert cfg.eos_token_ids == (7, 8)
@@ -38,8 +50,13 @@ def test_int_temperature_tuning_is_read_as_a_flag():
 
 
 def test_old_and_new_rope_forms_agree():
-    scaling = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    }
     old = parse_model_config({**TEXT, "rope_theta": 1e4, "rope_scaling": scaling})
     new = parse_model_config({**TEXT, "rope_parameters": {**scaling, "rope_theta": 1e4}})
     assert old.rope == new.rope and old.rope.rope_type == "llama3" and old.rope.theta == 1e4
@@ -66,7 +83,10 @@ def test_null_chunk_size_means_global_attention_everywhere():
         ({"no_rope_layers": [1, 0]}, "'no_rope_layers' must be a list of 8 values"),
         ({"moe_layers": [9]}, r"'moe_layers' must be a list of layer indices in \[0, 8\)"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, r"rope_type' must be one of \['default', 'llama3'\]"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "llama3 rope scaling needs 'rope_scaling.low_freq_factor'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 2.0}},
+            "llama3 rope scaling needs 'rope_scaling.low_freq_factor'",
+        ),
         ({"head_dim": 15}, "head_dim must be even"),
         ({"use_qk_norm": "yes"}, "'use_qk_norm' must be a boolean"),
         ({"attention_chunk_size": 0}, "attention_chunk_size must be a positive int or null"),
@@ -87,5 +107,5 @@ def test_missing_required_field_is_named():
 def test_missing_field_inside_text_config_is_named_with_its_path():
     fields = dict(TEXT)
     del fields["num_hidden_layers"]
-    with pytest.raises(ConfigError, match="'text_config.num_hidden_layers' is missing"):
+    with pytest.raises(ConfigError, match=r"'text_config\.num_hidden_layers' is missing"):
         parse_model_config({"text_config": fields})

@@ -49,7 +49,7 @@ def test_bad_specs_say_what_is_wrong(spec, message):
 
 
 def test_more_workers_than_experts_is_refused_with_the_limit():
-    with pytest.raises(PlacementError, match="17 workers is more than the 16 experts per layer.*at most 16 workers"):
+    with pytest.raises(PlacementError, match=r"17 workers is more than the 16 experts per layer.*at most 16 workers"):
         ExpertPlacement.even(16, [0], 17)
 
 

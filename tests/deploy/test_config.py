@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import (OVERRIDES, ServeConfig, ServeConfigError, TINY_PRESETS, apply_overrides, load_serve_config,
-                           parse_bytes, parse_serve_config)
+from cluster.settings import SettingError, parse_bytes
+from deploy.config import OVERRIDES, TINY_PRESETS, ServeConfig, apply_overrides, load_serve_config, parse_serve_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "configs"
 EXAMPLES = sorted(CONFIGS.glob("*.yaml"))
@@ -21,15 +21,19 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-def error_of(raw) -> ServeConfigError:
-    with pytest.raises(ServeConfigError) as info:
+def error_of(raw) -> SettingError:
+    with pytest.raises(SettingError) as info:
         parse_serve_config(raw, "config.yaml")
     return info.value
 
 
 def test_the_four_documented_examples_exist():
-    assert {p.name for p in EXAMPLES} >= {"tiny-cpu.yaml", "scout-4gpu.yaml", "scout-8gpu.yaml",
-                                          "maverick-multinode.yaml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "tiny-cpu.yaml",
+        "scout-4gpu.yaml",
+        "scout-8gpu.yaml",
+        "maverick-multinode.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -50,17 +54,36 @@ def test_gpu_examples_give_each_actor_a_gpu_and_join_the_ray_cluster():
 
 
 DEFAULTS = {
-    "model.path": None, "model.dtype": "auto", "model.name": None, "model.tiny_preset": "scout",
-    "cluster.device": "cpu", "cluster.routers": 1, "cluster.workers": 2, "cluster.placement": None,
-    "cluster.router_resources.num_cpus": 1, "cluster.worker_resources.num_gpus": None,
-    "cluster.worker_resources.memory": None, "cluster.collective_timeout_s": 60, "cluster.startup_timeout_s": 600,
+    "model.path": None,
+    "model.dtype": "auto",
+    "model.name": None,
+    "model.tiny_preset": "scout",
+    "cluster.device": "cpu",
+    "cluster.routers": 1,
+    "cluster.workers": 2,
+    "cluster.placement": None,
+    "cluster.router_resources.num_cpus": None,
+    "cluster.worker_resources.num_gpus": None,
+    "cluster.worker_resources.memory": None,
+    "cluster.collective_timeout_s": 60,
+    "cluster.startup_timeout_s": 600,
     "cluster.ray_address": None,
-    "scheduler.max_num_seqs": 64, "scheduler.max_num_batched_tokens": 2048, "scheduler.max_model_len": None,
-    "scheduler.block_size": 16, "scheduler.kv_cache_memory": None,
-    "gateway.host": "0.0.0.0", "gateway.port": 50051, "gateway.max_concurrent_streams": 256,
-    "gateway.max_queued_requests": 1024, "gateway.max_message_bytes": 4 * 2**20, "gateway.drain_grace_s": 30,
+    "scheduler.max_num_seqs": 64,
+    "scheduler.max_num_batched_tokens": 2048,
+    "scheduler.max_model_len": None,
+    "scheduler.block_size": 16,
+    "scheduler.kv_cache_memory": None,
+    "gateway.host": "127.0.0.1",
+    "gateway.port": 50051,
+    "gateway.max_concurrent_streams": 256,
+    "gateway.max_queued_requests": 1024,
+    "gateway.max_message_bytes": 4 * 2**20,
+    "gateway.drain_grace_s": 30,
     "gateway.request_timeout_s": None,
-    "metrics.enabled": True, "metrics.port": 9090, "logging.level": "INFO", "logging.format": "text",
+    "metrics.enabled": False,
+    "metrics.port": 9090,
+    "logging.level": "INFO",
+    "logging.format": "text",
 }
 
 
@@ -91,7 +114,7 @@ def test_served_name_is_the_name_else_the_checkpoint_directory_else_the_tiny_pre
 
 
 def test_tiny_presets_are_the_tiny_models():
-    tiny_model = pytest.importorskip("deploy.tiny_model")
+    tiny_model = pytest.importorskip("deploy.tiny.model")
     assert set(TINY_PRESETS) == set(tiny_model.PRESETS)
 
 
@@ -102,7 +125,7 @@ def test_the_config_is_frozen():
 
 def test_the_message_names_file_key_value_and_what_is_allowed(tmp_path):
     path = write(tmp_path, "cluster:\n  workers: -1\n")
-    with pytest.raises(ServeConfigError) as info:
+    with pytest.raises(SettingError) as info:
         load_serve_config(path)
     assert str(info.value) == f"{path}: cluster.workers: expected an integer >= 0, got -1"
     assert isinstance(info.value, ValueError) and info.value.key == "cluster.workers"
@@ -110,8 +133,11 @@ def test_the_message_names_file_key_value_and_what_is_allowed(tmp_path):
 
 def test_the_error_survives_pickling_as_it_would_crossing_ray():
     error = pickle.loads(pickle.dumps(error_of({"cluster": {"workers": -1}})))
-    assert (error.source, error.key, str(error)) == ("config.yaml", "cluster.workers",
-                                                     "config.yaml: cluster.workers: expected an integer >= 0, got -1")
+    assert (error.source, error.key, str(error)) == (
+        "config.yaml",
+        "cluster.workers",
+        "config.yaml: cluster.workers: expected an integer >= 0, got -1",
+    )
 
 
 BAD_VALUES = [  # (raw config, key path named, fragments of what is allowed / what was given)
@@ -164,16 +190,28 @@ def test_each_bad_value_names_its_key_and_what_is_allowed(raw, key, fragments):
 
 
 CROSS_FIELD = [
-    ({"cluster": {"device": "cuda", "worker_resources": {"num_gpus": 0}}}, "cluster.worker_resources.num_gpus",
-     "expected a number >= 1"),
-    ({"cluster": {"device": "cuda", "workers": 0, "router_resources": {"num_gpus": 0.5}}},
-     "cluster.router_resources.num_gpus", "own GPU"),
+    (
+        {"cluster": {"device": "cuda", "worker_resources": {"num_gpus": 0}}},
+        "cluster.worker_resources.num_gpus",
+        "expected a number >= 1",
+    ),
+    (
+        {"cluster": {"device": "cuda", "workers": 0, "router_resources": {"num_gpus": 0.5}}},
+        "cluster.router_resources.num_gpus",
+        "own GPU",
+    ),
     ({"cluster": {"workers": 2, "placement": "0-5;6-10;11-15"}}, "cluster.placement", "names 3 workers"),
-    ({"cluster": {"workers": 2, "placement": {1: [[0], [1]], 3: [[0, 1]]}}}, "cluster.placement",
-     "same number of workers"),
-    ({"scheduler": {"max_num_seqs": 128, "max_num_batched_tokens": 64}}, "scheduler.max_num_batched_tokens",
-     ">= scheduler.max_num_seqs (128)"),
-    ({"metrics": {"port": 50051}}, "metrics.port", "also gateway.port"),
+    (
+        {"cluster": {"workers": 2, "placement": {1: [[0], [1]], 3: [[0, 1]]}}},
+        "cluster.placement",
+        "same number of workers",
+    ),
+    (
+        {"scheduler": {"max_num_seqs": 128, "max_num_batched_tokens": 64}},
+        "scheduler.max_num_batched_tokens",
+        ">= max_num_seqs (128)",
+    ),
+    ({"metrics": {"enabled": True, "port": 50051}}, "metrics.port", "also gateway.port"),
 ]
 
 
@@ -189,17 +227,21 @@ def test_cuda_without_workers_needs_no_worker_gpus():
 
 
 def test_gpus_and_ports_that_are_allowed_pass():
-    cfg = parse_serve_config({"cluster": {"device": "cuda"}, "metrics": {"enabled": False, "port": 50051},
-                              "gateway": {"port": 0}})
+    cfg = parse_serve_config(
+        {"cluster": {"device": "cuda"}, "metrics": {"enabled": False, "port": 50051}, "gateway": {"port": 0}}
+    )
     assert cfg.cluster.worker_resources.gpus("cuda") == 1 and cfg.gateway.port == 0
 
 
-@pytest.mark.parametrize("raw, key, suggestion", [
-    ({"clustr": {}}, "clustr", "did you mean 'cluster'?"),
-    ({"cluster": {"worker": 4}}, "cluster.worker", "did you mean 'workers'?"),
-    ({"cluster": {"worker_resources": {"num_gpu": 1}}}, "cluster.worker_resources.num_gpu", "'num_gpus'"),
-    ({"scheduler": {"max_num_seq": 8}}, "scheduler.max_num_seq", "'max_num_seqs'"),
-])
+@pytest.mark.parametrize(
+    "raw, key, suggestion",
+    [
+        ({"clustr": {}}, "clustr", "did you mean 'cluster'?"),
+        ({"cluster": {"worker": 4}}, "cluster.worker", "did you mean 'workers'?"),
+        ({"cluster": {"worker_resources": {"num_gpu": 1}}}, "cluster.worker_resources.num_gpu", "'num_gpus'"),
+        ({"scheduler": {"max_num_seq": 8}}, "scheduler.max_num_seq", "'max_num_seqs'"),
+    ],
+)
 def test_unknown_keys_are_named_with_the_closest_allowed_key(raw, key, suggestion):
     error = error_of(raw)
     assert error.key == key and "unknown key" in error.problem and suggestion in error.problem
@@ -208,26 +250,39 @@ def test_unknown_keys_are_named_with_the_closest_allowed_key(raw, key, suggestio
 def test_an_unknown_key_lists_the_keys_allowed_at_its_level():
     problem = error_of({"metrics": {"zzz": 1}}).problem
     assert "did you mean" not in problem and "allowed in metrics: enabled, port" in problem
-    assert "allowed at the top level: model, cluster, scheduler, gateway, metrics, logging" in error_of(
-        {"source": "x"}).problem
+    assert (
+        "allowed at the top level: model, cluster, scheduler, gateway, metrics, logging"
+        in error_of({"source": "x"}).problem
+    )
 
 
 def test_a_key_given_twice_is_an_error(tmp_path):
-    with pytest.raises(ServeConfigError, match="'workers' is given twice"):
+    with pytest.raises(SettingError, match="'workers' is given twice"):
         load_serve_config(write(tmp_path, "cluster:\n  workers: 2\n  workers: 4\n"))
 
 
 def test_yaml_syntax_errors_and_missing_files_name_the_file(tmp_path):
-    with pytest.raises(ServeConfigError, match=r"config.yaml: \(file\): not valid YAML"):
+    with pytest.raises(SettingError, match=r"config.yaml: \(file\): not valid YAML"):
         load_serve_config(write(tmp_path, "cluster: [unclosed\n"))
-    with pytest.raises(ServeConfigError, match=r"missing.yaml: \(file\): cannot read the config file"):
+    with pytest.raises(SettingError, match=r"missing.yaml: \(file\): cannot read the config file"):
         load_serve_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("text, size", [
-    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29), ("64KiB", 65536), ("2GB", 2 * 10**9),
-    ("2Gi", 2 * 2**30), ("4096", 4096), ("100B", 100), ("1tib", 2**40), (12345, 12345),
-])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("2GiB", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5 GiB", 3 * 2**29),
+        ("64KiB", 65536),
+        ("2GB", 2 * 10**9),
+        ("2Gi", 2 * 2**30),
+        ("4096", 4096),
+        ("100B", 100),
+        ("1tib", 2**40),
+        (12345, 12345),
+    ],
+)
 def test_kv_cache_memory_sizes_parse_to_bytes(text, size):
     assert parse_bytes(text) == size
     assert parse_serve_config({"scheduler": {"kv_cache_memory": text}}).scheduler.kv_cache_memory == size
@@ -244,14 +299,19 @@ def test_logging_level_is_case_insensitive():
 
 
 def scout_file(tmp_path: Path) -> ServeConfig:
-    return load_serve_config(write(tmp_path, "model: {path: /models/scout}\ncluster: {workers: 4}\n"
-                                             "gateway: {port: 6000}\n"))
+    return load_serve_config(
+        write(tmp_path, "model: {path: /models/scout}\ncluster: {workers: 4}\ngateway: {port: 6000}\n")
+    )
 
 
 def test_command_line_overrides_win_over_the_file(tmp_path):
     cfg = apply_overrides(scout_file(tmp_path), model_path="/other/model", workers=3, port=7000, dtype="bfloat16")
     assert (cfg.model.path, cfg.cluster.workers, cfg.gateway.port, cfg.model.dtype) == (
-        "/other/model", 3, 7000, "bfloat16")
+        "/other/model",
+        3,
+        7000,
+        "bfloat16",
+    )
 
 
 def test_flags_not_given_keep_the_file_and_the_original_is_unchanged(tmp_path):
@@ -262,14 +322,14 @@ def test_flags_not_given_keep_the_file_and_the_original_is_unchanged(tmp_path):
 
 
 def test_a_bad_override_names_the_flag_and_its_key(tmp_path):
-    with pytest.raises(ServeConfigError) as info:
+    with pytest.raises(SettingError) as info:
         apply_overrides(scout_file(tmp_path), workers=-2)
     assert str(info.value) == "command line: --workers (cluster.workers): expected an integer >= 0, got -2"
 
 
 def test_an_override_that_breaks_a_file_value_is_reported_against_the_file_key(tmp_path):
     cfg = load_serve_config(write(tmp_path, "cluster: {workers: 2, worker_resources: {num_gpus: 0}}\n"))
-    with pytest.raises(ServeConfigError) as info:
+    with pytest.raises(SettingError) as info:
         apply_overrides(cfg, device="cuda")
     assert info.value.key == "cluster.worker_resources.num_gpus" and "command-line flags" in info.value.source
 

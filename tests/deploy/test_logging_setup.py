@@ -9,11 +9,11 @@ from deploy.logging_setup import JsonFormatter, setup_logging
 
 
 def test_json_lines_carry_the_request_id_as_a_field():
-    record = logging.LogRecord("router.gateway_service", logging.INFO, __file__, 1, "finished (%s)", ("stop",), None)
+    record = logging.LogRecord("router.gateway.service", logging.INFO, __file__, 1, "finished (%s)", ("stop",), None)
     record.request_id = "req-42"
     entry = json.loads(JsonFormatter().format(record))
     assert entry["msg"] == "finished (stop)" and entry["request_id"] == "req-42"
-    assert entry["level"] == "INFO" and entry["logger"] == "router.gateway_service" and entry["ts"].endswith("Z")
+    assert entry["level"] == "INFO" and entry["logger"] == "router.gateway.service" and entry["ts"].endswith("Z")
 
 
 def test_text_format_appends_the_request_id(capsys):

@@ -1,8 +1,8 @@
 """The Kubernetes manifests and the Dockerfile: valid against the real schemas, and consistent with the serve config.
 
 Ray objects are checked with jsonschema against the openAPIV3Schema of the served `v1` version in KubeRay's own
-CRDs (/work/shared/kuberay-crds). A CRD schema is "structural" OpenAPI, not plain JSON Schema, so `closed()` first
-turns it into what the API server enforces:
+CRDs (v1.7.0, vendored in deploy/kubernetes/crds/). A CRD schema is "structural" OpenAPI, not plain JSON
+Schema, so `closed()` first turns it into what the API server enforces:
   * objects with `properties` and neither `additionalProperties` nor `x-kubernetes-preserve-unknown-fields` get
     `additionalProperties: false`: the API server drops unknown fields (and kubectl's default strict field
     validation rejects them), so a misspelt field must fail here instead of vanishing silently;
@@ -30,11 +30,12 @@ import yaml
 from deploy.config import load_serve_config, parse_serve_config
 
 kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="core objects are checked with kubernetes-validate (pip install -e '.[test]')")
+    "kubernetes_validate", reason="core objects are checked with kubernetes-validate (pip install -e '.[test]')"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
-CRDS = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
+CRDS = MANIFESTS / "crds"  # KubeRay v1.7.0, vendored (see its README)
 K8S_VERSION = "1.33.0"  # GA gRPC probes (1.27+), sidecar containers; shipped by kubernetes-validate
 CONFIG = load_serve_config(ROOT / "deploy" / "configs" / "scout-4gpu.yaml")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
@@ -60,13 +61,20 @@ def closed(schema):
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (closed(v) if k in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not") else v)
-           for k, v in schema.items() if k != "properties"}
+    out = {
+        k: (closed(v) if k in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not") else v)
+        for k, v in schema.items()
+        if k != "properties"
+    }
     if "properties" in schema:
         out["properties"] = {name: closed(sub) for name, sub in schema["properties"].items()}
         if schema.get("x-kubernetes-embedded-resource"):
-            out["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                 "metadata": {"type": "object"}, **out["properties"]}
+            out["properties"] = {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                **out["properties"],
+            }
         if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
             out["additionalProperties"] = False
     if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
@@ -90,17 +98,15 @@ def _unique_map_keys(validator, keys, instance, schema):
 
 
 FORMATS = jsonschema.FormatChecker()
-FORMATS.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
-FORMATS.checks("int64")(lambda v: not isinstance(v, int) or -2**63 <= v < 2**63)
-CrdValidator = jsonschema.validators.extend(jsonschema.Draft7Validator,
-                                            {"x-kubernetes-list-map-keys": _unique_map_keys})
+FORMATS.checks("int32")(lambda v: not isinstance(v, int) or -(2**31) <= v < 2**31)
+FORMATS.checks("int64")(lambda v: not isinstance(v, int) or -(2**63) <= v < 2**63)
+CrdValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {"x-kubernetes-list-map-keys": _unique_map_keys}
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(kind: str, version: str = "v1", close: bool = True) -> dict:
-    if not CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (the shared folder of this workspace); "
-                    "the Ray objects cannot be validated without them")
     crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     [served] = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
     schema = served["schema"]["openAPIV3Schema"]
@@ -168,19 +174,29 @@ def broken(mutate) -> dict:
 HEAD = lambda s: s["headGroupSpec"]  # noqa: E731 - short paths into a RayCluster spec for the cases below
 PROBE = lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"]  # noqa: E731
 BROKEN_CLUSTERS = {  # what is wrong -> (mutation, the error the CRD schema must report)
-    "rayStartParams value not a string": (lambda s: HEAD(s)["rayStartParams"].update({"num-gpus": 0}),
-                                          "headGroupSpec/rayStartParams/num-gpus: 0 is not of type 'string'"),
+    "rayStartParams value not a string": (
+        lambda s: HEAD(s)["rayStartParams"].update({"num-gpus": 0}),
+        "headGroupSpec/rayStartParams/num-gpus: 0 is not of type 'string'",
+    ),
     "misspelt headGroupSpec field": (lambda s: HEAD(s).update(rayStartParam={}), "'rayStartParam' was unexpected"),
-    "misspelt container field": (lambda s: HEAD(s)["template"]["spec"]["containers"][0].update(readinesProbe={}),
-                                 "'readinesProbe' was unexpected"),
-    "missing worker groupName": (lambda s: s["workerGroupSpecs"][0].pop("groupName"),
-                                 "'groupName' is a required property"),
+    "misspelt container field": (
+        lambda s: HEAD(s)["template"]["spec"]["containers"][0].update(readinesProbe={}),
+        "'readinesProbe' was unexpected",
+    ),
+    "missing worker groupName": (
+        lambda s: s["workerGroupSpecs"][0].pop("groupName"),
+        "'groupName' is a required property",
+    ),
     "missing head template": (lambda s: HEAD(s).pop("template"), "'template' is a required property"),
     "probe port as a string": (lambda s: PROBE(s)["grpc"].update(port="50051"), "'50051' is not of type 'integer'"),
     "probe service not a string": (lambda s: PROBE(s)["grpc"].update(service=1), "1 is not of type 'string'"),
     "probe port beyond int32": (lambda s: PROBE(s)["grpc"].update(port=2**40), "is not a 'int32'"),
-    "duplicate container port": (lambda s: HEAD(s)["template"]["spec"]["containers"][0]["ports"].append(
-        {"name": "again", "containerPort": 50051}), "duplicate entry for list-map keys"),
+    "duplicate container port": (
+        lambda s: HEAD(s)["template"]["spec"]["containers"][0]["ports"].append(
+            {"name": "again", "containerPort": 50051}
+        ),
+        "duplicate entry for list-map keys",
+    ),
 }
 
 
@@ -202,11 +218,15 @@ def test_broken_pod_templates_are_rejected_by_kubernetes_validate_too(case):
     assert core_errors(as_pod_template(template)) != []
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d["spec"]["ports"][0].update(appProtcol="grpc"),
-    lambda d: d["spec"]["ports"][0].update(port="50051"),
-    lambda d: d["spec"]["ports"][0].pop("port"),
-], ids=["misspelt field", "port as a string", "missing port"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["spec"]["ports"][0].update(appProtcol="grpc"),
+        lambda d: d["spec"]["ports"][0].update(port="50051"),
+        lambda d: d["spec"]["ports"][0].pop("port"),
+    ],
+    ids=["misspelt field", "port as a string", "missing port"],
+)
 def test_broken_services_are_rejected(mutate):
     doc = copy.deepcopy(one("service.yaml", "Service"))
     mutate(doc)
@@ -241,8 +261,10 @@ def test_the_head_has_native_grpc_probes_on_the_gateway_port(name, doc):
 @pytest.mark.parametrize("name, doc", RAY_DOCS, ids=[n for n, _ in RAY_DOCS])
 def test_gpu_workers_hold_one_gpu_per_actor_and_pods_have_memory_backed_shm(name, doc):
     spec = cluster_spec(doc)
-    gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-               for g in spec["workerGroupSpecs"])
+    gpus = sum(
+        g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        for g in spec["workerGroupSpecs"]
+    )
     assert gpus == CONFIG.cluster.workers + CONFIG.cluster.routers
     for template in pod_templates(doc):
         [shm] = [v for v in template["spec"]["volumes"] if v["name"] == "dshm"]

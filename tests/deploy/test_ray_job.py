@@ -16,7 +16,7 @@ import yaml
 
 from protos.client import InferenceClient
 from tests.conftest import free_port
-from tests.deploy.test_cluster_cli import _ray_gone, _ray_processes
+from tests.procs import ray_gone, ray_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -24,39 +24,75 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def ray_env():
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # explicit: a private head for this test only
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # explicit: a private head for this test only
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 def ray(env, *args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
-    assert _ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
-    from deploy.tiny_model import write_tiny_model
+    assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
+    from deploy.tiny.model import write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", "scout", train_steps=0)
     port, gcs_port, dashboard = free_port(), free_port(), free_port()
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "cluster": {"workers": 2},
-                                      "gateway": {"host": "127.0.0.1", "port": port}, "metrics": {"enabled": False}}))
-    head = ray(ray_env, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model)},
+                "cluster": {"workers": 2},
+                "gateway": {"host": "127.0.0.1", "port": port},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    head = ray(
+        ray_env,
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=6",
+        "--disable-usage-stats",
+    )
     assert head.returncode == 0, head.stderr
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        submitted = ray(ray_env, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-                        "--", "python", "-m", "deploy.ray_job", "--config", str(config), timeout=300)
+        submitted = ray(
+            ray_env,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--no-wait",
+            "--",
+            "python",
+            "-m",
+            "deploy.ray_job",
+            "--config",
+            str(config),
+            timeout=300,
+        )
         assert submitted.returncode == 0, submitted.stderr + submitted.stdout
         job_id = re.search(r"(raysubmit_\w+)", submitted.stdout + submitted.stderr).group(1)
         with InferenceClient(f"127.0.0.1:{port}") as client:
             try:
                 client.wait_until_serving(timeout=240)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure to serve: show the job's log
                 logs = ray(ray_env, "job", "logs", "--address", address, job_id)
                 pytest.fail(f"the job never served:\n{logs.stdout[-3000:]}")
             chunks = list(client.generate(input_ids=[1, 5, 9, 13], max_tokens=8, temperature=0, ignore_eos=True))
@@ -66,9 +102,9 @@ def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
         status = ray(ray_env, "job", "status", "--address", address, job_id)
         assert "stopped" in (status.stdout + status.stderr).lower()
         deadline = time.monotonic() + 30
-        while any("RouterActor" in p or "ExpertWorker" in p for p in _ray_processes()) and time.monotonic() < deadline:
+        while any("RouterActor" in p or "ExpertWorker" in p for p in ray_processes()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not any("RouterActor" in p or "ExpertWorker" in p for p in _ray_processes())
+        assert not any("RouterActor" in p or "ExpertWorker" in p for p in ray_processes())
     finally:
         ray(ray_env, "stop", "--force")
-    assert _ray_gone(30), _ray_processes()
+    assert ray_gone(30), ray_processes()

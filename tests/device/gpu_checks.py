@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cluster.batch import ForwardBatch, SeqSlice  # noqa: E402
-from router.contiguous_cache import ContiguousKVCache  # noqa: E402
-from router.generator import Generator  # noqa: E402
-from router.sampling_params import SamplingParams  # noqa: E402
-from tests.conftest import LLAMA3_ROPE, make_hf_model  # noqa: E402
+from cluster.batch import ForwardBatch, SeqSlice
+from router.reference.contiguous_cache import ContiguousKVCache
+from router.reference.decode import Generator
+from router.sampling_params import SamplingParams
+from tests.conftest import LLAMA3_ROPE, make_hf_model
 
 DEVICE = os.environ.get("MOECLUSTER_CHECK_DEVICE", "cuda")  # "cpu" to dry-run this script here
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -38,23 +38,37 @@ def parity(name: str, overrides: dict) -> None:
         ids = list(range(3, 48))
         with torch.no_grad():
             ref = hf(torch.tensor([ids], device=DEVICE)).logits[0]
-            got = ours.runner.forward(torch.tensor(ids, device=DEVICE), ForwardBatch((SeqSlice(0, len(ids), 0, 0),)),
-                                      ContiguousKVCache(), all_logits=True)
-            gen_ref = hf.generate(torch.tensor([[1, 17, 33, 250, 9]], device=DEVICE), max_new_tokens=40,
-                                  min_new_tokens=40, do_sample=False)[0, 5:].tolist()
+            got = ours.runner.forward(
+                torch.tensor(ids, device=DEVICE),
+                ForwardBatch((SeqSlice(0, len(ids), 0, 0),)),
+                ContiguousKVCache(),
+                all_logits=True,
+            )
+            gen_ref = hf.generate(
+                torch.tensor([[1, 17, 33, 250, 9]], device=DEVICE),
+                max_new_tokens=40,
+                min_new_tokens=40,
+                do_sample=False,
+            )[0, 5:].tolist()
         gen = ours.generate([1, 17, 33, 250, 9], GREEDY).token_ids
-        print(f"parity {name}: fp32 {DEVICE} max |dlogit| = {(got - ref).abs().max().item():.2e}, "
-              f"greedy 40 tokens identical: {gen == gen_ref}")
+        print(
+            f"parity {name}: fp32 {DEVICE} max |dlogit| = {(got - ref).abs().max().item():.2e}, "
+            f"greedy 40 tokens identical: {gen == gen_ref}"
+        )
 
 
 def bf16_agreement() -> None:
-    from deploy.tiny_model import write_tiny_model
+    from deploy.tiny.model import write_tiny_model
 
     for preset in ("scout", "maverick"):
         with tempfile.TemporaryDirectory() as d:
             write_tiny_model(d, preset, train_steps=0)
-            fp32 = Generator.from_checkpoint(d, device=DEVICE, dtype="float32").generate([1, 5, 9, 13], GREEDY).token_ids
-            bf16 = Generator.from_checkpoint(d, device=DEVICE, dtype="bfloat16").generate([1, 5, 9, 13], GREEDY).token_ids
+            fp32 = (
+                Generator.from_checkpoint(d, device=DEVICE, dtype="float32").generate([1, 5, 9, 13], GREEDY).token_ids
+            )
+            bf16 = (
+                Generator.from_checkpoint(d, device=DEVICE, dtype="bfloat16").generate([1, 5, 9, 13], GREEDY).token_ids
+            )
             same = next((i for i, (a, b) in enumerate(zip(fp32, bf16)) if a != b), len(fp32))
             print(f"bf16 vs fp32 on {DEVICE}, tiny {preset}: first {same} of {len(fp32)} greedy tokens agree")
 

@@ -12,8 +12,11 @@ GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 
 
 def test_committed_generated_modules_match_fresh_generation(tmp_path):
-    subprocess.run(["bash", str(ROOT / "protos" / "generate.sh"), str(tmp_path)], check=True,
-                   env={**os.environ, "PYTHON": sys.executable})
+    subprocess.run(
+        ["bash", str(ROOT / "protos" / "generate.sh"), str(tmp_path)],
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     fresh_dir = tmp_path / "protos" / "moecluster" / "v1"
     for name in GENERATED:
         fresh, committed = (fresh_dir / name).read_bytes(), (ROOT / "protos" / "moecluster" / "v1" / name).read_bytes()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router.engine import Engine, EngineConfig
-from router.generator import Generator
+from router.engine import Engine
+from router.engine_config import EngineConfig
 from router.messages import Delta, EngineRequest, Final
+from router.reference.decode import Generator
 from router.sampling_params import InvalidRequest, SamplingParams
 from tests.conftest import make_hf_model
 
@@ -24,7 +25,7 @@ def generator(tmp_path_factory):
 
 
 def engine_for(generator, **overrides) -> Engine:
-    cfg = dict(max_num_seqs=4, max_num_batched_tokens=24, block_size=4, kv_cache_bytes=1 << 20)
+    cfg = dict(max_num_seqs=4, max_num_batched_tokens=24, block_size=4, kv_cache_memory=1 << 20)
     return Engine(generator.runner, None, generator.eos_ids, {}, EngineConfig(**{**cfg, **overrides}))
 
 
@@ -33,8 +34,12 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in (3, 17, 9, 26, 1, 40, 12)]
 
 
-def drive(engine: Engine, arrivals: dict[int, list[EngineRequest]], aborts: dict[int, list[str]] | None = None,
-          on_step=lambda engine: None) -> tuple[dict[str, list[int]], dict[str, Final]]:
+def drive(
+    engine: Engine,
+    arrivals: dict[int, list[EngineRequest]],
+    aborts: dict[int, list[str]] | None = None,
+    on_step=lambda engine: None,
+) -> tuple[dict[str, list[int]], dict[str, Final]]:
     tokens: dict[str, list[int]] = {}
     finals: dict[str, Final] = {}
     step = 0
@@ -63,12 +68,18 @@ def test_batched_with_arrivals_aborts_and_preemption_equals_alone(generator, par
     for i, p in enumerate(ps):
         request_params = params if params.greedy else SamplingParams(**{**SEEDED.__dict__, "seed": 100 + i})
         alone.append(generator.generate(p, request_params.with_defaults({}).validate()).token_ids)
-    requests = [EngineRequest(f"r{i}", params if params.greedy else SamplingParams(**{**SEEDED.__dict__, "seed": 100 + i}),
-                              prompt_ids=tuple(p)) for i, p in enumerate(ps)]
+    requests = [
+        EngineRequest(
+            f"r{i}",
+            params if params.greedy else SamplingParams(**{**SEEDED.__dict__, "seed": 100 + i}),
+            prompt_ids=tuple(p),
+        )
+        for i, p in enumerate(ps)
+    ]
     # per token per layer 2 (k, v) * 2 kv heads * 16 dims * 4 bytes = 256; blocks of 4 tokens. The chunk pool
     # (3 RoPE layers) takes 4 seqs * 2 blocks; the full pool (1 NoPE layer) gets 30 blocks = 120 tokens:
     # too few for four long sequences at once, so requests get preempted.
-    engine = engine_for(generator, kv_cache_bytes=8 * 3 * 256 * 4 + 30 * 256 * 4)
+    engine = engine_for(generator, kv_cache_memory=8 * 3 * 256 * 4 + 30 * 256 * 4)
     assert engine.kv.full_blocks == 30 and engine.kv.chunk_blocks == 8
     arrivals = {0: requests[:3], 2: requests[3:5], 7: requests[5:]}
     tokens, finals = drive(engine, arrivals, aborts={5: ["r1"]})
@@ -89,8 +100,14 @@ def test_every_block_returns_and_rope_layers_hold_one_chunk(generator):
     def check(engine):
         worst.append(max((len(s.chunk) for s in engine.blocks.seqs.values()), default=0))
 
-    reqs = [EngineRequest(f"long{i}", SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
-                          prompt_ids=tuple(range(3, 3 + 5 * i + 1))) for i in range(4)]
+    reqs = [
+        EngineRequest(
+            f"long{i}",
+            SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+            prompt_ids=tuple(range(3, 3 + 5 * i + 1)),
+        )
+        for i in range(4)
+    ]
     drive(engine, {0: reqs}, on_step=check)
     assert max(worst) == chunk_blocks  # reached, never exceeded, over 60+ tokens = 8 chunks
     assert engine.blocks.blocks_used == 0
@@ -112,7 +129,7 @@ def test_bad_parameters_fail_only_that_request(generator):
     for field, params in cases.items():
         with pytest.raises(InvalidRequest, match=field):
             engine.add(EngineRequest(f"bad-{field}", params, prompt_ids=(5, 6)))
-    with pytest.raises(InvalidRequest, match="input_ids.*outside the vocabulary"):
+    with pytest.raises(InvalidRequest, match=r"input_ids.*outside the vocabulary"):
         engine.add(EngineRequest("bad-ids", GREEDY, prompt_ids=(5, 999)))
     with pytest.raises(InvalidRequest, match="context length"):
         engine.add(EngineRequest("too-long", GREEDY, prompt_ids=tuple([5] * 5000)))
@@ -130,8 +147,11 @@ def test_stop_token_ids_and_min_tokens(generator):
     free = generator.generate([5, 6, 7], GREEDY.with_defaults({}).validate()).token_ids
     stop_at = free[5]
     first = free.index(stop_at)
-    req = EngineRequest("s", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=(stop_at,)),
-                        prompt_ids=(5, 6, 7))
+    req = EngineRequest(
+        "s",
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=(stop_at,)),
+        prompt_ids=(5, 6, 7),
+    )
     tokens, finals = drive(engine, {0: [req]})
     assert finals["s"].finish_reason == "stop" and finals["s"].matched_stop == stop_at
     assert tokens["s"] == free[: first + 1]
@@ -139,8 +159,9 @@ def test_stop_token_ids_and_min_tokens(generator):
 
 def test_logprobs_report_the_sampled_token_and_sorted_alternatives(generator):
     engine = engine_for(generator)
-    req = EngineRequest("lp", SamplingParams(temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=5),
-                        prompt_ids=(5, 6, 7))
+    req = EngineRequest(
+        "lp", SamplingParams(temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=5), prompt_ids=(5, 6, 7)
+    )
     engine.add(req)
     deltas = []
     while engine.has_work():

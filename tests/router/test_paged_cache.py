@@ -9,8 +9,8 @@ import torch
 
 from cluster.batch import ForwardBatch, SeqSlice
 from router.block_manager import SeqBlocks
-from router.generator import Generator
 from router.paged_cache import PagedKVCache, plan_kv_layout
+from router.reference.decode import Generator
 from tests.conftest import make_hf_model
 
 
@@ -32,8 +32,11 @@ def generator(tmp_path_factory):
 
 
 def run_steps(generator, cache_view, cache: PagedKVCache, steps):
-    tables = {0: SeqBlocks(full=list(range(0, 12)), chunk={}), 1: SeqBlocks(full=list(range(12, 24)), chunk={}),
-              2: SeqBlocks(full=list(range(24, 36)), chunk={})}
+    tables = {
+        0: SeqBlocks(full=list(range(0, 12)), chunk={}),
+        1: SeqBlocks(full=list(range(12, 24)), chunk={}),
+        2: SeqBlocks(full=list(range(24, 36)), chunk={}),
+    }
     chunk_free = list(range(cache.layout.chunk_blocks))
     out = []
     for pieces in steps:  # pieces: (slot, pos0, length, first token id)
@@ -48,8 +51,15 @@ def run_steps(generator, cache_view, cache: PagedKVCache, steps):
             start += length
         cache.begin_step(tables)
         with torch.inference_mode():
-            out.append(generator.model(torch.tensor(ids), ForwardBatch(tuple(seqs)), cache_view, generator.runner.transport,
-                                       all_logits=True))
+            out.append(
+                generator.model(
+                    torch.tensor(ids),
+                    ForwardBatch(tuple(seqs)),
+                    cache_view,
+                    generator.runner.transport,
+                    all_logits=True,
+                )
+            )
     return torch.cat(out)
 
 

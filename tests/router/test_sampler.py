@@ -11,14 +11,22 @@ from router.sampling_params import SamplingParams
 
 def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset()) -> SamplingState:
     params = params.with_defaults({}).validate()
-    return SamplingState(params, list(prompt), list(output), frozenset(stop), new_generator(params, torch.device("cpu")))
+    return SamplingState(
+        params, list(prompt), list(output), frozenset(stop), new_generator(params, torch.device("cpu"))
+    )
 
 
 def test_batched_greedy_equals_row_by_row_argmax_mixed_with_other_rows():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     greedy = SamplingParams(temperature=0.0)
-    states = [state(greedy), state(SamplingParams(temperature=0.0, repetition_penalty=1.5)), state(greedy),
-              state(SamplingParams(temperature=1.0, seed=3)), state(greedy), state(greedy)]
+    states = [
+        state(greedy),
+        state(SamplingParams(temperature=0.0, repetition_penalty=1.5)),
+        state(greedy),
+        state(SamplingParams(temperature=1.0, seed=3)),
+        state(greedy),
+        state(greedy),
+    ]
     tokens, _ = sample_batch(logits, states)
     for i in (0, 2, 4, 5):
         assert tokens[i] == int(torch.argmax(logits[i]))
@@ -37,8 +45,11 @@ def test_min_tokens_suppresses_stop_tokens_until_reached():
 
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
-    st = state(SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
-               prompt=(0,), output=(1, 2, 2))
+    st = state(
+        SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+        prompt=(0,),
+        output=(1, 2, 2),
+    )
     out = adjusted_logits(logits, st)
     assert out.tolist() == [1.0, -4.0 - 0.5 - 0.25, 0.5 - 0.5 - 0.5, 0.5]
 
@@ -47,7 +58,12 @@ def test_top_k_top_p_min_p_keep_the_documented_sets():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     assert (filtered_probs(probs, SamplingParams(top_p=1.0, top_k=2)) > 0).tolist() == [True, True, False, False]
     assert (filtered_probs(probs, SamplingParams(top_p=0.8, top_k=0)) > 0).tolist() == [True, True, False, False]
-    assert (filtered_probs(probs, SamplingParams(top_p=1.0, top_k=0, min_p=0.25)) > 0).tolist() == [True, True, True, False]
+    assert (filtered_probs(probs, SamplingParams(top_p=1.0, top_k=0, min_p=0.25)) > 0).tolist() == [
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_a_seeded_request_draws_the_same_tokens_whatever_else_is_in_the_batch():

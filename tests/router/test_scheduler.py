@@ -4,7 +4,7 @@ preemption by recompute, abort, and every block returned."""
 from __future__ import annotations
 
 from router.block_manager import KVBlockManager
-from router.scheduler import Scheduler, SchedRequest
+from router.scheduler import SchedRequest, Scheduler
 
 
 def make(full_blocks=64, chunk_blocks=16, block=4, chunk=8, seqs=8, budget=16, max_len=1000):

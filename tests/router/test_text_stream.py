@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.tiny_tokenizer import build_tokenizer
+from deploy.tiny.tokenizer import build_tokenizer
 from router.chat import render_chat
 from router.detokenizer import TextStream
 from router.messages import ChatMessage
@@ -66,20 +66,25 @@ def test_earliest_of_several_stop_strings_wins(tok):
 
 def test_chat_format_is_llama4s():
     text = render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "count from 7")])
-    assert text == ("<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
-                    "<|header_start|>user<|header_end|>\n\ncount from 7<|eot|>"
-                    "<|header_start|>assistant<|header_end|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+        "<|header_start|>user<|header_end|>\n\ncount from 7<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\n"
+    )
 
 
 def test_chat_without_system_has_no_system_block():
     assert render_chat([ChatMessage("user", "hi")]).startswith("<|begin_of_text|><|header_start|>user")
 
 
-@pytest.mark.parametrize("messages, field", [
-    ([], "messages"),
-    ([ChatMessage("robot", "hi")], "messages[0].role"),
-    ([ChatMessage("user", "hi"), ChatMessage("system", "late")], "messages[1].role"),
-])
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        ([], "messages"),
+        ([ChatMessage("robot", "hi")], "messages[0].role"),
+        ([ChatMessage("user", "hi"), ChatMessage("system", "late")], "messages[1].role"),
+    ],
+)
 def test_bad_chat_messages_name_the_field(messages, field):
     with pytest.raises(InvalidRequest) as err:
         render_chat(messages)

@@ -1,0 +1,143 @@
+"""Serving throughput and latency: 1, 8 and 32 concurrent requests through the engine (in-process and with 2
+Ray expert workers), beside transformers' `generate` run one request at a time, same checkpoint, same run."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import torch
+
+from cluster.config import load_model_config
+from deploy.bench.models import bench_checkpoint, load_transformers
+from deploy.cluster_config import ClusterConfig
+from deploy.deployment import Deployment, DeploymentSpec
+from router.async_engine import AsyncEngine
+from router.engine import Engine
+from router.engine_config import EngineConfig
+from router.messages import Delta, EngineRequest, Final
+from router.sampling_params import SamplingParams
+
+
+def run_engine_bench(args) -> int:
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    with bench_checkpoint(args.model) as model_dir:
+        prompts = _prompts(model_dir, args)
+        rows = _in_process(model_dir, prompts, params, args)
+        if args.workers:
+            rows += _with_workers(model_dir, prompts, params, args)
+        rows += _transformers(model_dir, prompts, params, args)
+    _print(rows, args)
+    return 0
+
+
+def _prompts(model_dir: str, args) -> list[list[int]]:
+    vocab = load_model_config(model_dir).vocab_size
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(max(args.concurrency))]
+
+
+async def _measure(stream_for: Callable[[EngineRequest], AsyncIterator], prompts, params) -> dict:
+    """Run all prompts at once; tokens/s over the wall time, inter-token latency within each request."""
+    gaps: list[float] = []
+    tokens = 0
+
+    async def one(ids):
+        nonlocal tokens
+        last = None
+        async for item in stream_for(EngineRequest(uuid.uuid4().hex, params, prompt_ids=tuple(ids))):
+            now = time.perf_counter()
+            if isinstance(item, Delta):
+                tokens += len(item.token_ids)
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+            elif isinstance(item, Final) and item.finish_reason == "error":
+                raise RuntimeError(item.error)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "itl_ms": 1e3 * statistics.mean(gaps) if gaps else float("nan")}
+
+
+def _warm_then_measure(stream_for, prompts, params) -> dict:
+    """One unmeasured round at this concurrency first: on CUDA, new batch shapes pick their kernels then."""
+    asyncio.run(_measure(stream_for, prompts, params))
+    return asyncio.run(_measure(stream_for, prompts, params))
+
+
+def _in_process(model_dir, prompts, params, args) -> list[tuple]:
+    engine = AsyncEngine(
+        Engine.from_checkpoint(model_dir, args.device, args.dtype, EngineConfig(max_num_seqs=max(args.concurrency)))
+    )
+    try:
+        return [
+            ("engine, in-process experts", n, _warm_then_measure(engine.generate, prompts[:n], params))
+            for n in args.concurrency
+        ]
+    finally:
+        engine.shutdown()
+
+
+def _with_workers(model_dir, prompts, params, args) -> list[tuple]:
+    spec = DeploymentSpec(
+        model_dir,
+        ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=args.workers),
+        EngineConfig(max_num_seqs=max(args.concurrency)),
+        dtype=args.dtype,
+    )
+    with Deployment.start(spec) as deployment:
+
+        async def stream(request):
+            async for ref in deployment.router.generate_stream.options(num_returns="streaming").remote(request):
+                yield await ref
+
+        return [
+            (f"engine, {args.workers} Ray expert workers", n, _warm_then_measure(stream, prompts[:n], params))
+            for n in args.concurrency
+        ]
+
+
+def _transformers(model_dir, prompts, params, args) -> list[tuple]:
+    hf = load_transformers(model_dir, args.device, args.dtype)
+    if hf is None:
+        return []
+    rows = []
+    with torch.inference_mode():  # warm-up
+        x = torch.tensor([prompts[0]], device=args.device)
+        hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False)
+    for n in args.concurrency:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for ids in prompts[:n]:  # one request at a time: generate has no continuous batching
+                x = torch.tensor([ids], device=args.device)
+                hf.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=params.max_tokens,
+                    min_new_tokens=params.max_tokens,
+                    do_sample=False,
+                )
+        wall = time.perf_counter() - start
+        rows.append(
+            (
+                "transformers generate, sequential",
+                n,
+                {"tokens_per_s": n * params.max_tokens / wall, "itl_ms": 1e3 * wall / (n * params.max_tokens)},
+            )
+        )
+    return rows
+
+
+def _print(rows, args) -> None:
+    print(
+        f"serving: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request (greedy), "
+        f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads"
+    )
+    print(f"{'path':<36} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12}")
+    for name, n, m in rows:
+        print(f"{name:<36} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}")

@@ -1,0 +1,109 @@
+"""`moecluster bench <what>`: benchmarks that print a table, each beside a baseline run in the same process."""
+
+from __future__ import annotations
+
+from deploy.cli.arg_types import positive_ints
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark and print a table")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    d = what.add_parser("decode", help="single-process greedy decode tokens/s vs transformers' generate")
+    d.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
+    d.add_argument("--prompt-len", type=int, default=32)
+    d.add_argument("--new-tokens", type=int, default=64)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default="float32", help="float32 (exact comparison) or bfloat16")
+    d.set_defaults(run=_run_decode)
+
+    t = what.add_parser("transport", help="per MoE layer: all-to-all dispatch + combine vs in-process experts")
+    t.add_argument(
+        "--model", default=None, help="checkpoint directory (default: a generated 512-wide, 16-expert model)"
+    )
+    t.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
+    t.add_argument("--workers", type=positive_ints, default=[1, 2, 4])
+    t.add_argument("--iters", type=int, default=10)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default="auto")
+    t.set_defaults(run=_run_transport)
+
+    g = what.add_parser("grpc", help="time to first token and inter-token latency: through gRPC vs the engine via Ray")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--concurrency", type=positive_ints, default=[1, 16])
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--rounds", type=int, default=3, help="rounds per path and concurrency (interleaved)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="auto")
+    g.set_defaults(run=_run_grpc)
+
+    e = what.add_parser("engine", help="continuous batching: 1/8/32 concurrent requests vs transformers, sequential")
+    e.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
+    e.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
+    e.add_argument("--prompt-len", type=int, default=16)
+    e.add_argument("--new-tokens", type=int, default=32)
+    e.add_argument("--workers", type=int, default=2, help="also measure with this many Ray expert workers (0: skip)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32")
+    e.set_defaults(run=_run_engine)
+
+    m = what.add_parser("moe-layer", help="one MoE layer's experts: loop vs grouped_mm vs transformers (dense)")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--dtype", default="auto")
+    m.add_argument("--hidden", type=int, default=None, help="default: 5120 on CUDA (Scout), 1024 on CPU")
+    m.add_argument("--width", type=int, default=None, help="expert width; default: 8192 on CUDA, 2048 on CPU")
+    m.add_argument("--experts", type=int, default=16)
+    m.add_argument("--top-k", type=int, default=1)
+    m.add_argument("--tokens", type=positive_ints, default=[1, 8, 64, 256, 1024])
+    m.add_argument("--iters", type=int, default=10)
+    m.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip transformers' dense experts")
+    m.set_defaults(run=_run_moe_layer)
+
+    c = what.add_parser("collective", help="all_to_all_single cost at world size 1 (NCCL on CUDA, gloo on CPU)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--hidden", type=int, default=5120)
+    c.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
+    c.add_argument("--iters", type=int, default=20)
+    c.set_defaults(run=_run_collective)
+
+
+def _run_moe_layer(args) -> int:
+    from deploy.bench.moe_layer import run_moe_layer_bench
+
+    cuda = args.device.startswith("cuda")
+    args.hidden = args.hidden or (5120 if cuda else 1024)
+    args.width = args.width or (8192 if cuda else 2048)
+    return run_moe_layer_bench(args)
+
+
+def _run_collective(args) -> int:
+    from deploy.bench.moe_layer import run_collective_bench
+
+    return run_collective_bench(args)
+
+
+def _run_engine(args) -> int:
+    from deploy.bench.engine import run_engine_bench
+
+    return run_engine_bench(args)
+
+
+def _run_grpc(args) -> int:
+    from deploy.bench.grpc import run_grpc_bench
+
+    return run_grpc_bench(args)
+
+
+def _run_transport(args) -> int:
+    from deploy.bench.transport import run_transport_bench
+
+    return run_transport_bench(args)
+
+
+def _run_decode(args) -> int:
+    from deploy.bench.decode import run_decode_bench
+
+    return run_decode_bench(args)

@@ -1,0 +1,211 @@
+"""`moecluster client <what> --target HOST:PORT`: talk to a running `moecluster serve` over gRPC.
+
+  generate  streams the text to the terminal as it arrives (--json: one JSON object at the end)
+  status    the cluster's placement and load as a table (router KV usage, running/waiting, per-worker experts
+            and routed tokens)
+  info      the served model
+
+A non-OK status prints `error: CODE: message` on stderr; exit status 2 for a bad request, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from deploy.cli.arg_types import token_ids
+from deploy.cli.usage import UsageError
+from protos.client import InferenceClient
+from protos.client_types import GenerationError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("client", help="talk to a running server over gRPC")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    g = what.add_parser("generate", help="stream a generation to the terminal")
+    _target(g)
+    g.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    g.add_argument("--input-ids", type=token_ids, default=None, help="comma-separated token ids instead of text")
+    g.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat format)")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--min-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+    g.add_argument("--model", default="", help="model name to check against the server's (default: any)")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--json", action="store_true", help="print one JSON object with the whole result")
+    g.set_defaults(run=run_generate)
+    s = what.add_parser("status", help="placement and load of the cluster")
+    _target(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run_status)
+    i = what.add_parser("info", help="the served model")
+    _target(i)
+    i.set_defaults(run=run_info)
+
+
+def _target(p) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+
+
+def run_generate(args) -> int:
+
+    if (args.prompt is None) == (args.input_ids is None):
+        raise UsageError("give a prompt or --input-ids (one of them)")
+    if args.chat and args.prompt is None:
+        raise UsageError("--chat needs a prompt text")
+    sampling = {
+        k: getattr(args, k)
+        for k in (
+            "max_tokens",
+            "min_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "ignore_eos",
+        )
+    }
+    inputs = (
+        {"messages": [("user", args.prompt)]}
+        if args.chat
+        else {"prompt": args.prompt}
+        if args.prompt is not None
+        else {"input_ids": args.input_ids}
+    )
+    with InferenceClient(args.target) as client:
+        return _guard(lambda: _generate(client, args, inputs, sampling))
+
+
+def _generate(client, args, inputs: dict, sampling: dict) -> int:
+    gen = client.generate(**inputs, model=args.model, timeout=args.timeout, stop=args.stop or (), **sampling)
+    for chunk in gen:
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    r = gen.result
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "request_id": r.request_id,
+                    "token_ids": r.token_ids,
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "matched_stop": r.matched_stop,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+        print(f"[{r.finish_reason}: {r.completion_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def run_status(args) -> int:
+
+    with InferenceClient(args.target) as client:
+
+        def show() -> int:
+            status, info = client.cluster_status(), client.model_info()
+            if args.json:
+                print(json.dumps(MessageToDict(status, preserving_proto_field_name=True)))
+            else:
+                print(format_status(status, info, client.health_status()))
+            return 0
+
+        return _guard(show)
+
+
+def run_info(args) -> int:
+
+    with InferenceClient(args.target) as client:
+        return _guard(
+            lambda: (
+                print(json.dumps(MessageToDict(client.model_info(), preserving_proto_field_name=True), indent=1)) or 0
+            )
+        )
+
+
+def _guard(fn) -> int:
+    try:
+        return fn()
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        bad_request = e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        return 2 if bad_request else 1
+
+
+def format_status(status, info, readiness: str) -> str:
+    r, g = status.router, status.gateway
+    finished = " ".join(f"{k}={v}" for k, v in sorted(r.finished.items())) or "-"
+    lines = [
+        f"model    {info.name} ({info.architecture}, {info.num_experts} experts x {len(info.moe_layers)} MoE layers, "
+        f"top-{info.experts_per_token})   readiness {readiness}",
+        f"router   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
+        f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
+        f"{r.tokens_per_second:.1f} tok/s   finished {finished}",
+        f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
+        f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
+    ]
+    if not status.workers:
+        lines.append("workers  none: the router holds every expert")
+        return "\n".join(lines)
+    rows = [("worker", "rank", "device", "resident", "layer", "experts", "tokens", "busiest expert")]
+    for w in status.workers:
+        for i, layer in enumerate(w.layers):
+            busiest = max(zip(layer.tokens, layer.experts), default=(0, -1))
+            rows.append(
+                (
+                    str(w.index) if i == 0 else "",
+                    str(w.rank) if i == 0 else "",
+                    w.device if i == 0 else "",
+                    _bytes(w.bytes_resident) if i == 0 else "",
+                    str(layer.layer),
+                    _ranges(layer.experts),
+                    str(sum(layer.tokens)),
+                    f"{busiest[1]} ({busiest[0]})" if busiest[1] >= 0 else "-",
+                )
+            )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _ranges(ids) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,201 @@
+"""`moecluster generate`: run prompts through the serving engine as one concurrent batch and print one result
+per prompt, in the order given: in this process (`--workers 0`), or on an embedded Ray cluster of one router
+and N expert workers that the command starts and stops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from cluster.config import load_model_config
+from deploy.cli.arg_types import byte_size, token_ids
+from deploy.cli.usage import UsageError, as_flags
+from deploy.cluster_config import ClusterConfig
+from router.engine_config import EngineConfig
+from router.generation_config import load_generation_config
+from router.messages import ChatMessage, EngineRequest
+from router.request_prep import check_prompt
+from router.sampling_params import SamplingParams
+
+
+class _Inputs(argparse.Action):
+    """Keeps --prompt, --prompt-ids and --messages in one list, in command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        inputs = list(getattr(namespace, "inputs", None) or [])
+        inputs.append((self.dest, value))
+        namespace.inputs = inputs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face Llama 4 checkpoint directory")
+    p.add_argument("--prompt", action=_Inputs, help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action=_Inputs, type=token_ids, help="comma-separated token ids (repeatable)")
+    p.add_argument(
+        "--messages", action=_Inputs, type=_messages, help="JSON file: a list of {role, content} (repeatable)"
+    )
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config.json")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=token_ids, default=[], help="comma-separated extra stop token ids")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N", help="return logprobs with N alternatives")
+    p.add_argument("--workers", type=int, default=0, help="expert workers on an embedded Ray cluster (0: in-process)")
+    p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even split)")
+    p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=byte_size,
+        default=None,
+        help="KV cache budget, e.g. 512MiB or bytes (default: 256MiB on CPU, half the free GPU memory)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(run=run, inputs=None)
+
+
+def _messages(path: str) -> tuple[ChatMessage, ...]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    raw = raw.get("messages") if isinstance(raw, dict) else raw
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in raw):
+        raise argparse.ArgumentTypeError(f'{path}: expected a JSON list of {{"role": ..., "content": ...}}')
+    return tuple(ChatMessage(str(m["role"]), m["content"]) for m in raw)
+
+
+def run(args) -> int:
+    requests, engine_config, cluster_config = _prepare(args)
+    if args.workers == 0:
+        results = asyncio.run(_in_process(args, requests, engine_config))
+    else:
+        from deploy.deployment import Deployment, DeploymentSpec
+
+        spec = DeploymentSpec(args.model, cluster_config, engine_config, dtype=args.dtype)
+        with Deployment.start(spec) as deployment:
+            results = deployment.generate_batch(requests)
+    for result in results:
+        _print(result, args.json)
+    errors = [r["error"] for r in results if r["finish_reason"] == "error"]
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _in_process(args, requests, engine_config) -> list[dict]:
+    from router.async_engine import AsyncEngine, collect
+    from router.engine import Engine
+
+    engine = AsyncEngine(Engine.from_checkpoint(args.model, args.device, args.dtype, engine_config))
+    try:
+        return list(await asyncio.gather(*(collect(engine.generate(r)) for r in requests)))
+    finally:
+        engine.shutdown()
+
+
+def _prepare(args):
+    """Everything checkable before loading weights or starting actors."""
+    if not args.inputs:
+        raise UsageError("give at least one --prompt TEXT, --prompt-ids 1,2,3 or --messages FILE.json")
+    for kind, value in args.inputs:
+        if not value:
+            raise UsageError(f"--{kind.replace('_', '-')}: the prompt is empty")
+    if args.workers < 0:
+        raise UsageError(f"--workers: expected an integer >= 0, got {args.workers}")
+    _check_device(args.device)
+    cfg = load_model_config(args.model)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs is not None,
+        top_logprobs=args.logprobs or 0,
+    )
+    params.with_defaults(load_generation_config(args.model)).validate(cfg.vocab_size)
+    has_tokenizer = (Path(args.model) / "tokenizer.json").is_file()
+    requests = []
+    for kind, value in args.inputs:
+        if kind != "prompt_ids" and not has_tokenizer:
+            raise UsageError(
+                f"--{kind.replace('_', '-')}: {args.model} has no tokenizer.json; pass token ids with --prompt-ids"
+            )
+        if kind == "prompt_ids":
+            check_prompt(cfg, value, params.max_tokens)
+        fields = (
+            {"prompt": value}
+            if kind == "prompt"
+            else ({"prompt_ids": tuple(value)} if kind == "prompt_ids" else {"messages": value})
+        )
+        requests.append(EngineRequest(uuid.uuid4().hex, params, **fields))
+    with as_flags(_FLAGS):
+        engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+        cluster_config = None
+        if args.workers:
+            from deploy.deployment import make_placement
+
+            cluster_config = ClusterConfig(
+                device="cuda" if args.device.startswith("cuda") else "cpu",
+                workers=args.workers,
+                placement=args.placement,
+                collective_timeout_s=args.collective_timeout,
+            )
+            make_placement(cluster_config, cfg)
+    return requests, engine_config, cluster_config
+
+
+# settings key -> the flag that sets it, for error messages
+_FLAGS = {
+    "max_num_seqs": "--max-num-seqs",
+    "kv_cache_memory": "--kv-cache-memory",
+    "workers": "--workers",
+    "placement": "--placement",
+    "collective_timeout_s": "--collective-timeout",
+    "device": "--device",
+}
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    elif result["finish_reason"] != "error":
+        print(result["text"] if result["text"] or not result["token_ids"] else " ".join(map(str, result["token_ids"])))
+    sys.stdout.flush()
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        return
+    raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")

@@ -1,0 +1,138 @@
+"""The `cluster:` section of the serve config: which actors run where, with what resources, and the bounds on
+starting them and on their collectives. The launcher reads it as it is."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.settings import (
+    Invalid,
+    SettingError,
+    Settings,
+    byte_size,
+    choice,
+    integer,
+    is_int,
+    number,
+    optional,
+    section,
+    setting,
+    text,
+)
+
+Placement = str | dict[int, tuple[tuple[int, ...], ...]]
+
+
+@dataclass(frozen=True)
+class ResourceConfig(Settings):
+    """What one Ray actor asks for (and its placement-group bundle holds)."""
+
+    num_cpus: float | None = setting(None, optional(number(0)))  # None: 1 on cuda, 0.5 on cpu (a 2-CPU head fits
+    # the tiny model's router and two workers)
+    num_gpus: float | None = setting(None, optional(number(0)))  # None: 1 on cuda, else 0
+    memory: int | None = setting(None, optional(byte_size()))  # Ray's memory accounting for the actor; None: none
+
+    def cpus(self, device: str) -> float:
+        return self.num_cpus if self.num_cpus is not None else (1.0 if device == "cuda" else 0.5)
+
+    def gpus(self, device: str) -> float:
+        return self.num_gpus if self.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
+
+    def bundle(self, device: str) -> dict[str, float]:
+        """The placement-group bundle (and the actor's request) for this role."""
+        out = {"CPU": self.cpus(device)}
+        if self.gpus(device):
+            out["GPU"] = self.gpus(device)
+        if self.memory:
+            out["memory"] = float(self.memory)
+        return out
+
+
+_RANGES = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+_PLACEMENT_FORMS = (
+    "expected null, expert ranges per worker like '0-5;6-10;11-15', "
+    "or a mapping MoE layer -> list of expert lists (one per worker)"
+)
+
+
+def _placement(v: Any) -> Placement | None:
+    """Checks the shape only; which experts and layers exist is checked against the model at start-up."""
+    if v is None:
+        return None
+    if isinstance(v, str) and all(_RANGES.match(part) for part in v.split(";")):
+        return v
+    if isinstance(v, Mapping) and v:
+        per_layer = {_layer_key(k): _expert_groups(k, groups) for k, groups in v.items()}
+        if len({len(groups) for groups in per_layer.values()}) > 1:
+            counts = {layer: len(groups) for layer, groups in per_layer.items()}
+            raise Invalid(f"every layer must be split over the same number of workers, got {counts}")
+        return per_layer
+    raise Invalid(f"{_PLACEMENT_FORMS}, got {v!r}")
+
+
+def _layer_key(k: Any) -> int:
+    if (is_int(k) and k >= 0) or (isinstance(k, str) and k.isdigit()):
+        return int(k)
+    raise Invalid(f"layer keys must be integers >= 0, got {k!r}")
+
+
+def _expert_groups(layer: Any, groups: Any) -> tuple[tuple[int, ...], ...]:
+    ok = (
+        isinstance(groups, (list, tuple))
+        and groups
+        and all(isinstance(g, (list, tuple)) and g and all(is_int(e) and e >= 0 for e in g) for g in groups)
+    )
+    if not ok:
+        raise Invalid(f"layer {layer}: expected a list of non-empty expert lists (one per worker), got {groups!r}")
+    return tuple(tuple(g) for g in groups)
+
+
+def placement_workers(placement: Placement | None) -> int | None:
+    """How many workers a placement names (None when there is no placement)."""
+    if placement is None:
+        return None
+    if isinstance(placement, str):
+        return len(placement.split(";"))
+    return max(len(groups) for groups in placement.values())
+
+
+def _routers(v: Any) -> int:
+    if integer(1)(v) != 1:
+        raise Invalid(f"only 1 router is supported for now, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class ClusterConfig(Settings):
+    device: str = setting("cpu", choice("cpu", "cuda"))  # cuda: one GPU per actor, NCCL; cpu: gloo
+    routers: int = setting(1, _routers)
+    workers: int = setting(2, integer(0))  # expert workers; 0: every expert in the router's process
+    router_resources: ResourceConfig = section(ResourceConfig)
+    worker_resources: ResourceConfig = section(ResourceConfig)
+    placement: Placement | None = setting(None, _placement)  # None: an even contiguous split
+    collective_timeout_s: float = setting(60.0, number(0, above=True))  # a stuck collective fails after this
+    startup_timeout_s: float = setting(600.0, number(0, above=True))  # placement + weights + rendezvous, together
+    ray_address: str | None = setting(None, optional(text))  # None: a private local Ray; "auto": join the cluster
+
+    def check_across(self) -> None:
+        if self.device == "cuda":
+            roles = [("router_resources", self.router_resources)] + (
+                [("worker_resources", self.worker_resources)] if self.workers > 0 else []
+            )
+            for key, res in roles:
+                if res.gpus("cuda") < 1:
+                    raise SettingError(
+                        f"{key}.num_gpus",
+                        f"device cuda runs each actor on its own GPU: expected a number >= 1, got {res.num_gpus!r}",
+                    )
+        named = placement_workers(self.placement)
+        if named is not None and named != self.workers:
+            raise SettingError(
+                "placement",
+                f"names {named} workers but cluster.workers is {self.workers}; give one expert list per worker",
+            )
+        if self.placement is not None and self.workers == 0:
+            raise SettingError("placement", "needs workers >= 1; with 0 workers the router holds every expert")

@@ -1,0 +1,7 @@
+"""Errors of bringing a deployment up, shared by the launcher and its progress display."""
+
+from __future__ import annotations
+
+
+class ClusterStartError(RuntimeError):
+    """The cluster cannot start as asked; the message says what to change."""

@@ -1,0 +1,173 @@
+"""Translation between the wire contract (protos/moecluster/v1/inference.proto) and the engine's types
+(router/messages.py). No I/O here: the gateway calls these on each request and each engine message.
+
+Field names in errors are the request's proto paths ("sampling.top_p", "input_ids", "messages[1].role"), so a
+client can point at what it sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protos.moecluster.v1 import inference_pb2 as pb
+from router.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final
+from router.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_OPTIONAL_SCALARS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "logprobs",
+    "top_logprobs",
+)
+# the engine's finish reasons (router/messages.py) -> the wire enum, FINISH_REASON_<NAME>
+FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.upper()}") for reason in FINISH_REASONS}
+
+
+def field_path(field: str) -> str:
+    """The proto path of an engine-side field name: sampling parameters live under `sampling.`."""
+    return f"sampling.{field}" if field in _SAMPLING_FIELDS else field
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults (None for temperature/top_p/top_k: the model's)."""
+    given = {name: getattr(msg, name) for name in _OPTIONAL_SCALARS if msg.HasField(name)}
+    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), **given)
+
+
+def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
+    """The engine request for `req`, input as given (the gateway tokenizes it while validating)."""
+    params = sampling_params(req.sampling)
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("input", "the request is empty; set one of prompt, input_ids or messages")
+    if kind == "prompt":
+        return EngineRequest(request_id, params, prompt=req.prompt)
+    if kind == "input_ids":
+        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids))
+    return EngineRequest(request_id, params, messages=chat_messages(req.messages))
+
+
+def chat_messages(msg: pb.ChatMessages) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m.role, m.content) for m in msg.messages)
+
+
+def chunk(delta: Delta) -> pb.Chunk:
+    return pb.Chunk(
+        token_ids=delta.token_ids,
+        text=delta.text,
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id, logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
+            )
+            for lp in delta.logprobs
+        ],
+    )
+
+
+def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
+    """Everything of a non-streamed request as one chunk."""
+    out = pb.Chunk()
+    for d in deltas:
+        out.MergeFrom(chunk(d))  # repeated fields append; the text is joined below
+    out.text = "".join(d.text for d in deltas)
+    return out
+
+
+def complete(final: Final) -> pb.Complete:
+    out = pb.Complete(
+        finish_reason=FINISH_REASON_ENUM[final.finish_reason],
+        prompt_tokens=final.prompt_tokens,
+        completion_tokens=final.completion_tokens,
+    )
+    if isinstance(final.matched_stop, str):
+        out.stop_string = final.matched_stop
+    elif isinstance(final.matched_stop, int):
+        out.stop_token_id = final.matched_stop
+    return out
+
+
+def model_info(info: dict) -> pb.GetModelInfoResponse:
+    return pb.GetModelInfoResponse(
+        name=info["name"],
+        architecture=info["architecture"],
+        context_length=info["context_length"],
+        num_experts=info["num_experts"],
+        experts_per_token=info["experts_per_token"],
+        num_layers=info["num_layers"],
+        moe_layers=info["moe_layers"],
+        vocab_size=info["vocab_size"],
+        hidden_size=info["hidden_size"],
+        dtype=info["dtype"],
+        device=info["device"],
+        num_workers=info["workers"],
+        eos_token_ids=info["eos_token_ids"],
+        kv_token_capacity=info["kv_token_capacity"],
+        max_top_logprobs=MAX_TOP_LOGPROBS,
+    )
+
+
+def router_status(health: dict, router: dict, engine) -> pb.RouterStatus:
+    """`health` and `router` are RouterActor.health()/stats(); `engine` its EngineStats."""
+    total = engine.kv_blocks_total
+    return pb.RouterStatus(
+        ready=bool(health.get("ready")),
+        failure=health.get("failure") or "",
+        device=router["device"],
+        dtype=router["dtype"],
+        steps=router["steps"],
+        running=engine.running,
+        waiting=engine.waiting,
+        kv_blocks_used=engine.kv_blocks_used,
+        kv_blocks_total=total,
+        kv_usage=engine.kv_blocks_used / total if total else 0.0,
+        tokens_per_second=engine.tokens_per_s,
+        kv_token_capacity=engine.kv_token_capacity,
+        finished=engine.finished,
+    )
+
+
+def worker_status(stats: dict) -> pb.WorkerStatus:
+    """`stats` is ExpertWorker.stats(): experts and tokens per layer, by local index."""
+    layers = [
+        pb.LayerExperts(layer=layer, experts=experts, tokens=stats["tokens_per_expert"].get(layer, []))
+        for layer, experts in sorted(stats["experts"].items())
+    ]
+    return pb.WorkerStatus(
+        index=stats["worker"],
+        rank=stats["rank"],
+        device=stats["device"],
+        bytes_resident=stats["bytes_resident"],
+        steps=stats["steps"],
+        layers=layers,
+    )
+
+
+def placement(described: dict | None, num_experts: int) -> list[pb.LayerPlacement]:
+    """From ExpertPlacement.describe() (worker -> layer -> experts); empty when the router holds the experts."""
+    owners: dict[int, list[int]] = {}
+    for worker, layers in (described or {}).items():
+        for layer, experts in layers.items():
+            row = owners.setdefault(layer, [-1] * num_experts)
+            for e in experts:
+                row[e] = worker
+    return [pb.LayerPlacement(layer=layer, worker_of_expert=row) for layer, row in sorted(owners.items())]
+
+
+def expert_tokens(workers: list[dict]) -> dict[tuple[int, int], int]:
+    """(layer, global expert) -> tokens routed to it so far, summed over the workers' stats."""
+    out: dict[tuple[int, int], int] = {}
+    for stats in workers:
+        for layer, experts in stats["experts"].items():
+            for expert, count in zip(experts, stats["tokens_per_expert"].get(layer, [])):
+                out[(layer, expert)] = out.get((layer, expert), 0) + int(count)
+    return out

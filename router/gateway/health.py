@@ -1,0 +1,137 @@
+"""The gateway's view of the cluster's health, published through the standard grpc.health.v1 service, and
+the poller that keeps it (and the load metrics) current.
+
+Two health names, as Kubernetes probes use them:
+  ""                       liveness: SERVING while the gateway runs and is not draining.
+  "moecluster.v1.Inference" readiness: SERVING only while the router reports ready (weights loaded, process
+                           group up, no worker lost); NOT_SERVING while starting, after a failure and when draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from router.gateway.convert import expert_tokens
+from router.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+LIVENESS = ""
+READINESS = "moecluster.v1.Inference"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GatewayHealth:
+    def __init__(self):
+        self.servicer = health_aio.HealthServicer()
+        self.ready = False
+        self.draining = False
+        self.reason = "the cluster is starting"
+
+    async def start(self) -> None:
+        await self.servicer.set(LIVENESS, SERVING)
+        await self.servicer.set(READINESS, NOT_SERVING)
+
+    async def set_ready(self, ready: bool, reason: str = "") -> None:
+        if self.draining:  # final
+            return
+        if ready != self.ready:
+            log.log(
+                logging.INFO if ready else logging.ERROR,
+                "readiness: %s%s",
+                "SERVING" if ready else "NOT_SERVING",
+                "" if ready else f" ({reason})",
+            )
+        self.ready, self.reason = ready, reason
+        await self.servicer.set(READINESS, SERVING if ready else NOT_SERVING)
+
+    async def drain(self) -> None:
+        """Every name NOT_SERVING, for good (load balancers stop sending while in-flight work finishes)."""
+        self.ready, self.draining, self.reason = False, True, "the server is shutting down"
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def resolve(ref, timeout_s: float):
+    """A Ray ObjectRef's value, or asyncio.TimeoutError."""
+    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+
+
+def first_line(error: BaseException) -> str:
+    """Ray errors carry whole tracebacks; a status message needs one line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class ClusterPoller:
+    """Every `interval_s`: the router's health (-> readiness) and engine stats (-> `engine`, the load metrics
+    and the gateway's queue bound); every `expert_interval_s`: the workers' routed-token counts (-> the
+    tokens-per-expert gauge). Polling keeps the Ray round trip off each request's path."""
+
+    def __init__(
+        self,
+        router,
+        workers: list,
+        health: GatewayHealth,
+        metrics: GatewayMetrics,
+        interval_s: float = 0.25,
+        expert_interval_s: float = 5.0,
+        timeout_s: float = 10.0,
+    ):
+        self.router, self.workers, self.health, self.metrics = router, workers, health, metrics
+        self.interval_s, self.expert_interval_s, self.timeout_s = interval_s, expert_interval_s, timeout_s
+        self.engine = None  # the latest EngineStats
+
+    async def check(self) -> tuple[bool, str]:
+        """Ready now? Asks the router; a dead or unresponsive router is not ready."""
+        try:
+            health = await resolve(self.router.health.remote(), self.timeout_s)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            return False, f"the router is unreachable: {first_line(e)}"
+        return bool(health["ready"]), health.get("failure") or ""
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_experts = loop.time()
+        while True:
+            try:
+                ready, reason = await self.check()
+                await self.health.set_ready(ready, reason)
+                if ready:
+                    await self._refresh_load()
+                    if loop.time() >= next_experts:
+                        next_experts = loop.time() + self.expert_interval_s
+                        await self._refresh_experts()
+            except Exception:
+                log.exception("cluster poll failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def _refresh_load(self) -> None:
+        try:
+            self.engine = await resolve(self.router.engine_stats.remote(), self.timeout_s)
+            self.metrics.observe_load(self.engine)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            log.warning("engine stats: %s", e)
+
+    async def _refresh_experts(self) -> None:
+        try:
+            if not self.workers:  # the router holds every expert and counts them itself
+                router = await resolve(self.router.stats.remote(), self.timeout_s)
+                self.metrics.observe_experts(
+                    {
+                        (layer, e): int(n)
+                        for layer, counts in router["tokens_per_expert"].items()
+                        for e, n in enumerate(counts)
+                    }
+                )
+                return
+            stats = await asyncio.gather(*(resolve(w.stats.remote(), self.timeout_s) for w in self.workers))
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            log.warning("expert stats: %s", e)
+            return
+        self.metrics.observe_experts(expert_tokens(list(stats)))

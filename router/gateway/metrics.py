@@ -1,0 +1,78 @@
+"""The gateway's Prometheus metrics, in a registry of their own (one per server, so a process can run several).
+
+Request-path metrics are recorded by the gateway as requests flow; load metrics (queue depth, running, KV
+usage, tokens per expert) are copied from the cluster's stats by the gateway's poller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Time to first token spans queueing and prefill; inter-token latency is one decode step.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "moecluster_requests",
+            "Generate requests by outcome: length, stop, abort, "
+            "cancelled, error, invalid_argument, not_found, resource_exhausted, unavailable",
+            ["outcome"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("moecluster_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("moecluster_completion_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram(
+            "moecluster_time_to_first_token_seconds",
+            "From request arrival to its first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "moecluster_inter_token_latency_seconds",
+            "Between consecutive tokens of a stream",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.active_streams = Gauge("moecluster_active_streams", "Generate streams open on the gateway", registry=r)
+        self.waiting = Gauge("moecluster_queue_depth", "Requests waiting in the engine", registry=r)
+        self.running = Gauge("moecluster_running_requests", "Requests in the engine's running batch", registry=r)
+        self.kv_usage = Gauge("moecluster_kv_cache_usage_ratio", "KV cache blocks used / total", registry=r)
+        self.tokens_per_s = Gauge("moecluster_generation_tokens_per_second", "Over the last 10 s", registry=r)
+        self.expert_tokens = Gauge(
+            "moecluster_expert_tokens",
+            "Tokens routed to each expert since its worker started",
+            ["layer", "expert"],
+            registry=r,
+        )
+        self._http = None
+
+    def serve(self, port: int, host: str) -> int:
+        """Expose /metrics on `port` (0: any free port); returns the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        port = self._http.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        return port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def observe_load(self, engine) -> None:
+        self.waiting.set(engine.waiting)
+        self.running.set(engine.running)
+        self.kv_usage.set(engine.kv_blocks_used / engine.kv_blocks_total if engine.kv_blocks_total else 0.0)
+        self.tokens_per_s.set(engine.tokens_per_s)
+
+    def observe_experts(self, tokens: dict[tuple[int, int], int]) -> None:
+        for (layer, expert), count in tokens.items():
+            self.expert_tokens.labels(layer=str(layer), expert=str(expert)).set(count)

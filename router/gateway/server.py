@@ -1,0 +1,138 @@
+"""The gRPC gateway: a `grpc.aio` server in the `serve` process (never inside the router actor) that exposes
+`moecluster.v1.Inference`, grpc.health.v1 and reflection, and reaches the cluster through Ray handles.
+
+Life: `start()` binds the port with readiness NOT_SERVING -> `attach(router, workers, model_dir)` once the
+cluster is up (readiness follows the router's health from then on) -> `drain(grace_s)` (NOT_SERVING, new
+generations refused, in-flight ones finish, the rest are aborted after the grace period) -> `stop()`.
+Every method is a coroutine of one event loop; deploy/server.py runs that loop on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.moecluster.v1 import inference_pb2 as pb
+from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from router.gateway.config import GatewayConfig, MetricsConfig
+from router.gateway.health import ClusterPoller, GatewayHealth, resolve
+from router.gateway.metrics import GatewayMetrics
+from router.gateway.service import AdmissionLimits, Backend, InferenceService
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, metrics: MetricsConfig = MetricsConfig()):
+        self.config, self.metrics_config = config, metrics
+        self.health = GatewayHealth()
+        self.metrics = GatewayMetrics()
+        self.service = InferenceService(
+            AdmissionLimits(
+                config.max_concurrent_streams,
+                config.max_queued_requests,
+                config.ray_timeout_s,
+                config.request_timeout_s,
+            ),
+            self.health,
+            self.metrics,
+        )
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Bind and serve (readiness NOT_SERVING until `attach`); returns the port."""
+        c = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(f"{c.host}:{c.port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {c.host}:{c.port}: {e}") from None
+        if not port:
+            raise OSError(f"cannot listen on {c.host}:{c.port} (in use?)")
+        await server.start()
+        await self.health.start()
+        self._server, self.port = server, port
+        m = self.metrics_config
+        if m.enabled:
+            self.metrics_port = self.metrics.serve(m.port, m.host or c.host)
+        log.info("gateway listening on %s:%d", c.host, port)
+        return port
+
+    async def attach(self, router, workers: list, model_dir: str) -> None:
+        """Serve through this cluster: readiness follows its router's health from now on."""
+        info = await resolve(router.model_info.remote(), self.config.ray_timeout_s)
+        poller = ClusterPoller(
+            router,
+            workers,
+            self.health,
+            self.metrics,
+            self.config.poll_interval_s,
+            self.config.expert_stats_interval_s,
+            self.config.ray_timeout_s,
+        )
+        self.service.backend = Backend(router, workers, info, Tokenizer.from_dir(model_dir), poller)
+        await self.health.set_ready(*await poller.check())
+        self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
+
+    def set_limits(self, max_concurrent_streams: int | None = None, max_queued_requests: int | None = None) -> None:
+        """Change the admission limits while serving; requests arriving from now on see the new ones. A plain
+        attribute swap, so any thread may call it."""
+        changes = {
+            k: v
+            for k, v in (
+                ("max_concurrent_streams", max_concurrent_streams),
+                ("max_queued_requests", max_queued_requests),
+            )
+            if v is not None
+        }
+        self.service.limits = dataclasses.replace(self.service.limits, **changes)
+
+    async def drain(self, grace_s: float | None = None) -> int:
+        """NOT_SERVING; wait up to `grace_s` for open streams to finish, then abort the rest in the engine.
+        Returns how many were aborted."""
+        grace_s = self.config.drain_grace_s if grace_s is None else grace_s
+        await self.health.drain()
+        open_streams = len(self.service.streams)
+        log.info("draining: %d streams open, grace %.1fs", open_streams, grace_s)
+        if not await self._streams_closed(time.monotonic() + grace_s):
+            aborted = self.service.abort_all()
+            log.warning("drain grace over: aborting %d requests", len(aborted))
+            await self._streams_closed(time.monotonic() + 5.0)  # each ends with a Complete(ABORT)
+            return len(aborted)
+        return 0
+
+    async def _streams_closed(self, deadline: float) -> bool:
+        while self.service.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.service.streams
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        self.metrics.close()

@@ -1,0 +1,100 @@
+"""`moecluster generate --workers N` as a user runs it: same output as in-process, and a worker killed
+mid-generation fails the command within seconds, naming the worker, with no Ray process left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import LLAMA3_ROPE, make_hf_model
+from tests.procs import descendants_running, ray_gone, ray_processes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for name, overrides in {
+        "scout-like": dict(num_local_experts=16, use_qk_norm=True, rope_parameters=LLAMA3_ROPE),
+        "maverick-like-top2": dict(
+            num_local_experts=16, interleave_moe_layer_step=2, num_experts_per_tok=2, use_qk_norm=False
+        ),
+    }.items():
+        paths[name] = tmp_path_factory.mktemp(name)
+        make_hf_model(seed=3, **overrides).save_pretrained(paths[name])
+    return paths
+
+
+def test_killing_a_worker_mid_generation_fails_fast_and_leaves_ray_clean(checkpoints):
+    assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "generate",
+        "--model",
+        str(checkpoints["scout-like"]),
+        "--workers",
+        "2",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "4000",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+    )
+    deadline = time.monotonic() + 120
+    while not (victims := descendants_running(proc.pid, "ray::ExpertWorker.run_loop")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert victims, "the worker loops never started"
+    time.sleep(2.0)  # well into the generation
+    os.kill(victims[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 30
+    assert proc.returncode != 0
+    assert re.search(r"error: expert worker [01] (died|failed)", stderr), stderr
+    assert "Traceback" not in stderr
+    assert ray_gone(), ray_processes()
+
+
+def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
+    path = str(checkpoints["maverick-like-top2"])
+    base = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "generate",
+        "--model",
+        path,
+        "--prompt-ids",
+        "1,40,41,42",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ]
+    local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
+    remote = subprocess.run(
+        [*base, "--workers", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert local.returncode == 0 and remote.returncode == 0, (local.stderr, remote.stderr)
+    assert remote.stdout == local.stdout
+    assert ray_gone(), ray_processes()
