@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.config import ModelConfig
+from cluster.expert_map import ExpertMap, PlacementError
 from cluster.settings import (
     Invalid,
     SettingError,
@@ -110,12 +112,22 @@ class ClusterConfig(Settings):
     device: str = setting("cpu", choice("cpu", "cuda"))  # cuda: one GPU per actor, NCCL; cpu: gloo
     routers: int = setting(1, _routers)
     workers: int = setting(2, integer(0))  # expert workers; 0: every expert in the router's process
+    expert_replicas: int = setting(1, integer(1))  # copies of each expert on distinct workers (failover without a
+    # stall needs 2: a death is then covered by the surviving copies at once)
     router_resources: ResourceConfig = section(ResourceConfig)
     worker_resources: ResourceConfig = section(ResourceConfig)
     placement: Placement | None = setting(None, _placement)  # None: an even contiguous split
     collective_timeout_s: float = setting(60.0, number(0, above=True))  # a stuck collective fails after this
     startup_timeout_s: float = setting(600.0, number(0, above=True))  # placement + weights + rendezvous, together
     ray_address: str | None = setting(None, optional(text))  # None: a private local Ray; "auto": join the cluster
+    hang_timeout_s: float = setting(5.0, number(0, above=True))  # a step without progress this long: workers that
+    # do not answer a ping are declared hung and killed (then replaced)
+    max_replacement_failures: int = setting(3, integer(1))  # replacements of one slot that may fail within
+    replacement_window_s: float = setting(300.0, number(0, above=True))  # this window before giving up on it
+    rebalance_interval_s: float | None = setting(None, optional(number(0, above=True)))  # None: rebalance only on
+    # request (`moecluster client rebalance`)
+    redundant_experts_per_worker: int = setting(0, integer(0))  # room each worker keeps for extra copies of hot
+    # experts when rebalancing
 
     def check_across(self) -> None:
         if self.device == "cuda":
@@ -136,3 +148,29 @@ class ClusterConfig(Settings):
             )
         if self.placement is not None and self.workers == 0:
             raise SettingError("placement", "needs workers >= 1; with 0 workers the router holds every expert")
+        if self.workers and self.expert_replicas > self.workers:
+            raise SettingError(
+                "expert_replicas",
+                f"{self.expert_replicas} copies of each expert need as many "
+                f"workers (one copy per worker): expected 1..{self.workers} with {self.workers} workers",
+            )
+        if self.placement is not None and self.expert_replicas != 1:
+            raise SettingError(
+                "expert_replicas",
+                "an explicit placement lists its replicas itself (an expert named "
+                "on several workers has that many copies); leave expert_replicas at 1",
+            )
+
+    def expert_map(self, cfg: ModelConfig) -> ExpertMap | None:
+        """The starting map for this model (None for `workers: 0`: the router then holds every expert); raises
+        PlacementError naming the setting when the experts cannot be placed as asked."""
+        if self.workers == 0:
+            return None
+        if self.placement:
+            expert_map = ExpertMap.from_spec(self.placement, cfg.num_local_experts, cfg.moe_layers)
+            if expert_map.num_workers != self.workers:
+                raise PlacementError(
+                    f"cluster.placement names {expert_map.num_workers} workers but cluster.workers is {self.workers}"
+                )
+            return expert_map
+        return ExpertMap.even(cfg.num_local_experts, cfg.moe_layers, self.workers, self.expert_replicas)

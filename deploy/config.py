@@ -97,6 +97,7 @@ OVERRIDES = {
     "device": "cluster.device",
     "workers": "cluster.workers",
     "placement": "cluster.placement",
+    "expert_replicas": "cluster.expert_replicas",
     "ray_address": "cluster.ray_address",
     "collective_timeout_s": "cluster.collective_timeout_s",
     "startup_timeout_s": "cluster.startup_timeout_s",

@@ -1,15 +1,14 @@
-"""A deployment on Ray: one router actor and N expert worker actors in a placement group, joined in one
-torch.distributed process group; brought up by `Deployment.start`, torn down by `stop`.
+"""A deployment on Ray: one router actor and N expert worker actors in a placement group (bundle 0 the router's,
+bundle 1 + w worker slot w's), the router's channel to the workers, and the supervisor that replaces dead
+workers and rebalances; brought up by `Deployment.start`, torn down by `stop`.
 
-Everything that can be checked before an actor starts is checked first (placement, worker count, GPUs), with a
-message that says what to change. `--workers 0` never comes here: the experts then run in-process.
+Everything that can be checked before an actor starts is checked first (placement, replicas, memory, resources),
+with a message that names the setting to change. `workers: 0` runs every expert inside the router.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import time
 import uuid
@@ -19,18 +18,24 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import load_model_config
-from cluster.placement import ExpertPlacement, PlacementError
-from cluster.process_group import RankLayout
+from cluster.checkpoint import CheckpointReader
+from cluster.config import ModelConfig, load_model_config
+from cluster.expert_map import ExpertMap, PlacementError
+from cluster.weights import experts_bytes
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
+from deploy.ray_runtime import bundles, check_fits, init_ray, local_ray_alive
+from deploy.replacement_policy import ReplacementPolicy
+from deploy.supervisor import Supervisor
 from router.engine_config import EngineConfig
+from router.expert_channel import ChannelSettings
 from router.messages import EngineRequest
 from router.router_actor import RouterActor
 from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
+WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
 
 
 @dataclass(frozen=True)
@@ -44,95 +49,96 @@ class DeploymentSpec:
     model_name: str | None = None  # served model name; None: the checkpoint directory's name
     show_progress: bool = True  # weight-loading progress on stderr
     router_class: type = RouterActor  # benchmarks substitute a subclass with a timing call
+    replacement_load_delay_s: float = 0.0  # fault-injection tests: replacements load this much slower
+    log: tuple[str, str] = ("INFO", "text")  # the actors' logging level and format
 
     @classmethod
     def from_serve(cls, cfg, model_dir: str, show_progress: bool = True) -> DeploymentSpec:
-        return cls(model_dir, cfg.cluster, cfg.scheduler, cfg.model.dtype, cfg.model.served_name, show_progress)
+        return cls(
+            model_dir,
+            cfg.cluster,
+            cfg.scheduler,
+            cfg.model.dtype,
+            cfg.model.served_name,
+            show_progress,
+            log=(cfg.logging.level, cfg.logging.format),
+        )
 
 
 @dataclass
 class Deployment:
     spec: DeploymentSpec
     router: object
-    workers: list
     pg: object
     owns_ray: bool
-    placement: ExpertPlacement | None
-    _stopped: bool = field(default=False)
+    expert_map: ExpertMap | None
+    supervisor: Supervisor | None = None
+    _initial_workers: list = field(default_factory=list)
+    _stopped: bool = False
 
     @classmethod
     def start(cls, spec: DeploymentSpec) -> Deployment:
         cfg = load_model_config(spec.model_dir)
-        placement = make_placement(spec.cluster, cfg)
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            _init_ray(spec.cluster)
+        expert_map = spec.cluster.expert_map(cfg)
+        if expert_map is not None:
+            check_memory(spec.cluster, cfg, expert_map, CheckpointReader(spec.model_dir))
+        owns_ray = init_ray(spec.cluster)
         try:
-            _check_fits(spec.cluster)
-            return cls._launch(spec, placement, owns_ray)
+            check_fits(spec.cluster)
+            return cls._launch(spec, expert_map, owns_ray)
         except BaseException:
             if owns_ray:
                 ray.shutdown()
             raise
 
     @classmethod
-    def _launch(cls, spec: DeploymentSpec, placement: ExpertPlacement, owns_ray: bool) -> Deployment:
+    def _launch(cls, spec: DeploymentSpec, expert_map: ExpertMap | None, owns_ray: bool) -> Deployment:
         c = spec.cluster
-        layout = RankLayout(1, c.workers)
-        bundles = _bundles(c)
-        pg = placement_group(bundles, strategy="PACK")
+        pg = placement_group(bundles(c), strategy="PACK")
         ready, _ = ray.wait([pg.ready()], timeout=c.startup_timeout_s)
         if not ready:
             remove_placement_group(pg)
             raise ClusterStartError(
-                f"Ray could not place 1 router + {c.workers} workers ({bundles[0]} and "
-                f"{c.workers} x {bundles[-1]}) within {c.startup_timeout_s:.0f}s "
-                "(cluster.startup_timeout_s); free resources or lower cluster.workers"
+                f"Ray could not place 1 router + {c.workers} workers ({bundles(c)[0]} and {c.workers} x "
+                f"{bundles(c)[-1]}) within {c.startup_timeout_s:.0f}s (cluster.startup_timeout_s); free resources or "
+                "lower cluster.workers"
             )
-
-        def opts(bundle: int, concurrency: int):
-            # workers: the loop plus health/stats calls; the router is async: one call per open stream
-            res = bundles[bundle]
-            return dict(
-                num_cpus=res["CPU"],
-                num_gpus=res.get("GPU", 0),
-                memory=res.get("memory"),
-                max_concurrency=concurrency,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-            )
-
-        workers = [
-            ray.remote(ExpertWorker)
-            .options(**opts(w + 1, 4))
-            .remote(spec.model_dir, w, layout, placement, c.device, spec.dtype)
-            for w in range(c.workers)
-        ]
+        bind_host = "127.0.0.1" if owns_ray else None  # a private Ray is all on loopback; else each node's IP
         router = (
             ray.remote(spec.router_class)
-            .options(**opts(0, 10_000))
+            .options(**_actor_options(pg, 0, c, 10_000))
             .remote(
                 spec.model_dir,
-                layout,
-                placement,
+                expert_map,
                 c.device,
                 spec.dtype,
-                c.collective_timeout_s,
                 spec.engine,
                 spec.model_name,
+                ChannelSettings(hang_timeout_s=c.hang_timeout_s),
+                c.collective_timeout_s,
+                bind_host,
+                log=spec.log,
             )
         )
-        deployment = cls(spec, router, workers, pg, owns_ray, placement)
+        deployment = cls(spec, router, pg, owns_ray, expert_map)
+        workers = {slot: deployment._spawn(slot, expert_map, bind_host) for slot in range(c.workers)}
+        deployment._initial_workers = list(workers.values())
         try:
-            load_with_progress([router, *workers], c.startup_timeout_s, show=spec.show_progress)
+            load_with_progress([router, *workers.values()], c.startup_timeout_s, show=spec.show_progress)
             if workers:
-                address = _get(router.open_rendezvous.remote(), c.startup_timeout_s, "router start-up")
-                _get(
-                    [router.join.remote()] + [w.join.remote(address) for w in workers],
-                    c.startup_timeout_s,
-                    "process group rendezvous",
+                _get(router.connect.remote(workers), c.startup_timeout_s, "process group rendezvous")
+                deployment.supervisor = Supervisor(
+                    [router],
+                    workers,
+                    expert_map,
+                    lambda slot, emap: deployment._spawn(slot, emap, bind_host, spec.replacement_load_delay_s),
+                    ReplacementPolicy(c.max_replacement_failures, c.replacement_window_s),
+                    c.rebalance_interval_s,
+                    c.redundant_experts_per_worker,
+                    c.expert_replicas,
+                    load_timeout_s=c.startup_timeout_s,
                 )
-                _get(router.start_workers.remote(workers), c.startup_timeout_s, "worker loops")
+                deployment.supervisor.start()
             else:
                 _get(router.health.remote(), c.startup_timeout_s, "router start-up")
         except BaseException:
@@ -140,6 +146,21 @@ class Deployment:
             raise
         log.info("cluster up: 1 router + %d workers on %s", c.workers, c.device)
         return deployment
+
+    def _spawn(self, slot: int, expert_map: ExpertMap, bind_host: str | None, load_delay_s: float = 0.0):
+        c = self.spec.cluster
+        return (
+            ray.remote(ExpertWorker)
+            .options(**_actor_options(self.pg, 1 + slot, c, WORKER_CONCURRENCY))
+            .remote(
+                self.spec.model_dir, slot, expert_map, c.device, self.spec.dtype, bind_host, load_delay_s, self.spec.log
+            )
+        )
+
+    @property
+    def workers(self) -> list:
+        """The current actor of every worker slot."""
+        return self.supervisor.workers if self.supervisor else []
 
     def generate(self, prompt_ids: list[int], params, timeout_s: float | None = None) -> dict:
         request = EngineRequest(uuid.uuid4().hex, params, prompt_ids=tuple(prompt_ids))
@@ -154,16 +175,28 @@ class Deployment:
             "workers": ray.get([w.stats.remote() for w in self.workers], timeout=30),
         }
 
+    def supervision(self) -> dict | None:
+        """The supervisor's status (None without workers)."""
+        return self.supervisor.status() if self.supervisor else None
+
+    def rebalance(self):
+        """Rebalance the expert map now (see Supervisor.rebalance)."""
+        if self.supervisor is None:
+            raise RuntimeError("the router holds every expert (workers: 0): there is nothing to rebalance")
+        return self.supervisor.rebalance()
+
     def health(self, timeout_s: float = 10.0) -> dict:
         return ray.get(self.router.health.remote(), timeout=timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop loops, kill actors, release the placement group (and the local Ray, if this started it).
-        Bounded: with the raylet already gone, removing the placement group would never return."""
+        """Stop the supervisor, the loops and the actors, release the placement group (and the local Ray, if this
+        started it). Bounded: with the raylet already gone, removing the placement group would never return."""
         if self._stopped:
             return
         self._stopped = True
-        if not _local_ray_alive():  # a group signal (Ctrl-C, systemd, timeout) already took the raylet down
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if not local_ray_alive():  # a group signal (Ctrl-C, systemd, timeout) already took the raylet down
             log.warning("the local Ray's daemons are gone; shutting Ray down without releasing actors one by one")
             ray.shutdown()
             return
@@ -172,7 +205,7 @@ class Deployment:
         deadline = time.monotonic() + timeout_s
         while stopper.is_alive() and time.monotonic() < deadline:
             stopper.join(0.2)
-            if not _local_ray_alive():  # the daemons died meanwhile: Ray calls would only hang now
+            if not local_ray_alive():  # the daemons died meanwhile: Ray calls would only hang now
                 log.warning("the local Ray's daemons exited while stopping; shutting Ray down")
                 break
         else:
@@ -186,7 +219,7 @@ class Deployment:
             ray.get(self.router.shutdown.remote(), timeout=15)
         except Exception as e:  # noqa: BLE001 - the actors are killed below regardless
             log.info("router shutdown: %s", e)
-        for actor in [self.router, *self.workers]:
+        for actor in [self.router, *(self.workers or self._initial_workers)]:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001
@@ -200,76 +233,32 @@ class Deployment:
         self.stop()
 
 
-def _local_ray_alive() -> bool:
-    """False when this process started Ray and its raylet or GCS has exited (True when Ray runs elsewhere)."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None:
-        return True
-    try:
-        pids = [info.process.pid for kind in ("raylet", "gcs_server") for info in node.all_processes.get(kind, [])]
-    except Exception:  # noqa: BLE001 - private API: assume alive, the bounded path handles the rest
-        return True
-    return all(_running(pid) for pid in pids)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (Popen.poll() misses daemons that Ray's own reaper collected)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def make_placement(cluster: ClusterConfig, cfg) -> ExpertPlacement | None:
-    """None for `workers == 0`: the router actor then runs the experts itself."""
-    if cluster.workers == 0:
-        return None
-    if cluster.placement:
-        placement = ExpertPlacement.from_spec(cluster.placement, cfg.num_local_experts, cfg.moe_layers)
-        if placement.num_workers != cluster.workers:
-            raise PlacementError(
-                f"--placement names {placement.num_workers} workers but --workers is {cluster.workers}"
-            )
-        return placement
-    return ExpertPlacement.even(cfg.num_local_experts, cfg.moe_layers, cluster.workers)
-
-
-def _bundles(c: ClusterConfig) -> list[dict[str, float]]:
-    return [c.router_resources.bundle(c.device)] + [c.worker_resources.bundle(c.device)] * c.workers
-
-
-def _init_ray(c: ClusterConfig) -> None:
-    if c.ray_address:
-        ray.init(address=c.ray_address, log_to_driver=False)
+def check_memory(cluster: ClusterConfig, cfg: ModelConfig, expert_map: ExpertMap, reader: CheckpointReader) -> None:
+    """Before any weight is read: each slot's experts must fit what its actor may use (cluster.worker_resources.
+    memory, when set; the GPU's free memory is checked by the worker itself, also before reading)."""
+    limit = cluster.worker_resources.memory
+    if not limit:
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance; nothing else can reach it
-    cpus = sum(b["CPU"] for b in _bundles(c))
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-
-
-def _check_fits(c: ClusterConfig) -> None:
-    """Fail at once, saying what to change, when the Ray cluster can never hold the actors as asked."""
-    bundles = _bundles(c)
-    total = ray.cluster_resources()
-    for resource in sorted({r for b in bundles for r in b}):
-        need, have = sum(b.get(resource, 0) for b in bundles), total.get(resource, 0)
-        if need > have:
-            hint = {
-                "GPU": f"lower cluster.workers to {max(int(have) - 1, 0)} (0 runs the experts on the router's "
-                "GPU) or add GPU nodes",
-                "CPU": "lower cluster.router_resources.num_cpus / cluster.worker_resources.num_cpus (fractions "
-                "are fine) or cluster.workers, or add nodes",
-            }.get(resource, "add nodes or ask for less")
-            raise ClusterStartError(
-                f"1 router + {c.workers} workers need {need:g} {resource} in all, but the Ray "
-                f"cluster has {have:g}; {hint}"
+    for slot in range(expert_map.num_workers):
+        need = experts_bytes(cfg, reader, expert_map.slot_experts(slot))
+        if need > limit:
+            raise PlacementError(
+                f"cluster.expert_replicas / cluster.placement: worker slot {slot} would hold {need / 2**30:.2f} GiB "
+                f"of experts, more than cluster.worker_resources.memory ({limit / 2**30:.2f} GiB); use fewer "
+                "replicas or more workers, or raise the memory"
             )
+
+
+def _actor_options(pg, bundle: int, c: ClusterConfig, concurrency: int) -> dict:
+    res = bundles(c)[bundle]
+    return dict(
+        num_cpus=res["CPU"],
+        num_gpus=res.get("GPU", 0),
+        memory=res.get("memory"),
+        max_concurrency=concurrency,
+        max_restarts=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    )
 
 
 def _get(refs, timeout_s: float, what: str):

@@ -1,16 +1,14 @@
-"""Logging for the serving processes: plain text for people, or one JSON object per line for log pipelines.
-Records that carry a `request_id` (the gateway and engine log with `extra={"request_id": ...}`) keep it as
-a field of its own."""
+"""The `logging:` section of the serve config; the format itself is cluster/log_format.py, shared with the
+actors, which the launcher sets up with the same level and format."""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import time
 from dataclasses import dataclass
 
+from cluster.log_format import setup_logging
 from cluster.settings import Settings, choice, setting
+
+__all__ = ["LoggingConfig", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -19,36 +17,3 @@ class LoggingConfig(Settings):
 
     level: str = setting("INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=True))
     format: str = setting("text", choice("text", "json"))  # json: one object per line, for log collectors
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key in ("request_id", "worker", "rank"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        rid = getattr(record, "request_id", None)
-        return f"{text} [request_id={rid}]" if rid else text
-
-
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())

@@ -69,7 +69,7 @@ class Server:
         """Start the router and workers (blocking, in this thread: Ray's driver lives here) and attach them."""
         spec = DeploymentSpec.from_serve(self.config, self.model_dir, self.show_progress)
         self.cluster = Deployment.start(spec)
-        self._run(self.gateway.attach(self.cluster.router, self.cluster.workers, self.model_dir))
+        self._run(self.gateway.attach(self.cluster, self.model_dir))
         log.info("serving %s on %s", self.model_name, self.target)
 
     def drain(self, grace_s: float | None = None) -> int:

@@ -121,6 +121,9 @@ class AsyncInferenceClient:
     async def cluster_status(self, timeout: float | None = 30) -> pb.GetClusterStatusResponse:
         return await self._unary(self.stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
 
+    async def rebalance(self, timeout: float | None = 600) -> pb.RebalanceResponse:
+        return await self._unary(self.stub.Rebalance, pb.RebalanceRequest(), timeout)
+
     async def abort(self, *request_ids: str, timeout: float | None = 30) -> list[str]:
         return list((await self._unary(self.stub.Abort, pb.AbortRequest(request_ids=request_ids), timeout)).aborted)
 

@@ -128,6 +128,10 @@ class InferenceClient:
     def cluster_status(self, timeout: float | None = 30) -> pb.GetClusterStatusResponse:
         return self._unary(self.stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
 
+    def rebalance(self, timeout: float | None = 600) -> pb.RebalanceResponse:
+        """Admin: recompute the expert map from the routed load and apply it (waits while copies load)."""
+        return self._unary(self.stub.Rebalance, pb.RebalanceRequest(), timeout)
+
     def abort(self, *request_ids: str, timeout: float | None = 30) -> list[str]:
         """The ids that were in flight (their streams end with finish_reason "abort")."""
         return list(self._unary(self.stub.Abort, pb.AbortRequest(request_ids=request_ids), timeout).aborted)

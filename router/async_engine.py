@@ -72,14 +72,15 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())
-            if self.engine.has_work():
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:
-                    log.exception("engine step failed")
-                    outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind="internal")
-                for item in outputs:
-                    self._deliver(item)
+            try:
+                outputs = self.engine.maintain()
+                if self.engine.has_work():
+                    outputs += self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed")
+                outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind="internal")
+            for item in outputs:
+                self._deliver(item)
             self._stats = self.engine.stats()
         for request_id in list(self.engine.live):
             self._deliver(replace(self.engine.abort(request_id), error="the engine is shutting down"))

@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +24,10 @@ from cluster.config import load_model_config
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.detokenizer import TextStream
 from router.engine_config import EngineConfig
+from router.expert_channel import ClusterFailure
 from router.generation_config import eos_token_ids, load_generation_config
 from router.messages import Delta, EngineRequest, EngineStats, Final
-from router.model_runner import ClusterFailure, ModelRunner
+from router.model_runner import ModelRunner
 from router.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
 from router.request_prep import Limits, PreparedRequest, prepare_request
 from router.sampler import SamplingState, new_generator, sample_batch
@@ -102,11 +102,10 @@ class Engine:
         *,
         local_experts: bool = True,
         reader: CheckpointReader | None = None,
-        failure: Callable[[], str | None] = lambda: None,
     ) -> Engine:
         """The one way an engine is built: the router-side model read from `model_dir` (with every routed expert
-        when `local_experts`; otherwise the caller attaches a remote transport to `runner` before the first
-        step), the tokenizer, and generation_config.json's defaults and EOS set. `reader` lets the caller watch
+        when `local_experts`; otherwise the caller attaches its expert channel as `runner.experts` before the
+        first step), the tokenizer, and generation_config.json's defaults and EOS set. `reader` lets the caller watch
         the bytes read while this loads."""
         cfg = load_model_config(model_dir)
         reader = reader or CheckpointReader(model_dir)
@@ -117,7 +116,7 @@ class Engine:
         else:
             model, transport = load_router_model(cfg, reader, dev, dt), None
         return cls(
-            ModelRunner(model, transport, failure=failure),
+            ModelRunner(model, transport),
             Tokenizer.from_dir(model_dir),
             eos_token_ids(model_dir, cfg),
             load_generation_config(model_dir),
@@ -162,6 +161,15 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- the step ----------------------------------------------------------------------------------------
+    def maintain(self) -> list[Final]:
+        """Between steps (and while idle): the expert channel admits replacements, switches maps and recovers
+        from a death seen while idle. If the cluster gave up, every request ends with its error."""
+        try:
+            self.runner.maintain()
+        except ClusterFailure as e:
+            return self.fail_all(str(e)) if self.failure is None else []
+        return []
+
     def step(self) -> list[Delta | Final]:
         plan = self.scheduler.schedule()
         if not plan.pieces:

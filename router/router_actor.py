@@ -1,33 +1,39 @@
-"""The router actor: attention side of the cluster. Holds the model (minus routed experts), the KV cache and
-the sampler; reaches the experts over the all-to-all transport, or in-process when it has no workers.
+"""The router actor: the attention side of the cluster. Holds the model (minus routed experts), the KV cache, the
+scheduler and the sampler; reaches the experts through its channel to the expert workers (with failover), or
+in-process when the deployment has no workers.
 
-Life: created by the launcher -> `load` (weights, with progress) -> `open_rendezvous` (picks a free port) ->
-`join` (rank 0, while the workers join) -> `start_workers` (starts each worker's persistent loop and a monitor of
-those calls) -> requests -> `shutdown` (STOP header, loops end, group left).
+Life: created by the launcher -> `load` (weights, with progress; the engine starts) -> `connect(workers)` (opens
+its rendezvous and forms the first group with every worker) -> requests -> `shutdown` (STOP, group closed).
+From the supervisor, while serving: `admit_worker` (a replacement loaded its experts), `use_map` (a rebalanced
+map every worker now holds), `fail_cluster` (the supervisor gave up: requests end with its reason).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
+import ray
 import torch
 
-from cluster.all_to_all import STOP, AllToAllTransport
+from cluster.all_to_all import AllToAllTransport
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
+from cluster.expert_map import ExpertMap
 from cluster.load_progress import LoadProgress
-from cluster.placement import ExpertPlacement
-from cluster.process_group import RankLayout, Rendezvous, abort_groups, backend_for, join_groups, leave_groups
+from cluster.log_format import setup_logging
+from cluster.process_group import ChannelGroups, Rendezvous, backend_for
 from cluster.weights import experts_bytes, resolve_dtype, router_bytes
 from router.async_engine import AsyncEngine, collect
 from router.engine import Engine
 from router.engine_config import EngineConfig
+from router.expert_channel import ChannelSettings, ExpertChannel
 from router.messages import EngineRequest
 from router.reference.contiguous_cache import ContiguousKVCache
-from router.worker_monitor import WorkerMonitor
+from router.worker_link import RayWorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +42,21 @@ class RouterActor:
     def __init__(
         self,
         model_dir: str,
-        layout: RankLayout,
-        placement: ExpertPlacement | None,
+        expert_map: ExpertMap | None,
         device: str = "cpu",
         dtype: str = "auto",
-        collective_timeout_s: float = 60.0,
         engine_config: EngineConfig = EngineConfig(),
         model_name: str | None = None,
+        channel: ChannelSettings = ChannelSettings(),
+        collective_timeout_s: float = 60.0,
+        bind_host: str | None = "127.0.0.1",
+        router_id: int = 0,
+        log: tuple[str, str] = ("INFO", "text"),
     ):
-        self.layout, self.placement = layout, placement
+        """`expert_map` None: every expert in this process. `bind_host` None: this node's IP (a cluster that
+        spans nodes); "127.0.0.1" in a private local cluster. `log`: (level, format) as the serve config's."""
+        setup_logging(*log)
+        self.expert_map, self.router_id = expert_map, router_id
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)
@@ -52,17 +64,16 @@ class RouterActor:
         self.model_name = model_name or Path(model_dir).resolve().name
         self.dtype, self.dtype_name = resolve_dtype(dtype, cfg, self.device), dtype
         self.model_dir, self.engine_config = model_dir, engine_config
+        self.channel_settings, self.collective_timeout_s = channel, collective_timeout_s
+        self.bind_host = bind_host or ray.util.get_node_ip_address()
         self.reader = CheckpointReader(model_dir)
-        self.local_experts = layout.num_workers == 0
+        self.local_experts = expert_map is None
         everyone = {layer: range(cfg.num_local_experts) for layer in cfg.moe_layers}
         self.bytes_total = router_bytes(cfg, self.reader) + (
             experts_bytes(cfg, self.reader, everyone) if self.local_experts else 0
         )
-        self.collective_timeout_s = collective_timeout_s
-        self.monitor = WorkerMonitor(on_failure=self._on_worker_failure)
-        self.model = self.runner = self.engine = None
+        self.model = self.runner = self.engine = self.channel = None
         self._loaded = False
-        self._rendezvous: Rendezvous | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------
     async def load(self) -> int:
@@ -79,7 +90,6 @@ class RouterActor:
             self.engine_config,
             local_experts=self.local_experts,
             reader=self.reader,
-            failure=self.monitor.failure,
         )
         self.runner, self.model, self.tokenizer = engine.runner, engine.runner.model, engine.tokenizer
         self.engine = AsyncEngine(engine)
@@ -92,28 +102,42 @@ class RouterActor:
     def bytes_read(self) -> int:
         return self.reader.bytes_read
 
-    def open_rendezvous(self):
+    def connect(self, workers: dict[int, object]) -> int:
+        """Open this router's rendezvous and form the first group with every worker (slot -> handle); returns
+        the epoch. Blocks until every worker has joined (bounded by the collective timeout)."""
+        rendezvous = Rendezvous(self.bind_host, self.collective_timeout_s)
         backend = backend_for(self.device)
-        self._rendezvous = Rendezvous(self.layout.world_size, backend, self.collective_timeout_s)
-        return self._rendezvous.address
-
-    def join(self) -> int:
-        assert self._rendezvous is not None, "open_rendezvous() first"
-        groups = join_groups(self._rendezvous.address, 0, store=self._rendezvous.store)
-        self.runner.transport = AllToAllTransport(
-            self.layout, groups, self.placement, self.config.hidden_size, self.device, self.dtype
+        channel = ExpertChannel(
+            self.router_id,
+            self.expert_map,
+            {slot: RayWorkerLink(slot, handle) for slot, handle in workers.items()},
+            address_for=lambda world, prefix: rendezvous.address(world, backend, prefix),
+            join=lambda address: ChannelGroups.join(address, 0, self.bind_host),
+            make_transport=lambda groups: AllToAllTransport(groups, self.config.hidden_size, self.device, self.dtype),
+            backend=backend,
+            settings=self.channel_settings,
         )
-        return 0
+        channel.open()
+        with self.runner.lock:
+            self.runner.experts = self.channel = channel
+        return channel.stats.epoch
 
-    def start_workers(self, workers: list) -> None:
-        """Start each worker's persistent loop; the monitor watches those calls for death or errors."""
-        self.workers = workers
-        self.monitor.watch({w: handle.run_loop.remote() for w, handle in enumerate(workers)})
+    # ---- from the supervisor -----------------------------------------------------------------------------
+    def admit_worker(self, slot: int, handle) -> None:
+        self.channel.admit(RayWorkerLink(slot, handle))
 
-    def _on_worker_failure(self, reason: str) -> None:
-        log.error("%s", reason)
-        if backend_for(self.device) == "nccl":
-            abort_groups()  # NCCL would wait for the timeout; gloo already failed with the peer's socket
+    def use_map(self, expert_map: ExpertMap) -> None:
+        self.channel.use_map(expert_map)
+
+    def fail_cluster(self, reason: str) -> None:
+        self.channel.fail(reason)
+
+    def channel_members(self) -> tuple[int, ...]:
+        """The worker slots in this router's current group."""
+        return self.channel.stats.members if self.channel else ()
+
+    def map_generation(self) -> int:
+        return self.channel.stats.map_generation if self.channel else 0
 
     # ---- requests ----------------------------------------------------------------------------------------
     async def generate_stream(self, request: EngineRequest):
@@ -158,18 +182,21 @@ class RouterActor:
             "kv_bytes_per_token": engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
-            "workers": self.layout.num_workers,
+            "workers": self.expert_map.num_workers if self.expert_map else 0,
         }
 
     def engine_stats(self):
         return self.engine.stats()
 
     def health(self) -> dict:
-        failure = self.monitor.failure() or (self.engine.engine.failure if self.engine else None)
+        """Ready while it can take requests: loaded, and its channel serving or recovering (a failover holds
+        requests, it does not refuse them)."""
+        failure = self.engine.engine.failure if self.engine else None
+        state = self.channel.stats.state if self.channel else ("serving" if self._loaded else "starting")
         return {
-            "ready": self._loaded and failure is None,
+            "ready": self._loaded and failure is None and state != "failed",
             "failure": failure,
-            "workers": self.layout.num_workers,
+            "state": state,
             "steps": self.runner.steps if self.runner else 0,
         }
 
@@ -179,26 +206,24 @@ class RouterActor:
             if self.model
             else []
         )
+        channel = self.channel.stats if self.channel else None
         return {
+            "router": self.router_id,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "bytes_read": self.bytes_read,
             "steps": self.runner.steps if self.runner else 0,
             # routed tokens per expert since start (every expert's, wherever it lives)
             "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
-            "placement": self.placement.describe() if self.placement else None,
+            "expert_map": self.channel.map if self.channel else self.expert_map,
+            "channel": asdict(channel) if channel else None,
         }
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        transport = self.runner.transport if self.runner else None
-        self.monitor.stopping()
+    def shutdown(self) -> None:
+        if self.channel is not None:
+            self.channel.fail("the server is shutting down")  # ends a failover hold at once
         if self.engine:
             self.engine.shutdown()
-        if isinstance(transport, AllToAllTransport) and self.monitor.failure() is None:
+        if self.channel is not None:
             with self.runner.lock:
-                try:
-                    transport.send_header(STOP)
-                except Exception as e:  # noqa: BLE001 - shutting down anyway
-                    log.warning("could not send STOP to the workers: %s", e)
-            self.monitor.wait_all(timeout_s)
-        leave_groups()
+                self.channel.close()

@@ -1,28 +1,38 @@
-"""The expert worker: holds its experts of every MoE layer and serves them in a persistent loop.
+"""The expert worker: holds one slot's experts of every MoE layer and serves them to every router.
 
-Life: created by the launcher (one GPU each on a GPU cluster) -> `load` (its experts only, with progress) ->
-`join` the process group (Ray call) ->
-`run_loop` (one Ray call that lasts until stop) -> per step, receive the header, then for each MoE layer
-receive rows, run its experts, reply. Ray calls besides the loop: `health`, `stats`, `shutdown`; never per
-token. Workers hold no request state, so one can be replaced without losing a request.
+Life: created by the launcher (one GPU each on a GPU cluster) into its slot's placement-group bundle -> `load`
+(its experts only, with progress) -> per router, `serve(router, address, rank)`: one Ray call per epoch of that
+router's group, which joins the group and follows the router's steps (per step: a header, then for each MoE
+layer receive rows, run the experts, reply) until the router says STOP ("stopped") or REGROUP ("regroup"), or
+the group breaks ("fenced": a peer died or the router closed the group). The router then calls `serve` again
+with the next epoch's group. Ray calls besides: `fence`, `prepare_map`/`retire_maps` (rebalancing), `ping`,
+`stats`, `wait_stopped` (returns at shutdown; its ObjectRef tells the supervisor when this actor dies), never
+one per token.
+
+A worker holds no request state: it can die at any point and a replacement in the same slot serves the same
+experts, while the routers replay the step that was in flight.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
 
+import ray
 import torch
 
-from cluster.all_to_all import RUN, STOP, AllToAllTransport
+from cluster.all_to_all import REGROUP, RUN, STOP, AllToAllTransport, CollectiveError
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
-from cluster.experts import ExpertShard
+from cluster.expert_map import ExpertMap, PlacementError
 from cluster.load_progress import LoadProgress
-from cluster.placement import ExpertPlacement
-from cluster.process_group import GroupAddress, RankLayout, join_groups, leave_groups
-from cluster.weights import experts_bytes, load_expert_shard, resolve_dtype
+from cluster.log_format import setup_logging
+from cluster.process_group import ChannelGroups, GroupAddress
+from cluster.weights import experts_bytes, resolve_dtype
+from workers.expert_store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -31,107 +41,166 @@ class ExpertWorker:
     def __init__(
         self,
         model_dir: str,
-        worker: int,
-        layout: RankLayout,
-        placement: ExpertPlacement,
+        slot: int,
+        expert_map: ExpertMap,
         device: str = "cpu",
         dtype: str = "auto",
+        bind_host: str | None = "127.0.0.1",
+        load_delay_s: float = 0.0,
+        log: tuple[str, str] = ("INFO", "text"),
     ):
-        """Cheap: reads config.json and the checkpoint's headers. `load()` reads the weights."""
-        self.worker, self.layout, self.placement = worker, layout, placement
-        self.rank = layout.worker_rank(worker)
+        """Cheap: reads config.json and the checkpoint's headers, and checks the experts fit the device.
+        `load()` reads the weights. `bind_host`: where its sockets listen (None: this node's IP). `log`: (level,
+        format) as the serve config's. `load_delay_s` slows loading down (fault-injection tests only)."""
+        setup_logging(*log)
+        self.slot, self.expert_map = slot, expert_map
+        self.bind_host = bind_host or ray.util.get_node_ip_address()
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)  # Ray exposes exactly this actor's GPU
         self.config = cfg = load_model_config(model_dir)
         self.dtype = resolve_dtype(dtype, cfg, self.device)
         self.reader = CheckpointReader(model_dir)
-        self.mine = {layer: placement.experts_of(worker, layer) for layer in cfg.moe_layers}
-        self.bytes_total = experts_bytes(cfg, self.reader, self.mine)
-        self.shards: dict[int, ExpertShard] = {}
-        self.tokens_per_expert: dict[int, torch.Tensor] = {}
+        self.bytes_total = experts_bytes(cfg, self.reader, expert_map.slot_experts(slot))
+        _check_fits(self.device, resident_expert_bytes(cfg, expert_map, slot, self.dtype), slot)
+        self.store = ExpertStore(cfg, self.reader, slot, self.device, self.dtype)
+        self.load_delay_s = load_delay_s
+        self.state = "loading"
         self.steps = 0
-        self.transport: AllToAllTransport | None = None
-        self._lock = threading.Lock()
-        self._loaded = False
+        self.channels: dict[int, AllToAllTransport] = {}
+        self._channels_lock = threading.Lock()
+        self._stopped = threading.Event()
 
+    # ---- setup -------------------------------------------------------------------------------------------
     def load(self) -> int:
-        """Read this worker's experts (and nothing else) from the checkpoint; returns bytes read."""
+        """Read this slot's experts (and nothing else) from the checkpoint; returns bytes read."""
         started = time.perf_counter()
-        for layer, experts in self.mine.items():
-            self.shards[layer] = load_expert_shard(self.config, self.reader, layer, experts, self.device, self.dtype)
-            self.tokens_per_expert[layer] = torch.zeros(len(experts), dtype=torch.int64, device=self.device)
-        self._loaded = True
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
+        self.store.load(self.expert_map)
+        self.state = "joining"
         log.info(
-            "worker %d loaded %d experts (%.1f MB) in %.2fs",
-            self.worker,
-            self.num_experts,
-            self.bytes_resident / 1e6,
+            "worker slot %d loaded %d experts (%.1f MB) in %.2fs",
+            self.slot,
+            sum(len(e) for e in self.expert_map.slot_experts(self.slot).values()),
+            self.store.bytes_resident / 1e6,
             time.perf_counter() - started,
         )
         return self.reader.bytes_read
 
     def load_progress(self) -> LoadProgress:
         return LoadProgress(
-            f"worker {self.worker}", self.reader.bytes_read, self.bytes_total, self.reader.tensors_read, self._loaded
+            f"worker {self.slot}",
+            self.reader.bytes_read,
+            self.bytes_total,
+            self.reader.tensors_read,
+            self.state != "loading",
         )
 
-    @property
-    def bytes_read(self) -> int:
+    # ---- serving -----------------------------------------------------------------------------------------
+    def serve(self, router: int, address: GroupAddress, rank: int) -> str:
+        """Join router `router`'s group for one epoch and follow its steps; returns "stopped", "regroup" or
+        "fenced". Raises only on a bug (the router then treats this worker as failed)."""
+        try:
+            groups = ChannelGroups.join(address, rank, self.bind_host)
+        except RuntimeError as e:  # a peer died before the group formed: the router forms the next one
+            log.warning("worker slot %d: router %d's group %s did not form: %s", self.slot, router, address.prefix, e)
+            return "fenced"
+        transport = AllToAllTransport(groups, self.config.hidden_size, self.device, self.dtype)
+        with self._channels_lock:
+            old = self.channels.pop(router, None)
+            self.channels[router] = transport
+        if old is not None:
+            old.groups.close()
+        self.state = "serving"
+        try:
+            return self._follow(router, transport)
+        finally:
+            transport.groups.close()
+            with self._channels_lock:
+                if self.channels.get(router) is transport:
+                    del self.channels[router]
+
+    def _follow(self, router: int, transport: AllToAllTransport) -> str:
+        while True:
+            try:
+                command, _, generation = transport.receive_header()
+                if command == STOP:
+                    return "stopped"
+                if command == REGROUP:
+                    return "regroup"
+                assert command == RUN, f"unknown step command {command}"
+                expert_map, shards = self.store.generation(generation)
+                transport.serve_step(expert_map, shards, functools.partial(self.store.count, generation))
+                self.steps += 1
+            except CollectiveError as e:
+                log.info(
+                    "worker slot %d: router %d's group ended at its step %d: %s", self.slot, router, transport.steps, e
+                )
+                return "fenced"
+
+    def fence(self, router: int) -> None:
+        """Close this worker's side of router `router`'s current group (a member died); unblocks NCCL."""
+        with self._channels_lock:
+            transport = self.channels.get(router)
+        if transport is not None:
+            transport.groups.close()
+
+    # ---- rebalancing -------------------------------------------------------------------------------------
+    def prepare_map(self, expert_map: ExpertMap) -> int:
+        """Hold the new generation's experts too (reading only the ones not held); serving goes on meanwhile.
+        Returns the bytes read so far in all."""
+        self.store.load(expert_map)
         return self.reader.bytes_read
 
-    @property
-    def num_experts(self) -> int:
-        return sum(len(s.experts) for s in self.shards.values())
+    def retire_maps(self, keep: int) -> None:
+        self.store.retire(keep)
 
-    @property
-    def bytes_resident(self) -> int:
-        return sum(s.nbytes for s in self.shards.values())
+    # ---- operations --------------------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return {"slot": self.slot, "pid": os.getpid(), "state": self.state, "steps": self.steps}
 
-    def join(self, address: GroupAddress) -> int:
-        groups = join_groups(address, self.rank)
-        self.transport = AllToAllTransport(
-            self.layout, groups, self.placement, self.config.hidden_size, self.device, self.dtype
-        )
-        return self.rank
-
-    def run_loop(self) -> int:
-        """Serve steps until the router sends STOP; returns the number of steps served."""
-        assert self.transport is not None, "join() first"
-        try:
-            while True:
-                command = self.transport.receive_header()
-                if command == STOP:
-                    return self.steps
-                assert command == RUN, f"unknown step command {command}"
-                self.transport.serve_step(self.shards, self._count)
-                self.steps += 1
-        except BaseException:
-            log.exception("worker %d: loop failed at step %d", self.worker, self.steps)
-            leave_groups()  # closes our sockets so peers blocked on us fail now rather than at the timeout
-            raise
-
-    def _count(self, layer: int, per_expert: torch.Tensor) -> None:
-        n = len(self.shards[layer].experts)
-        with self._lock:
-            self.tokens_per_expert[layer] += per_expert[:n]  # stays on the device: no sync per layer
-
-    def health(self) -> dict:
-        return {"worker": self.worker, "rank": self.rank, "steps": self.steps, "device": str(self.device)}
+    def wait_stopped(self) -> None:
+        """Returns when the worker shuts down; the supervisor holds its ObjectRef to learn of the actor's death."""
+        self._stopped.wait()
 
     def stats(self) -> dict:
-        with self._lock:
-            tokens = {layer: t.tolist() for layer, t in self.tokens_per_expert.items()}
         return {
-            "worker": self.worker,
-            "rank": self.rank,
+            "slot": self.slot,
+            "pid": os.getpid(),
+            "state": self.state,
             "device": str(self.device),
-            "experts": {layer: list(s.experts) for layer, s in self.shards.items()},
-            "bytes_resident": self.bytes_resident,
-            "bytes_read": self.bytes_read,
-            "tokens_per_expert": tokens,
+            "generation": self.store.latest if self.store.shards else -1,
+            "experts": self.store.holdings() if self.store.shards else {},
+            "bytes_resident": self.store.bytes_resident,
+            "bytes_read": self.reader.bytes_read,
+            "tokens_per_expert": self.store.token_counts() if self.store.shards else {},
             "steps": self.steps,
+            "routers": sorted(self.channels),
         }
 
     def shutdown(self) -> None:
-        leave_groups()
+        with self._channels_lock:
+            channels = list(self.channels.values())
+        for transport in channels:
+            transport.groups.close()
+        self._stopped.set()
+
+
+def resident_expert_bytes(cfg, expert_map: ExpertMap, slot: int, dtype: torch.dtype) -> int:
+    """Device bytes the slot's experts take once loaded (gate, up and down of each)."""
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * torch.finfo(dtype).bits // 8
+    return per_expert * sum(len(experts) for experts in expert_map.slot_experts(slot).values())
+
+
+def _check_fits(device: torch.device, resident_bytes: int, slot: int) -> None:
+    """Before any weight is read: the slot's experts must fit the device's free memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if resident_bytes > free:
+        raise PlacementError(
+            f"cluster.expert_replicas / cluster.placement: worker slot {slot} would hold "
+            f"{resident_bytes / 2**30:.1f} GiB of experts but its GPU has {free / 2**30:.1f} GiB free; use fewer "
+            "replicas, more workers, or a smaller dtype"
+        )

@@ -4,6 +4,7 @@
   status    the cluster's placement and load as a table (router KV usage, running/waiting, per-worker experts
             and routed tokens)
   info      the served model
+  rebalance (admin) recompute the expert map from the load each expert served, and apply it without stopping
 
 A non-OK status prints `error: CODE: message` on stderr; exit status 2 for a bad request, 1 otherwise.
 """
@@ -17,6 +18,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from deploy.cli.arg_types import token_ids
+from deploy.cli.status_table import format_status
 from deploy.cli.usage import UsageError
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
@@ -53,6 +55,9 @@ def add_parser(sub) -> None:
     i = what.add_parser("info", help="the served model")
     _target(i)
     i.set_defaults(run=run_info)
+    r = what.add_parser("rebalance", help="admin: recompute the expert map from the routed load and apply it")
+    _target(r)
+    r.set_defaults(run=run_rebalance)
 
 
 def _target(p) -> None:
@@ -144,6 +149,23 @@ def run_info(args) -> int:
         )
 
 
+def run_rebalance(args) -> int:
+    with InferenceClient(args.target) as client:
+
+        def rebalance() -> int:
+            r = client.rebalance(timeout=600)
+            if r.applied:
+                print(
+                    f"rebalanced: expert map generation {r.map_generation}; max/mean load per worker "
+                    f"{r.imbalance_before:.2f} -> {r.imbalance_after:.2f}; {r.copies_loaded} expert copies loaded"
+                )
+            else:
+                print(f"not rebalanced: {r.message} (expert map generation {r.map_generation})")
+            return 0
+
+        return _guard(rebalance)
+
+
 def _guard(fn) -> int:
     try:
         return fn()
@@ -151,61 +173,3 @@ def _guard(fn) -> int:
         print(f"error: {e}", file=sys.stderr)
         bad_request = e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         return 2 if bad_request else 1
-
-
-def format_status(status, info, readiness: str) -> str:
-    r, g = status.router, status.gateway
-    finished = " ".join(f"{k}={v}" for k, v in sorted(r.finished.items())) or "-"
-    lines = [
-        f"model    {info.name} ({info.architecture}, {info.num_experts} experts x {len(info.moe_layers)} MoE layers, "
-        f"top-{info.experts_per_token})   readiness {readiness}",
-        f"router   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
-        f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
-        f"{r.tokens_per_second:.1f} tok/s   finished {finished}",
-        f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
-        f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
-    ]
-    if not status.workers:
-        lines.append("workers  none: the router holds every expert")
-        return "\n".join(lines)
-    rows = [("worker", "rank", "device", "resident", "layer", "experts", "tokens", "busiest expert")]
-    for w in status.workers:
-        for i, layer in enumerate(w.layers):
-            busiest = max(zip(layer.tokens, layer.experts), default=(0, -1))
-            rows.append(
-                (
-                    str(w.index) if i == 0 else "",
-                    str(w.rank) if i == 0 else "",
-                    w.device if i == 0 else "",
-                    _bytes(w.bytes_resident) if i == 0 else "",
-                    str(layer.layer),
-                    _ranges(layer.experts),
-                    str(sum(layer.tokens)),
-                    f"{busiest[1]} ({busiest[0]})" if busiest[1] >= 0 else "-",
-                )
-            )
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines.append("")
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def _ranges(ids) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
-    out, ids = [], sorted(ids)
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 
-from deploy.cli.client import format_status
+from deploy.cli.status_table import format_status
 from deploy.config import apply_overrides, load_serve_config
 from protos.client import InferenceClient
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster.config import load_model_config
 from deploy.cli.arg_types import byte_size, token_ids
+from deploy.cli.stdout import results_only
 from deploy.cli.usage import UsageError, as_flags
 from deploy.cluster_config import ClusterConfig
 from router.engine_config import EngineConfig
@@ -54,7 +55,17 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="return logprobs with N alternatives")
     p.add_argument("--workers", type=int, default=0, help="expert workers on an embedded Ray cluster (0: in-process)")
-    p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even split)")
+    p.add_argument(
+        "--placement",
+        default=None,
+        help="experts per worker, e.g. '0-5;6-10;11-15' or with replicas '0-7;8-15;0-3,8-11' (default: even split)",
+    )
+    p.add_argument(
+        "--expert-replicas",
+        type=int,
+        default=1,
+        help="copies of each expert on distinct workers (default 1; 2 survives a worker's death without a stall)",
+    )
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument(
@@ -88,7 +99,7 @@ def run(args) -> int:
         from deploy.deployment import Deployment, DeploymentSpec
 
         spec = DeploymentSpec(args.model, cluster_config, engine_config, dtype=args.dtype)
-        with Deployment.start(spec) as deployment:
+        with results_only(), Deployment.start(spec) as deployment:
             results = deployment.generate_batch(requests)
     for result in results:
         _print(result, args.json)
@@ -158,15 +169,14 @@ def _prepare(args):
         engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
         cluster_config = None
         if args.workers:
-            from deploy.deployment import make_placement
-
             cluster_config = ClusterConfig(
                 device="cuda" if args.device.startswith("cuda") else "cpu",
                 workers=args.workers,
+                expert_replicas=args.expert_replicas,
                 placement=args.placement,
                 collective_timeout_s=args.collective_timeout,
             )
-            make_placement(cluster_config, cfg)
+            cluster_config.expert_map(cfg)  # refuses a placement that cannot fit before any actor starts
     return requests, engine_config, cluster_config
 
 
@@ -176,6 +186,7 @@ _FLAGS = {
     "kv_cache_memory": "--kv-cache-memory",
     "workers": "--workers",
     "placement": "--placement",
+    "expert_replicas": "--expert-replicas",
     "collective_timeout_s": "--collective-timeout",
     "device": "--device",
 }

@@ -11,6 +11,7 @@ import threading
 import time
 
 from cluster.settings import SettingError
+from deploy.cli.stdout import results_only
 from deploy.cli.usage import UsageError
 from deploy.cluster_config import ClusterConfig
 from deploy.config import apply_overrides, load_serve_config
@@ -38,7 +39,18 @@ def add_parser(sub) -> None:
         default=None,
         help=f"expert workers (default {_C.workers}; 0: the router holds every expert)",
     )
-    p.add_argument("--placement", default=None, help="experts per worker, e.g. '0-5;6-10;11-15' (default: even)")
+    p.add_argument(
+        "--placement",
+        default=None,
+        help="experts per worker, e.g. '0-5;6-10;11-15' or with replicas '0-7;8-15;0-3,8-11' (default: even)",
+    )
+    p.add_argument(
+        "--expert-replicas",
+        type=int,
+        default=None,
+        help="copies of each expert on distinct workers "
+        f"(default {_C.expert_replicas}; 2 survives a worker's death without a stall)",
+    )
     p.add_argument("--host", default=None, help=f"address to listen on (default {_G.host}; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=None, help=f"gRPC port (default {_G.port}; 0: any free port, printed)")
     p.add_argument("--device", default=None, help="cpu or cuda (one GPU per actor)")
@@ -96,6 +108,7 @@ def serve_settings(args):
             model_name=args.model_name,
             workers=args.workers,
             placement=args.placement,
+            expert_replicas=args.expert_replicas,
             host=args.host,
             port=args.port,
             device=args.device,
@@ -127,15 +140,20 @@ def run(args) -> int:
     server = Server(config)
     signals = _Signals()
     signals.install(serving=False)  # a signal now interrupts the start-up (Server.start cleans up)
-    server.start()
-    signals.install(serving=True)  # again: starting Ray may have replaced the SIGTERM handler
-    try:
-        if _wait_serving(server, signals.stop, timeout_s=60.0):
-            print(f"moecluster serving {server.model_name} on {config.gateway.host}:{server.port}", flush=True)
-        while not signals.stop.wait(0.5):  # a bare wait() would not let the handler run promptly
-            pass
-    finally:
-        server.stop()
+    with results_only() as stdout:
+        server.start()
+        signals.install(serving=True)  # again: starting Ray may have replaced the SIGTERM handler
+        try:
+            if _wait_serving(server, signals.stop, timeout_s=60.0):
+                print(
+                    f"moecluster serving {server.model_name} on {config.gateway.host}:{server.port}",
+                    file=stdout,
+                    flush=True,
+                )
+            while not signals.stop.wait(0.5):  # a bare wait() would not let the handler run promptly
+                pass
+        finally:
+            server.stop()
     return 0
 
 

@@ -136,38 +136,69 @@ def router_status(health: dict, router: dict, engine) -> pb.RouterStatus:
     )
 
 
-def worker_status(stats: dict) -> pb.WorkerStatus:
-    """`stats` is ExpertWorker.stats(): experts and tokens per layer, by local index."""
-    layers = [
-        pb.LayerExperts(layer=layer, experts=experts, tokens=stats["tokens_per_expert"].get(layer, []))
-        for layer, experts in sorted(stats["experts"].items())
-    ]
-    return pb.WorkerStatus(
-        index=stats["worker"],
-        rank=stats["rank"],
-        device=stats["device"],
-        bytes_resident=stats["bytes_resident"],
-        steps=stats["steps"],
-        layers=layers,
+def worker_status(slot: int, stats: dict | None, supervised: dict | None, members: tuple[int, ...]) -> pb.WorkerStatus:
+    """One worker slot: its actor's ExpertWorker.stats() (None when it does not answer: dead or still
+    starting), the supervisor's view of the slot, and the router's current group (for the rank)."""
+    supervised = supervised or {}
+    out = pb.WorkerStatus(
+        index=slot,
+        rank=members.index(slot) + 1 if slot in members else 0,
+        state=supervised.get("state") or (stats or {}).get("state", "dead"),
+        replacements=supervised.get("replacements", 0),
+        last_error=supervised.get("last_error", ""),
+    )
+    if stats is not None:
+        out.device, out.bytes_resident, out.steps = stats["device"], stats["bytes_resident"], stats["steps"]
+        out.generation, out.pid = stats["generation"], stats["pid"]
+        for layer, counts in sorted(stats["tokens_per_expert"].items()):
+            out.layers.append(pb.LayerExperts(layer=layer, experts=list(counts), tokens=list(counts.values())))
+    return out
+
+
+def placement(expert_map) -> list[pb.LayerPlacement]:
+    """Every MoE layer's copies from an ExpertMap; empty when the router holds the experts (None)."""
+    if expert_map is None:
+        return []
+    out = []
+    for layer in expert_map.layers:
+        copies = [expert_map.copies(layer, e) for e in range(expert_map.num_experts)]
+        out.append(
+            pb.LayerPlacement(
+                layer=layer,
+                worker_of_expert=[c[0] for c in copies],
+                copies=[pb.ExpertCopies(workers=c) for c in copies],
+            )
+        )
+    return out
+
+
+def expert_plane(channel: dict, supervision: dict | None, expert_map) -> pb.ExpertPlaneStatus:
+    """The router's channel stats (ChannelStats as a dict) and the supervisor's status."""
+    supervision = supervision or {}
+    counters = supervision.get("counters", {})
+    return pb.ExpertPlaneStatus(
+        map_generation=channel["map_generation"],
+        expert_replicas=expert_map.replicas(),
+        state=channel["state"],
+        epoch=channel["epoch"],
+        members=list(channel["members"]),
+        failovers=channel["failovers"],
+        replayed_steps=channel["replayed_steps"],
+        regroups=channel["regroups"],
+        worker_deaths=counters.get("worker_deaths", 0),
+        replacements_started=counters.get("replacements_started", 0),
+        replacements_succeeded=counters.get("replacements_succeeded", 0),
+        replacements_failed=counters.get("replacements_failed", 0),
+        rebalances=counters.get("rebalances", 0),
+        recent_stalls_s=channel["stalls_s"][-16:],
+        last_event=channel["last_event"],
+        failure=supervision.get("failure") or "",
+        degraded={int(k): v for k, v in supervision.get("degraded", {}).items()},
     )
 
 
-def placement(described: dict | None, num_experts: int) -> list[pb.LayerPlacement]:
-    """From ExpertPlacement.describe() (worker -> layer -> experts); empty when the router holds the experts."""
-    owners: dict[int, list[int]] = {}
-    for worker, layers in (described or {}).items():
-        for layer, experts in layers.items():
-            row = owners.setdefault(layer, [-1] * num_experts)
-            for e in experts:
-                row[e] = worker
-    return [pb.LayerPlacement(layer=layer, worker_of_expert=row) for layer, row in sorted(owners.items())]
-
-
-def expert_tokens(workers: list[dict]) -> dict[tuple[int, int], int]:
-    """(layer, global expert) -> tokens routed to it so far, summed over the workers' stats."""
-    out: dict[tuple[int, int], int] = {}
-    for stats in workers:
-        for layer, experts in stats["experts"].items():
-            for expert, count in zip(experts, stats["tokens_per_expert"].get(layer, [])):
-                out[(layer, expert)] = out.get((layer, expert), 0) + int(count)
-    return out
+def router_expert_tokens(router_stats: dict) -> dict[tuple[int, int], int]:
+    """(layer, expert) -> tokens the router routed to it so far (wherever its copies live)."""
+    return {
+        (layer, e): int(n) for layer, counts in router_stats["tokens_per_expert"].items() for e, n in enumerate(counts)
+    }

@@ -2,9 +2,11 @@
 the poller that keeps it (and the load metrics) current.
 
 Two health names, as Kubernetes probes use them:
-  ""                       liveness: SERVING while the gateway runs and is not draining.
-  "moecluster.v1.Inference" readiness: SERVING only while the router reports ready (weights loaded, process
-                           group up, no worker lost); NOT_SERVING while starting, after a failure and when draining.
+  ""                       liveness: SERVING while the gateway runs, unless the cluster gave up for good (a lost
+                           expert could not be replaced): then NOT_SERVING, so the orchestrator restarts the pod.
+  "moecluster.v1.Inference" readiness: SERVING while the router takes requests (weights loaded; a failover in
+                           progress holds requests, it does not refuse them); NOT_SERVING while starting, after the
+                           cluster gave up, and when draining.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import ray
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from router.gateway.convert import expert_tokens
+from router.gateway.cluster_view import ClusterView
+from router.gateway.convert import router_expert_tokens
 from router.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,14 @@ class GatewayHealth:
         self.ready, self.reason = ready, reason
         await self.servicer.set(READINESS, SERVING if ready else NOT_SERVING)
 
+    async def set_dead(self, reason: str) -> None:
+        """Liveness NOT_SERVING for good: restarting the process is the only way back."""
+        if not self.draining:
+            log.critical("liveness: NOT_SERVING (%s)", reason)
+            self.ready, self.reason = False, reason
+            await self.servicer.set(LIVENESS, NOT_SERVING)
+            await self.servicer.set(READINESS, NOT_SERVING)
+
     async def drain(self) -> None:
         """Every name NOT_SERVING, for good (load balancers stop sending while in-flight work finishes)."""
         self.ready, self.draining, self.reason = False, True, "the server is shutting down"
@@ -69,28 +80,28 @@ def first_line(error: BaseException) -> str:
 
 
 class ClusterPoller:
-    """Every `interval_s`: the router's health (-> readiness) and engine stats (-> `engine`, the load metrics
-    and the gateway's queue bound); every `expert_interval_s`: the workers' routed-token counts (-> the
-    tokens-per-expert gauge). Polling keeps the Ray round trip off each request's path."""
+    """Every `interval_s`: the router's health (-> readiness), the supervisor's verdict (-> liveness) and the
+    engine's stats (-> `engine`, the load metrics and the gateway's queue bound); every `expert_interval_s`: the
+    router's routed-token counts and failover counters (-> metrics). Polling keeps the Ray round trip off each
+    request's path."""
 
     def __init__(
         self,
-        router,
-        workers: list,
+        view: ClusterView,
         health: GatewayHealth,
         metrics: GatewayMetrics,
         interval_s: float = 0.25,
         expert_interval_s: float = 5.0,
         timeout_s: float = 10.0,
     ):
-        self.router, self.workers, self.health, self.metrics = router, workers, health, metrics
+        self.view, self.health, self.metrics = view, health, metrics
         self.interval_s, self.expert_interval_s, self.timeout_s = interval_s, expert_interval_s, timeout_s
         self.engine = None  # the latest EngineStats
 
     async def check(self) -> tuple[bool, str]:
         """Ready now? Asks the router; a dead or unresponsive router is not ready."""
         try:
-            health = await resolve(self.router.health.remote(), self.timeout_s)
+            health = await resolve(self.view.router.health.remote(), self.timeout_s)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             return False, f"the router is unreachable: {first_line(e)}"
         return bool(health["ready"]), health.get("failure") or ""
@@ -100,38 +111,32 @@ class ClusterPoller:
         next_experts = loop.time()
         while True:
             try:
+                verdict = (self.view.supervision() or {}).get("failure")
+                if verdict:
+                    await self.health.set_dead(verdict)
                 ready, reason = await self.check()
                 await self.health.set_ready(ready, reason)
                 if ready:
                     await self._refresh_load()
-                    if loop.time() >= next_experts:
-                        next_experts = loop.time() + self.expert_interval_s
-                        await self._refresh_experts()
+                if loop.time() >= next_experts:
+                    next_experts = loop.time() + self.expert_interval_s
+                    await self._refresh_experts()
             except Exception:
                 log.exception("cluster poll failed")
             await asyncio.sleep(self.interval_s)
 
     async def _refresh_load(self) -> None:
         try:
-            self.engine = await resolve(self.router.engine_stats.remote(), self.timeout_s)
+            self.engine = await resolve(self.view.router.engine_stats.remote(), self.timeout_s)
             self.metrics.observe_load(self.engine)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             log.warning("engine stats: %s", e)
 
     async def _refresh_experts(self) -> None:
         try:
-            if not self.workers:  # the router holds every expert and counts them itself
-                router = await resolve(self.router.stats.remote(), self.timeout_s)
-                self.metrics.observe_experts(
-                    {
-                        (layer, e): int(n)
-                        for layer, counts in router["tokens_per_expert"].items()
-                        for e, n in enumerate(counts)
-                    }
-                )
-                return
-            stats = await asyncio.gather(*(resolve(w.stats.remote(), self.timeout_s) for w in self.workers))
+            router = await resolve(self.view.router.stats.remote(), self.timeout_s)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             log.warning("expert stats: %s", e)
             return
-        self.metrics.observe_experts(expert_tokens(list(stats)))
+        self.metrics.observe_experts(router_expert_tokens(router))
+        self.metrics.observe_expert_plane(router["channel"], self.view.supervision())

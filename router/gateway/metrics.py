@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from router.expert_channel import STALL_BUCKETS_S
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class GatewayMetrics:
             ["layer", "expert"],
             registry=r,
         )
+        self.expert_plane = _ExpertPlaneCollector()
+        r.register(self.expert_plane)
         self._http = None
 
     def serve(self, port: int, host: str) -> int:
@@ -73,6 +78,64 @@ class GatewayMetrics:
         self.kv_usage.set(engine.kv_blocks_used / engine.kv_blocks_total if engine.kv_blocks_total else 0.0)
         self.tokens_per_s.set(engine.tokens_per_s)
 
+    def observe_expert_plane(self, channel: dict | None, supervision: dict | None) -> None:
+        self.expert_plane.channel, self.expert_plane.supervision = channel, supervision
+
     def observe_experts(self, tokens: dict[tuple[int, int], int]) -> None:
         for (layer, expert), count in tokens.items():
             self.expert_tokens.labels(layer=str(layer), expert=str(expert)).set(count)
+
+
+class _ExpertPlaneCollector:
+    """Failover, replacement and rebalancing figures, counted by the router and the supervisor and exported as
+    they were last polled (Prometheus counters that live elsewhere: this copies their running totals)."""
+
+    def __init__(self):
+        self.channel: dict | None = None
+        self.supervision: dict | None = None
+
+    def collect(self):
+        channel, supervision = self.channel, self.supervision
+        if channel is None:
+            return
+        counters = (supervision or {}).get("counters", {})
+        yield _counter(
+            "moecluster_failovers",
+            "Steps that failed on a lost worker and were replayed after regrouping",
+            channel["failovers"],
+        )
+        yield _counter(
+            "moecluster_replayed_steps", "Forward passes run again after a failover", channel["replayed_steps"]
+        )
+        yield _counter(
+            "moecluster_worker_deaths",
+            "Expert workers that died or were killed as hung",
+            counters.get("worker_deaths", 0),
+        )
+        replacements = CounterMetricFamily(
+            "moecluster_worker_replacements", "Replacement workers by outcome", labels=["outcome"]
+        )
+        for outcome in ("started", "succeeded", "failed"):
+            replacements.add_metric([outcome], counters.get(f"replacements_{outcome}", 0))
+        yield replacements
+        yield _counter("moecluster_rebalances", "Expert maps applied by rebalancing", counters.get("rebalances", 0))
+        buckets, running = [], 0
+        for bound, count in zip([*map(str, STALL_BUCKETS_S), "+Inf"], channel["stall_buckets"]):
+            running += count
+            buckets.append((bound, running))
+        yield HistogramMetricFamily(
+            "moecluster_failover_stall_seconds",
+            "From a step's failure to the replayed step's start (fence, settle, hold, regroup)",
+            buckets=buckets,
+            sum_value=channel["stall_sum_s"],
+        )
+        yield GaugeMetricFamily(
+            "moecluster_expert_map_generation", "The expert map in use", value=channel["map_generation"]
+        )
+        yield GaugeMetricFamily(
+            "moecluster_router_group_epoch", "Epoch of the router's group with the workers", value=channel["epoch"]
+        )
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

@@ -1,7 +1,7 @@
 """The gRPC gateway: a `grpc.aio` server in the `serve` process (never inside the router actor) that exposes
 `moecluster.v1.Inference`, grpc.health.v1 and reflection, and reaches the cluster through Ray handles.
 
-Life: `start()` binds the port with readiness NOT_SERVING -> `attach(router, workers, model_dir)` once the
+Life: `start()` binds the port with readiness NOT_SERVING -> `attach(cluster view, model_dir)` once the
 cluster is up (readiness follows the router's health from then on) -> `drain(grace_s)` (NOT_SERVING, new
 generations refused, in-flight ones finish, the rest are aborted after the grace period) -> `stop()`.
 Every method is a coroutine of one event loop; deploy/server.py runs that loop on a thread of its own.
@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from router.gateway.cluster_view import ClusterView
 from router.gateway.config import GatewayConfig, MetricsConfig
 from router.gateway.health import ClusterPoller, GatewayHealth, resolve
 from router.gateway.metrics import GatewayMetrics
@@ -80,19 +81,18 @@ class Gateway:
         log.info("gateway listening on %s:%d", c.host, port)
         return port
 
-    async def attach(self, router, workers: list, model_dir: str) -> None:
+    async def attach(self, view: ClusterView, model_dir: str) -> None:
         """Serve through this cluster: readiness follows its router's health from now on."""
-        info = await resolve(router.model_info.remote(), self.config.ray_timeout_s)
+        info = await resolve(view.router.model_info.remote(), self.config.ray_timeout_s)
         poller = ClusterPoller(
-            router,
-            workers,
+            view,
             self.health,
             self.metrics,
             self.config.poll_interval_s,
             self.config.expert_stats_interval_s,
             self.config.ray_timeout_s,
         )
-        self.service.backend = Backend(router, workers, info, Tokenizer.from_dir(model_dir), poller)
+        self.service.backend = Backend(view.router, view, info, Tokenizer.from_dir(model_dir), poller)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
 

@@ -25,6 +25,7 @@ from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from router.chat import render_chat
 from router.gateway import convert
+from router.gateway.cluster_view import ClusterView
 from router.gateway.health import ClusterPoller, GatewayHealth, first_line, resolve
 from router.gateway.metrics import GatewayMetrics
 from router.messages import Delta, EngineRequest, Final
@@ -63,7 +64,7 @@ class Backend:
     """What the gateway holds once the cluster is up."""
 
     router: object  # the RouterActor handle
-    workers: list  # ExpertWorker handles (empty: experts in the router)
+    view: ClusterView  # the workers and the supervisor behind it
     info: dict  # RouterActor.model_info()
     tokenizer: Tokenizer | None
     poller: ClusterPoller
@@ -259,23 +260,60 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _cluster_status(self) -> pb.GetClusterStatusResponse:
         backend = self._backend(need_ready=False)
         router = backend.router
-        health, stats, engine, *workers = await asyncio.gather(
+        health, stats, engine = await asyncio.gather(
             self._call(router.health.remote()),
             self._call(router.stats.remote()),
             self._call(router.engine_stats.remote()),
-            *(self._call(w.stats.remote()) for w in backend.workers),
         )
+        workers = await asyncio.gather(*(self._answer(w.stats.remote()) for w in backend.view.workers))
+        supervision = backend.view.supervision()
         gateway = pb.GatewayStatus(
             active_streams=len(self.streams),
             draining=self.health.draining,
             max_concurrent_streams=self.limits.max_concurrent_streams,
             max_queued_requests=self.limits.max_queued_requests,
         )
-        return pb.GetClusterStatusResponse(
+        expert_map = stats["expert_map"]
+        slots = {s["slot"]: s for s in (supervision or {}).get("slots", [])}
+        members = stats["channel"]["members"] if stats["channel"] else ()
+        out = pb.GetClusterStatusResponse(
             router=convert.router_status(health, stats, engine),
-            workers=[convert.worker_status(w) for w in workers],
-            placement=convert.placement(stats["placement"], backend.info["num_experts"]),
+            workers=[convert.worker_status(slot, w, slots.get(slot), members) for slot, w in enumerate(workers)],
+            placement=convert.placement(expert_map),
             gateway=gateway,
+        )
+        if stats["channel"] is not None:
+            out.expert_plane.CopyFrom(convert.expert_plane(stats["channel"], supervision, expert_map))
+        return out
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context) -> pb.RebalanceResponse:
+        try:
+            backend = self._backend(need_ready=False)
+            if backend.view.supervision() is None:
+                raise GatewayError(
+                    Code.FAILED_PRECONDITION,
+                    "the router holds every expert (workers: 0): there is nothing to rebalance",
+                )
+            plan = await asyncio.to_thread(backend.view.rebalance)
+        except GatewayError as e:
+            await context.abort(e.code, e.message)
+        except RuntimeError as e:
+            await context.abort(Code.FAILED_PRECONDITION, str(e))
+        generation = backend.view.supervision()["generation"]
+        if plan is None:
+            return pb.RebalanceResponse(
+                applied=False,
+                map_generation=generation,
+                message="the map is already as balanced as the loads since the last rebalance allow",
+            )
+        log.warning("rebalanced on request: map generation %d", generation)
+        return pb.RebalanceResponse(
+            applied=True,
+            map_generation=plan.expert_map.generation,
+            imbalance_before=plan.before,
+            imbalance_after=plan.after,
+            copies_loaded=plan.moved,
+            message="applied",
         )
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -302,6 +340,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         if self.backend is None or (need_ready and not self.health.ready):
             raise GatewayError(Code.UNAVAILABLE, f"the cluster is not ready: {self.health.reason}")
         return self.backend
+
+    async def _answer(self, ref):
+        """A status call's value, or None when the actor does not answer (dead, or not started yet)."""
+        try:
+            return await resolve(ref, self.limits.ray_timeout_s)
+        except (ray.exceptions.RayError, asyncio.TimeoutError):
+            return None
 
     async def _call(self, ref):
         try:

@@ -56,7 +56,7 @@ def run_steps(generator, cache_view, cache: PagedKVCache, steps):
                     torch.tensor(ids),
                     ForwardBatch(tuple(seqs)),
                     cache_view,
-                    generator.runner.transport,
+                    generator.runner.experts,
                     all_logits=True,
                 )
             )

@@ -215,16 +215,18 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("router", "workers", "placement", "gateway")
+    __slots__ = ("router", "workers", "placement", "gateway", "expert_plane")
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PLANE_FIELD_NUMBER: _ClassVar[int]
     router: RouterStatus
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     placement: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
     gateway: GatewayStatus
-    def __init__(self, router: _Optional[_Union[RouterStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ...) -> None: ...
+    expert_plane: ExpertPlaneStatus
+    def __init__(self, router: _Optional[_Union[RouterStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ..., expert_plane: _Optional[_Union[ExpertPlaneStatus, _Mapping]] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
     __slots__ = ("ready", "failure", "device", "dtype", "steps", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "tokens_per_second", "kv_token_capacity", "finished")
@@ -264,20 +266,30 @@ class RouterStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers")
+    __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers", "state", "generation", "pid", "replacements", "last_error")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BYTES_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
     rank: int
     device: str
     bytes_resident: int
     steps: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
-    def __init__(self, index: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[str] = ..., bytes_resident: _Optional[int] = ..., steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...
+    state: str
+    generation: int
+    pid: int
+    replacements: int
+    last_error: str
+    def __init__(self, index: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[str] = ..., bytes_resident: _Optional[int] = ..., steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
     __slots__ = ("layer", "experts", "tokens")
@@ -290,12 +302,65 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerPlacement(_message.Message):
-    __slots__ = ("layer", "worker_of_expert")
+    __slots__ = ("layer", "worker_of_expert", "copies")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     WORKER_OF_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     worker_of_expert: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., worker_of_expert: _Optional[_Iterable[int]] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[ExpertCopies]
+    def __init__(self, layer: _Optional[int] = ..., worker_of_expert: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[_Union[ExpertCopies, _Mapping]]] = ...) -> None: ...
+
+class ExpertCopies(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, workers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertPlaneStatus(_message.Message):
+    __slots__ = ("map_generation", "expert_replicas", "state", "epoch", "members", "failovers", "replayed_steps", "regroups", "worker_deaths", "replacements_started", "replacements_succeeded", "replacements_failed", "rebalances", "recent_stalls_s", "last_event", "failure", "degraded")
+    class DegradedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    MAP_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REGROUPS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DEATHS_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_STALLS_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    map_generation: int
+    expert_replicas: int
+    state: str
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[int]
+    failovers: int
+    replayed_steps: int
+    regroups: int
+    worker_deaths: int
+    replacements_started: int
+    replacements_succeeded: int
+    replacements_failed: int
+    rebalances: int
+    recent_stalls_s: _containers.RepeatedScalarFieldContainer[float]
+    last_event: str
+    failure: str
+    degraded: _containers.ScalarMap[int, str]
+    def __init__(self, map_generation: _Optional[int] = ..., expert_replicas: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., failovers: _Optional[int] = ..., replayed_steps: _Optional[int] = ..., regroups: _Optional[int] = ..., worker_deaths: _Optional[int] = ..., replacements_started: _Optional[int] = ..., replacements_succeeded: _Optional[int] = ..., replacements_failed: _Optional[int] = ..., rebalances: _Optional[int] = ..., recent_stalls_s: _Optional[_Iterable[float]] = ..., last_event: _Optional[str] = ..., failure: _Optional[str] = ..., degraded: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
     __slots__ = ("active_streams", "max_concurrent_streams", "max_queued_requests", "draining")
@@ -320,3 +385,23 @@ class AbortResponse(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     aborted: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, aborted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebalanceResponse(_message.Message):
+    __slots__ = ("applied", "map_generation", "imbalance_before", "imbalance_after", "copies_loaded", "message")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    MAP_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    COPIES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    map_generation: int
+    imbalance_before: float
+    imbalance_after: float
+    copies_loaded: int
+    message: str
+    def __init__(self, applied: _Optional[bool] = ..., map_generation: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., copies_loaded: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class InferenceStub:
                 request_serializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
                 response_deserializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/moecluster.v1.Inference/Rebalance',
+                request_serializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -99,6 +104,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Admin: recompute the expert map from the tokens routed to each expert since the last rebalance, giving hot
+        experts extra copies, and apply it without stopping. FAILED_PRECONDITION while a worker is being replaced or
+        when the router holds every expert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortRequest.FromString,
                     response_serializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceRequest.FromString,
+                    response_serializer=protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class Inference:
             '/moecluster.v1.Inference/Abort',
             protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
             protos_dot_moecluster_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.v1.Inference/Rebalance',
+            protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceRequest.SerializeToString,
+            protos_dot_moecluster_dot_v1_dot_inference__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

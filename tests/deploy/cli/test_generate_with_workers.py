@@ -1,10 +1,9 @@
-"""`moecluster generate --workers N` as a user runs it: same output as in-process, and a worker killed
-mid-generation fails the command within seconds, naming the worker, with no Ray process left behind."""
+"""`moecluster generate --workers N` as a user runs it: same output as in-process, also when a worker is killed
+mid-generation (it is replaced and the step replayed), with no Ray process left behind."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,40 +31,44 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def test_killing_a_worker_mid_generation_fails_fast_and_leaves_ray_clean(checkpoints):
+def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoints):
     assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
-    cmd = [
+    base = [
         sys.executable,
         "-m",
         "deploy.cli",
         "generate",
         "--model",
         str(checkpoints["scout-like"]),
-        "--workers",
-        "2",
         "--prompt-ids",
         "1,2,3",
         "--max-tokens",
-        "4000",
+        "600",
         "--ignore-eos",
         "--temperature",
         "0",
+        "--json",
     ]
+    local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+        [*base, "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
     deadline = time.monotonic() + 120
-    while not (victims := descendants_running(proc.pid, "ray::ExpertWorker.run_loop")) and time.monotonic() < deadline:
+    serving = "ray::ExpertWorker.wait_stopped"  # a worker's title once the supervisor watches it
+    while not (victims := descendants_running(proc.pid, serving)) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    assert victims, "the worker loops never started"
-    time.sleep(2.0)  # well into the generation
+    assert victims, "the workers never started serving"  # wait_stopped is called once a worker serves
+    time.sleep(1.0)  # well into the generation
     os.kill(victims[-1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - killed_at < 30
-    assert proc.returncode != 0
-    assert re.search(r"error: expert worker [01] (died|failed)", stderr), stderr
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout == local.stdout
     assert "Traceback" not in stderr
     assert ray_gone(), ray_processes()
 

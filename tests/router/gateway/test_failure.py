@@ -1,12 +1,16 @@
-"""When an expert worker dies under a live stream, the gateway says so: the stream ends with an Error message
-and UNAVAILABLE, readiness turns NOT_SERVING, and new generations are refused with UNAVAILABLE (never a hang).
-A server of its own: this test breaks its cluster."""
+"""What a gRPC client sees when an expert worker dies: nothing but a pause (every stream completes with the
+tokens of an undisturbed run, readiness stays SERVING, status and metrics show the failover); and when its
+replacements keep failing and an expert has no live copy left: UNAVAILABLE naming why, and liveness
+NOT_SERVING so the orchestrator restarts the pod."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -14,64 +18,135 @@ import ray
 
 from deploy.config import parse_serve_config
 from deploy.server import Server
+from deploy.tiny.model import write_tiny_model
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import ray_gone, ray_processes
 
 pytestmark = pytest.mark.slow
+STREAMS = 8
+
+
+def serve(model_dir, **cluster) -> Server:
+    config = parse_serve_config(
+        {
+            "model": {"path": str(model_dir)},
+            "cluster": {"workers": 2, **cluster},
+            "gateway": {"port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
+            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
+        }
+    )
+    return Server(config, show_progress=False).start()
+
+
+def run_streams(target: str, results: dict, errors: list) -> list[threading.Thread]:
+    def one(i):
+        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
+        try:
+            with InferenceClient(target) as client:
+                results[i] = client.generate_text(
+                    input_ids=[1, 7 + i, 3], max_tokens=120, ignore_eos=True, **sampling
+                ).token_ids
+        except GenerationError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.gateway.metrics_port}/metrics", timeout=10).read()
+    for line in text.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from deploy.tiny.model import write_tiny_model
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-    srv = Server(
-        parse_serve_config(
-            {
-                "model": {"path": str(model_dir)},
-                "cluster": {"workers": 1},
-                "gateway": {"port": 0, "poll_interval_s": 0.2},
-            }
-        )
-    )
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    assert ray_gone(), f"another Ray is running: {ray_processes()}"
+    yield
+    assert ray_gone(), ray_processes()
+
+
+def test_a_worker_killed_mid_stream_costs_the_client_nothing(model_dir):
+    server = serve(model_dir)
     try:
-        yield srv.start()
+        undisturbed, errors = {}, []
+        for t in run_streams(server.target, undisturbed, errors):
+            t.join(timeout=120)
+        assert not errors and len(undisturbed) == STREAMS
+        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        results, readiness = {}, []
+        with InferenceClient(server.target) as client:
+            threads = run_streams(server.target, results, errors)
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            while any(t.is_alive() for t in threads):
+                readiness.append(client.health_status())
+                time.sleep(0.05)
+            assert not errors, errors
+            assert results == undisturbed
+            assert set(readiness) == {"SERVING"}  # a failover holds requests; it never refuses them
+            deadline = time.monotonic() + 60
+            while client.cluster_status().workers[1].state != "serving":
+                assert time.monotonic() < deadline, "the replacement never served"
+                time.sleep(0.2)
+            status = client.cluster_status()
+        plane = status.expert_plane
+        assert plane.failovers >= 1 and plane.worker_deaths == 1 and plane.replacements_succeeded == 1
+        assert list(plane.members) == [0, 1] and status.workers[1].replacements == 1
+        assert status.workers[1].pid != victim
+        time.sleep(0.5)
+        assert metric(server, "moecluster_failovers_total") >= 1
+        assert metric(server, "moecluster_failover_stall_seconds_count") >= 1
     finally:
-        srv.stop(grace_s=2.0)
+        server.stop(grace_s=2.0)
 
 
-def test_a_worker_dying_mid_stream_ends_it_with_unavailable_and_readiness_drops(server):
-    with InferenceClient(server.target) as client:
-        client.wait_until_serving(timeout=30)
-        gen = client.generate(input_ids=[1, 2, 3], max_tokens=1500, temperature=0.0, ignore_eos=True)
-        got, errors = [], []
+def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fails(model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    server = serve(copy, max_replacement_failures=2)
+    try:
+        with InferenceClient(server.target) as client:
+            client.wait_until_serving(timeout=30)
+            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30)["pid"]
+            shutil.move(copy, tmp_path / "gone")  # running actors keep their weights; a replacement cannot load
+            gen = client.generate(input_ids=[1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True)
+            got, errors = [], []
 
-        def read():
-            try:
-                for chunk in gen:
-                    got.extend(chunk.token_ids)
-            except GenerationError as e:
-                errors.append(e)
+            def read():
+                try:
+                    for chunk in gen:
+                        got.extend(chunk.token_ids)
+                except GenerationError as e:
+                    errors.append(e)
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 30
-        while len(got) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ray.kill(server.cluster.workers[0], no_restart=True)
-        killed = time.monotonic()
-        reader.join(timeout=60)
-        assert not reader.is_alive(), "the stream hung after the worker died"
-        assert time.monotonic() - killed < 30
-        (error,) = errors
-        assert error.code == grpc.StatusCode.UNAVAILABLE, error
-        assert "worker" in error.message
-        deadline = time.monotonic() + 10
-        while client.health_status() != "NOT_SERVING" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.health_status() == "NOT_SERVING"
-        assert client.health_status("") == "SERVING"  # the process is alive; it just cannot generate
-        with pytest.raises(GenerationError) as refused:
-            client.generate_text(input_ids=[1, 2], max_tokens=2, timeout=30)
-        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            while len(got) < 3:
+                time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            reader.join(timeout=120)
+            assert not reader.is_alive(), "the stream hung after the replacements failed"
+            (error,) = errors
+            assert error.code == grpc.StatusCode.UNAVAILABLE and "replacements failed" in error.message, error
+            deadline = time.monotonic() + 10
+            while client.health_status("") != "NOT_SERVING":
+                assert time.monotonic() < deadline, "liveness stayed SERVING"
+                time.sleep(0.1)
+            assert client.health_status() == "NOT_SERVING"
+            with pytest.raises(GenerationError) as refused:
+                client.generate_text(input_ids=[1, 2], max_tokens=2, timeout=30)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "replacements failed" in client.cluster_status().expert_plane.failure
+    finally:
+        server.stop(grace_s=2.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from deploy.logging_setup import JsonFormatter, setup_logging
+from cluster.log_format import JsonFormatter, setup_logging
 
 
 def test_json_lines_carry_the_request_id_as_a_field():

@@ -1,0 +1,83 @@
+"""The table `moecluster client status` prints: the model, the router, the gateway, the expert plane (failover
+and rebalancing) and, per worker slot, its state and the experts it holds with the tokens each copy served."""
+
+from __future__ import annotations
+
+
+def format_status(status, info, readiness: str) -> str:
+    r, g = status.router, status.gateway
+    finished = " ".join(f"{k}={v}" for k, v in sorted(r.finished.items())) or "-"
+    lines = [
+        f"model    {info.name} ({info.architecture}, {info.num_experts} experts x {len(info.moe_layers)} MoE layers, "
+        f"top-{info.experts_per_token})   readiness {readiness}",
+        f"router   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
+        f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
+        f"{r.tokens_per_second:.1f} tok/s   finished {finished}",
+        f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
+        f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
+    ]
+    if not status.workers:
+        lines.append("workers  none: the router holds every expert")
+        return "\n".join(lines)
+    lines.append(_expert_plane(status.expert_plane))
+    rows = [("worker", "state", "gen", "rank", "device", "resident", "layer", "experts", "tokens", "busiest copy")]
+    for w in status.workers:
+        layers = list(w.layers) or [None]
+        for i, layer in enumerate(layers):
+            busiest = max(zip(layer.tokens, layer.experts), default=(0, -1)) if layer else (0, -1)
+            first = i == 0
+            rows.append(
+                (
+                    str(w.index) if first else "",
+                    w.state if first else "",
+                    str(w.generation) if first and w.state != "dead" else "",
+                    str(w.rank) if first and w.rank else "",
+                    w.device if first else "",
+                    _bytes(w.bytes_resident) if first and w.bytes_resident else "",
+                    str(layer.layer) if layer else "",
+                    _ranges(layer.experts) if layer else "",
+                    str(sum(layer.tokens)) if layer else "",
+                    f"{busiest[1]} ({busiest[0]})" if busiest[1] >= 0 else "-",
+                )
+            )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _expert_plane(p) -> str:
+    stalls = ", ".join(f"{s:.2f}s" for s in list(p.recent_stalls_s)[-3:]) or "-"
+    line = (
+        f"experts  map generation {p.map_generation}, {p.expert_replicas} cop{'y' if p.expert_replicas == 1 else 'ies'}"
+        f" of each at least   group epoch {p.epoch} with workers {list(p.members)} ({p.state})   failovers "
+        f"{p.failovers} (last stalls {stalls})   deaths {p.worker_deaths}   replacements "
+        f"{p.replacements_succeeded}/{p.replacements_started} ({p.replacements_failed} failed)   rebalances "
+        f"{p.rebalances}"
+    )
+    if p.failure:
+        line += f"\n         FAILED: {p.failure}"
+    for slot, why in sorted(p.degraded.items()):
+        line += f"\n         slot {slot} no longer replaced: {why}"
+    return line
+
+
+def _ranges(ids) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
