@@ -3,6 +3,9 @@ torch.distributed process group; brought up by `Deployment.start`, torn down by 
 
 Everything that can be checked before an actor starts is checked first (placement, worker count, GPUs), with a
 message that says what to change. `--workers 0` never comes here: the experts then run in-process.
+
+Without `cluster.ray_address` it starts a private Ray (deploy/private_ray.py: loopback only, token authentication);
+with one it joins that cluster as Ray's own settings say (RAY_AUTH_MODE, RAY_AUTH_TOKEN, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import load_model_config
 from cluster.placement import ExpertPlacement, PlacementError
 from cluster.process_group import RankLayout
+from deploy import private_ray
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
@@ -72,7 +76,7 @@ class Deployment:
             return cls._launch(spec, placement, owns_ray)
         except BaseException:
             if owns_ray:
-                ray.shutdown()
+                private_ray.shutdown()
             raise
 
     @classmethod
@@ -165,7 +169,7 @@ class Deployment:
         self._stopped = True
         if not _local_ray_alive():  # a group signal (Ctrl-C, systemd, timeout) already took the raylet down
             log.warning("the local Ray's daemons are gone; shutting Ray down without releasing actors one by one")
-            ray.shutdown()
+            private_ray.shutdown()
             return
         stopper = threading.Thread(target=self._release, name="cluster-stop", daemon=True)
         stopper.start()
@@ -179,7 +183,7 @@ class Deployment:
             if stopper.is_alive():
                 log.error("the cluster did not stop within %.0fs; disconnecting", timeout_s)
         if self.owns_ray:
-            ray.shutdown()
+            private_ray.shutdown()
 
     def _release(self) -> None:
         try:
@@ -243,14 +247,8 @@ def _init_ray(c: ClusterConfig) -> None:
     if c.ray_address:
         ray.init(address=c.ray_address, log_to_driver=False)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance; nothing else can reach it
     cpus = sum(b["CPU"] for b in _bundles(c))
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    private_ray.start(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1))
 
 
 def _check_fits(c: ClusterConfig) -> None:
