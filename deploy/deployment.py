@@ -4,6 +4,9 @@ workers and rebalances; brought up by `Deployment.start`, torn down by `stop`.
 
 Everything that can be checked before an actor starts is checked first (placement, replicas, memory, resources),
 with a message that names the setting to change. `workers: 0` runs every expert inside the router.
+
+Without `cluster.ray_address` it starts a private Ray (deploy/private_ray.py: loopback only, token authentication);
+with one it joins that cluster as Ray's own settings say (RAY_AUTH_MODE, RAY_AUTH_TOKEN, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
 from cluster.expert_map import ExpertMap, PlacementError
 from cluster.weights import experts_bytes
+from deploy import private_ray
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
@@ -88,7 +92,7 @@ class Deployment:
             return cls._launch(spec, expert_map, owns_ray)
         except BaseException:
             if owns_ray:
-                ray.shutdown()
+                private_ray.shutdown()
             raise
 
     @classmethod
@@ -198,7 +202,7 @@ class Deployment:
             self.supervisor.stop()
         if not local_ray_alive():  # a group signal (Ctrl-C, systemd, timeout) already took the raylet down
             log.warning("the local Ray's daemons are gone; shutting Ray down without releasing actors one by one")
-            ray.shutdown()
+            private_ray.shutdown()
             return
         stopper = threading.Thread(target=self._release, name="cluster-stop", daemon=True)
         stopper.start()
@@ -212,7 +216,7 @@ class Deployment:
             if stopper.is_alive():
                 log.error("the cluster did not stop within %.0fs; disconnecting", timeout_s)
         if self.owns_ray:
-            ray.shutdown()
+            private_ray.shutdown()
 
     def _release(self) -> None:
         try:

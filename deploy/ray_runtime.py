@@ -8,6 +8,7 @@ import os
 
 import ray
 
+from deploy import private_ray
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 
@@ -19,15 +20,8 @@ def init_ray(c: ClusterConfig) -> bool:
     if c.ray_address:
         ray.init(address=c.ray_address, log_to_driver=False)
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance; nothing else can reach it
     cpus = sum(b["CPU"] for b in bundles(c))
-    ray.init(
-        address="local",  # always a new private instance, never one a `ray start` left running here
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    private_ray.start(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus) + 1))  # loopback only, token auth
     return True
 
 

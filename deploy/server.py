@@ -14,8 +14,7 @@ import logging
 import os
 import threading
 
-import ray
-
+from deploy import private_ray
 from deploy.config import ServeConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.cache import model_dir_for
@@ -104,7 +103,7 @@ class Server:
         if stopper.is_alive():
             log.error("the cluster did not stop within %.0fs (is the raylet gone?); shutting Ray down", timeout_s)
             if self.cluster.owns_ray:
-                ray.shutdown()
+                private_ray.shutdown()
 
     def _run(self, coro, timeout: float | None = 300):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

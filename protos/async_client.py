@@ -6,6 +6,8 @@ async with AsyncInferenceClient("localhost:50051") as client:
     async for chunk in gen:
         print(chunk.text, end="", flush=True)
     print(gen.result.finish_reason)
+
+TLS, mutual TLS and API keys: the same keyword arguments as InferenceClient (tls, tls_ca, tls_cert, tls_key, api_key).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from protos.client_types import (
     build_request,
     tokenize_request,
 )
+from protos.credentials import Pem, call_metadata, channel_credentials
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
@@ -64,13 +67,27 @@ class AsyncGeneration:
 class AsyncInferenceClient:
     """Create it inside the event loop that will use it (grpc.aio channels belong to one loop)."""
 
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        api_key: str | None = None,
+    ):
+        self.metadata = call_metadata(api_key)
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        self.channel = (
+            grpc.aio.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options)
         )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -96,7 +113,7 @@ class AsyncInferenceClient:
             stream=stream,
             **sampling,
         )
-        return AsyncGeneration(self.stub.Generate(request, timeout=timeout), request_id)
+        return AsyncGeneration(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         gen = self.generate(prompt, stream=False, **kwargs)
@@ -129,7 +146,8 @@ class AsyncInferenceClient:
 
     async def health_status(self, service: str = READINESS, timeout: float | None = 5) -> str:
         try:
-            response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            request = health_pb2.HealthCheckRequest(service=service)
+            response = await self.health.Check(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -145,7 +163,7 @@ class AsyncInferenceClient:
 
     async def _unary(self, method, request, timeout):
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise GenerationError.from_rpc(e) from None
 

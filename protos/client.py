@@ -10,6 +10,11 @@
 
 Every non-OK status is raised as `GenerationError` (its `code` a grpc.StatusCode, `field` the request field
 at fault when the server named one).
+
+A gateway with TLS, mutual TLS or API keys (README "Security"):
+
+    InferenceClient("gw.example:50051", tls_ca="ca.pem", tls_cert="client.pem", tls_key="client-key.pem",
+                    api_key=os.environ["MOECLUSTER_API_KEY"])
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from protos.client_types import (
     build_request,
     tokenize_request,
 )
+from protos.credentials import Pem, call_metadata, channel_credentials
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
@@ -69,15 +75,33 @@ class Generation:
 
 class InferenceClient:
     def __init__(
-        self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None
+        self,
+        target: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        api_key: str | None = None,
     ):
-        self.channel = channel or grpc.insecure_channel(
-            target,
-            options=[
+        """TLS when `tls` or any tls_* is given (tls_ca: the CA that signed the server's certificate, default the
+        system's roots; tls_cert + tls_key: this client's certificate, for mutual TLS); each is a path or PEM
+        bytes. `api_key` goes with every call as `authorization: Bearer <key>`."""
+        self.metadata = call_metadata(api_key)
+        if channel is None:
+            options = [
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+            ]
+            credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+            channel = (
+                grpc.secure_channel(target, credentials, options)
+                if credentials
+                else grpc.insecure_channel(target, options)
+            )
+        self.channel = channel
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -102,7 +126,7 @@ class InferenceClient:
             stream=stream,
             **sampling,
         )
-        return Generation(self.stub.Generate(request, timeout=timeout), request_id)
+        return Generation(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)
 
     def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """The whole result at once (sent as one chunk: stream=False)."""
@@ -139,7 +163,8 @@ class InferenceClient:
     def health_status(self, service: str = READINESS, timeout: float | None = 5) -> str:
         """SERVING, NOT_SERVING, ... for a grpc.health.v1 name ("" = liveness); UNREACHABLE if no answer."""
         try:
-            status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+            request = health_pb2.HealthCheckRequest(service=service)
+            status = self.health.Check(request, timeout=timeout, metadata=self.metadata).status
         except grpc.RpcError:
             return "UNREACHABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
@@ -156,7 +181,7 @@ class InferenceClient:
 
     def _unary(self, method, request, timeout):
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise GenerationError.from_rpc(e) from None
 

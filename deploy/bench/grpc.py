@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import statistics
 import time
 import uuid
@@ -23,7 +22,6 @@ from router.sampling_params import SamplingParams
 
 
 def run_grpc_bench(args) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with bench_checkpoint(args.model) as model_dir:
         config = apply_overrides(
             load_serve_config(None),

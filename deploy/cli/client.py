@@ -7,11 +7,16 @@
   rebalance (admin) recompute the expert map from the load each expert served, and apply it without stopping
 
 A non-OK status prints `error: CODE: message` on stderr; exit status 2 for a bad request, 1 otherwise.
+
+A gateway with TLS: --tls-ca FILE (or --tls for the system's roots); mutual TLS: --tls-cert FILE --tls-key FILE;
+API keys: --api-key-file FILE or $MOECLUSTER_API_KEY. A key is never a flag's value: the command line is visible
+to every user of the machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import grpc
@@ -22,12 +27,16 @@ from deploy.cli.status_table import format_status
 from deploy.cli.usage import UsageError
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from router.gateway.api_keys import ApiKeyError, check_key, read_key_file
+
+API_KEY_ENV = "MOECLUSTER_API_KEY"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("client", help="talk to a running server over gRPC")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    g = what.add_parser("generate", help="stream a generation to the terminal")
+    # allow_abbrev=False: `--api-key SECRET` must not pass for `--api-key-file SECRET`
+    g = what.add_parser("generate", help="stream a generation to the terminal", allow_abbrev=False)
     _target(g)
     g.add_argument("prompt", nargs="?", default=None, help="prompt text")
     g.add_argument("--input-ids", type=token_ids, default=None, help="comma-separated token ids instead of text")
@@ -48,20 +57,63 @@ def add_parser(sub) -> None:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--json", action="store_true", help="print one JSON object with the whole result")
     g.set_defaults(run=run_generate)
-    s = what.add_parser("status", help="placement and load of the cluster")
+    s = what.add_parser("status", help="placement and load of the cluster", allow_abbrev=False)
     _target(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_status)
-    i = what.add_parser("info", help="the served model")
+    i = what.add_parser("info", help="the served model", allow_abbrev=False)
     _target(i)
     i.set_defaults(run=run_info)
-    r = what.add_parser("rebalance", help="admin: recompute the expert map from the routed load and apply it")
+    r = what.add_parser(
+        "rebalance", help="admin: recompute the expert map from the routed load and apply it", allow_abbrev=False
+    )
     _target(r)
     r.set_defaults(run=run_rebalance)
 
 
 def _target(p) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    p.add_argument("--tls", action="store_true", help="TLS, verified against the system's root certificates")
+    p.add_argument("--tls-ca", metavar="FILE", default=None, help="TLS, verified against this CA (PEM)")
+    p.add_argument("--tls-cert", metavar="FILE", default=None, help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="mutual TLS: this client's private key (PEM)")
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        default=None,
+        help=f"a file holding the API key (default: ${API_KEY_ENV}, if set)",
+    )
+
+
+def connect(args) -> InferenceClient:
+    """The client the connection flags ask for; UsageError naming the flag when one cannot be used."""
+    for flag in ("tls_ca", "tls_cert", "tls_key", "api_key_file"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{flag.replace('_', '-')}: {path} is not a file")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together (mutual TLS)")
+    return InferenceClient(
+        args.target,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        api_key=_api_key(args.api_key_file),
+    )
+
+
+def _api_key(path: str | None) -> str | None:
+    try:
+        if path is None:
+            value = os.environ.get(API_KEY_ENV, "").strip()
+            return check_key(value, f"${API_KEY_ENV}") if value else None
+        keys = read_key_file(path)
+    except ApiKeyError as e:
+        raise UsageError(f"--api-key-file: {e}" if path else str(e)) from None
+    if len(keys) != 1:
+        raise UsageError(f"--api-key-file: expected one key in {path}, found {len(keys)}")
+    return keys[0]
 
 
 def run_generate(args) -> int:
@@ -93,8 +145,8 @@ def run_generate(args) -> int:
         if args.prompt is not None
         else {"input_ids": args.input_ids}
     )
-    with InferenceClient(args.target) as client:
-        return _guard(lambda: _generate(client, args, inputs, sampling))
+    with connect(args) as client:
+        return _guard(lambda: _generate(client, args, inputs, sampling), args)
 
 
 def _generate(client, args, inputs: dict, sampling: dict) -> int:
@@ -126,7 +178,7 @@ def _generate(client, args, inputs: dict, sampling: dict) -> int:
 
 def run_status(args) -> int:
 
-    with InferenceClient(args.target) as client:
+    with connect(args) as client:
 
         def show() -> int:
             status, info = client.cluster_status(), client.model_info()
@@ -136,21 +188,22 @@ def run_status(args) -> int:
                 print(format_status(status, info, client.health_status()))
             return 0
 
-        return _guard(show)
+        return _guard(show, args)
 
 
 def run_info(args) -> int:
 
-    with InferenceClient(args.target) as client:
+    with connect(args) as client:
         return _guard(
             lambda: (
                 print(json.dumps(MessageToDict(client.model_info(), preserving_proto_field_name=True), indent=1)) or 0
-            )
+            ),
+            args,
         )
 
 
 def run_rebalance(args) -> int:
-    with InferenceClient(args.target) as client:
+    with connect(args) as client:
 
         def rebalance() -> int:
             r = client.rebalance(timeout=600)
@@ -163,13 +216,24 @@ def run_rebalance(args) -> int:
                 print(f"not rebalanced: {r.message} (expert map generation {r.map_generation})")
             return 0
 
-        return _guard(rebalance)
+        return _guard(rebalance, args)
 
 
-def _guard(fn) -> int:
+def _guard(fn, args) -> int:
     try:
         return fn()
     except GenerationError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_connection_hint(e, args)}", file=sys.stderr)
         bad_request = e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         return 2 if bad_request else 1
+
+
+def _connection_hint(error: GenerationError, args) -> str:
+    """A failed handshake reads "Socket closed" to the client: say what the likely cause is."""
+    if error.code != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in error.message:
+        return ""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return "\nhint: if the server uses TLS, give --tls-ca FILE (or --tls for a publicly signed certificate)"
+    if args.tls_cert is None:
+        return "\nhint: if the server asks for client certificates (mutual TLS), give --tls-cert FILE --tls-key FILE"
+    return ""

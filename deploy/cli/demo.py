@@ -5,7 +5,6 @@ tokens each served, and stops everything (or keeps serving with --keep-serving).
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
@@ -27,7 +26,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from deploy.server import Server  # ray and torch: loaded only when this command runs
 
     config = apply_overrides(load_serve_config(None), workers=args.workers, host="127.0.0.1", port=0)

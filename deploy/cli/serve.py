@@ -25,7 +25,11 @@ _G, _E, _C = GatewayConfig(), EngineConfig(), ClusterConfig()
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over gRPC (gateway + router + expert workers)")
-    p.add_argument("--config", default=None, help="YAML serve configuration (deploy/configs/*.yaml); flags override it")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML serve configuration (deploy/configs/*.yaml; TLS and API keys are set only here); flags override it",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -94,7 +98,12 @@ def add_parser(sub) -> None:
         default=None,
         help=f"on SIGTERM: seconds open streams may finish (default {_G.drain_grace_s:g})",
     )
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a private local Ray)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster, with Ray's own RAY_AUTH_MODE/RAY_AUTH_TOKEN (default: start a private local "
+        "Ray, on 127.0.0.1 only, with a fresh token)",
+    )
     p.set_defaults(run=run)
 
 
@@ -131,7 +140,6 @@ def serve_settings(args):
 
 def run(args) -> int:
     _check(args)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from deploy.server import Server  # ray, torch and grpc: loaded only when this command runs
 
     config = serve_settings(args)

@@ -5,13 +5,18 @@ Life: `start()` binds the port with readiness NOT_SERVING -> `attach(cluster vie
 cluster is up (readiness follows the router's health from then on) -> `drain(grace_s)` (NOT_SERVING, new
 generations refused, in-flight ones finish, the rest are aborted after the grace period) -> `stop()`.
 Every method is a coroutine of one event loop; deploy/server.py runs that loop on a thread of its own.
+
+Optional, off by default: TLS or mutual TLS on the port (router/gateway/tls.py, `gateway.tls`) and API keys on
+every call but health (router/gateway/auth.py, `gateway.api_keys_file` or $MOECLUSTER_API_KEYS).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
+import os
 import time
 
 import grpc
@@ -20,6 +25,9 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from router.gateway import tls
+from router.gateway.api_keys import ApiKeys
+from router.gateway.auth import ApiKeyInterceptor
 from router.gateway.cluster_view import ClusterView
 from router.gateway.config import GatewayConfig, MetricsConfig
 from router.gateway.health import ClusterPoller, GatewayHealth, resolve
@@ -46,6 +54,7 @@ class Gateway:
             self.health,
             self.metrics,
         )
+        self.api_keys = ApiKeys.load(config.api_keys_file, os.environ)  # read now: a bad key fails before binding
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -55,19 +64,22 @@ class Gateway:
         """Bind and serve (readiness NOT_SERVING until `attach`); returns the port."""
         c = self.config
         server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(self.api_keys)] if self.api_keys else [],
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
+        credentials = tls.server_credentials(c.tls)
         try:
-            port = server.add_insecure_port(f"{c.host}:{c.port}")
+            address = f"{c.host}:{c.port}"
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {c.host}:{c.port}: {e}") from None
         if not port:
@@ -78,7 +90,14 @@ class Gateway:
         m = self.metrics_config
         if m.enabled:
             self.metrics_port = self.metrics.serve(m.port, m.host or c.host)
-        log.info("gateway listening on %s:%d", c.host, port)
+        keys = f"{len(self.api_keys)} API keys" if self.api_keys else "no API keys"
+        log.info("gateway listening on %s:%d (%s, %s)", c.host, port, tls.describe(c.tls), keys)
+        if not self.api_keys and not c.tls.client_ca_file and not _loopback(c.host):
+            log.warning(
+                "the gateway on %s accepts every client that can reach it: set gateway.api_keys_file or "
+                "gateway.tls.client_ca_file to require a key or a client certificate",
+                c.host,
+            )
         return port
 
     async def attach(self, view: ClusterView, model_dir: str) -> None:
@@ -136,3 +155,10 @@ class Gateway:
             await self._server.stop(grace_s)
             self._server = None
         self.metrics.close()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

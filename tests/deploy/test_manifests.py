@@ -179,6 +179,7 @@ BROKEN_CLUSTERS = {  # what is wrong -> (mutation, the error the CRD schema must
         "headGroupSpec/rayStartParams/num-gpus: 0 is not of type 'string'",
     ),
     "misspelt headGroupSpec field": (lambda s: HEAD(s).update(rayStartParam={}), "'rayStartParam' was unexpected"),
+    "unknown auth mode": (lambda s: s.update(authOptions={"mode": "password"}), "'password' is not one of"),
     "misspelt container field": (
         lambda s: HEAD(s)["template"]["spec"]["containers"][0].update(readinesProbe={}),
         "'readinesProbe' was unexpected",
@@ -274,6 +275,19 @@ def test_gpu_workers_hold_one_gpu_per_actor_and_pods_have_memory_backed_shm(name
             assert c["image"] == "moecluster:0.1.0"
     params = [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec["workerGroupSpecs"]]
     assert all(isinstance(v, str) for p in params for v in p.values())
+
+
+@pytest.mark.parametrize("name, doc", RAY_DOCS, ids=[n for n, _ in RAY_DOCS])
+def test_ray_token_authentication_is_on_and_no_container_turns_it_off(name, doc):
+    # KubeRay makes the token's Secret and sets RAY_AUTH_MODE=token + RAY_AUTH_TOKEN on every Ray container.
+    spec = cluster_spec(doc)
+    assert spec["authOptions"] == {"mode": "token"}
+    major, minor, _ = (int(part) for part in spec["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)  # token authentication arrived in Ray 2.52
+    for template in pod_templates(doc):
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert "RAY_AUTH_MODE" not in env and "RAY_AUTH_TOKEN" not in env  # KubeRay's to set, from the Secret
 
 
 @pytest.mark.parametrize("name, doc", RAY_DOCS, ids=[n for n, _ in RAY_DOCS])
