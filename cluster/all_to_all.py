@@ -1,18 +1,23 @@
 """The expert exchange protocol over one channel's process groups: both halves in one class, so they cannot drift.
 
-Per step the router broadcasts a header [command, step, map generation] on the control group: RUN (a forward
-pass follows), REGROUP (leave this epoch's group: the membership is changing) or STOP. Then, per MoE layer, in
-layer order, every rank takes part in three `all_to_all_single` calls on the data group:
-  1. counts  [W, Emax] int64: rows each rank sends to each rank, per local expert of the receiver
-  2. rows    gated rows, sorted by destination rank then local expert (the router sends, workers receive)
-  3. reply   expert outputs, the same rows in the same order (workers send, the router receives)
-The router posts all three asynchronously, computes the shared expert meanwhile, and un-permutes on combine.
-Workers learn their row counts from (1), so no per-row expert ids travel.
+Per step the router broadcasts a header on the control group:
+
+    [command, step, map generation, exchanges per MoE layer, capacity]
+
+`command` is RUN (a forward pass follows), REGROUP (leave this epoch's group: the membership is changing) or STOP.
+After a RUN, every MoE layer in layer order makes `exchanges` exchanges (one per micro-batch of the step, in
+micro-batch order), and each exchange takes the path the header names:
+  capacity 0  the split path (cluster/split_exchange.py): three collectives with exact-size messages (counts,
+              rows, reply); workers read the counts on the host. Large steps (prefill) take it.
+  capacity C  the fixed path (cluster/fixed_exchange.py): two collectives, rows padded to C per worker with
+              their counts in front, and the reply; no host sync on either side. Decode-sized steps take it.
+The router decides per step (`plan_step`, before the step's first dispatch): the RUN header goes out with the
+step's first exchange, once the plan is known. A step that was never planned makes one split exchange per layer.
 
 Replicas: when an expert has copies on several live members, all of a step's rows for it go to one copy, chosen
 by rotating with the step number. Keeping an expert's rows together keeps each expert matmul the same size as
 with one copy, so results do not depend on which copy served them (the float result of a row does depend on the
-number of rows in the matmul on the backends we measured; docs/design.md).
+number of rows in the matmul on the backends we measured; docs/design.md). Both paths keep it so.
 
 A failed collective (a peer died or its group was closed) raises `CollectiveError`, which callers recover from;
 any other exception is a bug and propagates.
@@ -24,29 +29,32 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from cluster.collective import CollectiveError, Pending, wait
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
+from cluster.fixed_exchange import FixedExchange
 from cluster.process_group import CONTROL_TIMEOUT_S, ChannelGroups
+from cluster.split_exchange import SplitExchange
+
+__all__ = ["REGROUP", "RUN", "STOP", "AllToAllTransport", "CollectiveError", "RouteTables", "fixed_capacity"]
 
 RUN, STOP, REGROUP = 1, 2, 3
 MAX_ROTATIONS = 64  # precomputed replica rotations per layer (the lcm of copy counts, capped)
+FIXED_MAX_ROWS = 256  # steps whose exchanges carry at most this many rows take the fixed path (bench exchange)
+CAPACITY_STEP = 8  # capacities are multiples of this: a few shapes recur, rather than one per batch size
 
 
-class CollectiveError(RuntimeError):
-    """A collective of the channel failed: a peer died, its sockets closed, or the group timed out or was aborted."""
-
-
-@dataclass
-class _Pending:
-    order_R: torch.Tensor
-    y_sorted_RD: torch.Tensor
-    works: list
+def fixed_capacity(max_rows: int) -> int:
+    """The fixed path's capacity for exchanges of at most `max_rows` rows; 0 (the split path) past FIXED_MAX_ROWS."""
+    if max_rows > FIXED_MAX_ROWS:
+        return 0
+    return max(1, -(-max_rows // CAPACITY_STEP)) * CAPACITY_STEP
 
 
 class RouteTables:
@@ -78,14 +86,19 @@ class AllToAllTransport:
         self.groups, self.hidden, self.device, self.dtype = groups, hidden, device, dtype
         self.world = groups.world_size
         with torch.inference_mode(False):  # written in place both inside and outside inference mode
-            self._header = torch.zeros(3, dtype=torch.int64)  # [command, step, generation], CPU: control is gloo
+            self._header = torch.zeros(5, dtype=torch.int64)  # see the module docstring; CPU: control is gloo
         self.routes: RouteTables | None = None
         self._header_opts = dist.BroadcastOptions()  # idle members wait for the next header as long as it takes
         self._header_opts.rootRank, self._header_opts.timeout = 0, datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
-        self._a2a_opts = dist.AllToAllOptions()  # a stuck exchange fails after the collective timeout
-        self._a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
+        a2a_opts = dist.AllToAllOptions()  # a stuck exchange fails after the collective timeout
+        a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
+        args = (groups.data, self.world, hidden, device, dtype, a2a_opts)
+        self.split, self.fixed = SplitExchange(*args), FixedExchange(*args)
         self.generation = 0
         self.steps = 0
+        self.plan = (1, 0)  # this step's (exchanges per MoE layer, capacity)
+        self._run_due = False  # a RUN header waits for the step's first exchange
+        self.waited_s = 0.0  # router: time blocked in combine, waiting for the workers (overlap measurements)
 
     # ---- router half -------------------------------------------------------------------------------------
     def set_routes(self, expert_map: ExpertMap, members: Sequence[int]) -> None:
@@ -93,86 +106,56 @@ class AllToAllTransport:
         self.routes, self.generation = RouteTables(expert_map, members, self.device), expert_map.generation
 
     def send_header(self, command: int) -> None:
-        self._header[0], self._header[1], self._header[2] = command, self.steps, self.generation
-        _wait(self.groups.control.broadcast([self._header], self._header_opts))
-        self.steps += command == RUN
+        """STOP and REGROUP go out now; a RUN goes out with the step's first exchange, carrying its plan."""
+        if command == RUN:
+            self._run_due, self.plan = True, (1, 0)
+            self.steps += 1
+            return
+        self._run_due = False
+        self._broadcast(command, self.steps, (0, 0))
 
-    def dispatch(self, layer: int, x_RD: torch.Tensor, expert_R: torch.Tensor) -> _Pending:
+    def plan_step(self, exchanges_per_layer: int, max_rows: int) -> None:
+        """Before the step's first dispatch: each MoE layer makes `exchanges_per_layer` exchanges of at most
+        `max_rows` rows; small ones take the fixed path."""
+        assert self._run_due, "plan_step belongs between send_header(RUN) and the step's first dispatch"
+        self.plan = (exchanges_per_layer, fixed_capacity(max_rows))
+
+    def dispatch(self, layer: int, x_RD: torch.Tensor, expert_R: torch.Tensor) -> Pending:
+        if self._run_due:
+            self._run_due = False
+            self._broadcast(RUN, self.steps - 1, self.plan)
         dest_E, local_E = self.routes.for_step(layer, self.steps - 1)
-        emax = self.routes.emax[layer]
-        key_R = dest_E[expert_R] * emax + local_E[expert_R]
-        order_R = torch.argsort(key_R, stable=True)
-        counts = torch.bincount(key_R, minlength=self.world * emax)
-        send_split = counts.view(self.world, emax).sum(1).tolist()
-        nothing = [0] * self.world
-        x_sorted_RD = x_RD[order_R].contiguous()
-        y_sorted_RD = torch.empty_like(x_sorted_RD)
-        data = self.groups.data
-        works = [
-            _post(lambda: data.alltoall_base(torch.empty_like(counts), counts, [], [], self._a2a_opts)),
-            _post(lambda: data.alltoall_base(self._rows(0), x_sorted_RD, nothing, send_split, self._a2a_opts)),
-            _post(lambda: data.alltoall_base(y_sorted_RD, self._rows(0), send_split, nothing, self._a2a_opts)),
-        ]
-        return _Pending(order_R, y_sorted_RD, works)
+        capacity = self.plan[1]
+        exchange = self.fixed if capacity else self.split
+        return exchange.dispatch(dest_E, local_E, self.routes.emax[layer], x_RD, expert_R, capacity)
 
-    def combine(self, pending: _Pending) -> torch.Tensor:
+    def combine(self, pending: Pending) -> torch.Tensor:
+        started = time.perf_counter()
         for work in pending.works:
-            _wait(work)
-        y_RD = torch.empty_like(pending.y_sorted_RD)
-        y_RD[pending.order_R] = pending.y_sorted_RD
-        return y_RD
+            wait(work)
+        self.waited_s += time.perf_counter() - started
+        return pending.finish()
+
+    def _broadcast(self, command: int, step: int, plan: tuple[int, int]) -> None:
+        self._header.copy_(torch.tensor([command, step, self.generation, *plan]))
+        wait(self.groups.control.broadcast([self._header], self._header_opts))
 
     # ---- worker half -------------------------------------------------------------------------------------
     def receive_header(self) -> tuple[int, int, int]:
-        """(command, step, map generation) of the router's next step."""
-        _wait(self.groups.control.broadcast([self._header], self._header_opts))
-        command, step, generation = (int(v) for v in self._header)
+        """(command, step, map generation) of the router's next step; its plan is kept for `serve_step`."""
+        wait(self.groups.control.broadcast([self._header], self._header_opts))
+        command, step, generation, exchanges, capacity = (int(v) for v in self._header)
+        self.plan = (exchanges, capacity)
         return command, step, generation
 
     def serve_step(
         self, expert_map: ExpertMap, shards: dict[int, ExpertShard], on_counts: Callable[[int, torch.Tensor], None]
     ) -> None:
-        """Follow one forward pass: for every MoE layer, receive rows, run the local experts, reply."""
+        """Follow one forward pass: for every MoE layer and each of its exchanges, receive rows, run the local
+        experts, reply."""
+        exchanges, capacity = self.plan
+        exchange = self.fixed if capacity else self.split
         for layer in expert_map.layers:
-            self.serve_layer(layer, expert_map.max_local_experts(layer), shards[layer], on_counts)
-
-    def serve_layer(self, layer: int, emax: int, shard: ExpertShard, on_counts) -> None:
-        data = self.groups.data
-        counts_WE = torch.empty(self.world * emax, dtype=torch.int64, device=self.device)
-        _wait(_post(lambda: data.alltoall_base(counts_WE, torch.zeros_like(counts_WE), [], [], self._a2a_opts)))
-        counts_WE = counts_WE.view(self.world, emax)
-        recv_split = counts_WE.sum(1).tolist()
-        nothing = [0] * self.world
-        x_RD = self._rows(sum(recv_split))
-        _wait(_post(lambda: data.alltoall_base(x_RD, self._rows(0), recv_split, nothing, self._a2a_opts)))
-        per_expert_E = counts_WE.sum(0)
-        on_counts(layer, per_expert_E)
-        if sum(1 for n in recv_split if n) <= 1:  # one sender: rows already grouped by local expert
-            y_RD = shard.forward_sorted(x_RD, per_expert_E.tolist())
-        else:
-            local_R = torch.arange(emax, device=self.device).repeat(self.world).repeat_interleave(counts_WE.flatten())
-            y_RD = shard.forward(x_RD, local_R)
-        _wait(_post(lambda: data.alltoall_base(self._rows(0), y_RD, nothing, recv_split, self._a2a_opts)))
-
-    def _rows(self, n: int) -> torch.Tensor:
-        return torch.empty(n, self.hidden, device=self.device, dtype=self.dtype)
-
-
-def _post(start: Callable[[], object]):
-    """Start a collective; a broken group raises at once, as CollectiveError."""
-    try:
-        return start()
-    except RuntimeError as e:
-        raise CollectiveError(_first_line(e)) from e
-
-
-def _wait(work) -> None:
-    try:
-        work.wait()
-    except RuntimeError as e:
-        raise CollectiveError(_first_line(e)) from e
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+            emax = expert_map.max_local_experts(layer)
+            for _ in range(exchanges):
+                exchange.serve(layer, emax, shards[layer], on_counts, capacity)

@@ -41,6 +41,19 @@ class ExpertShard:
         """Rows already grouped by local expert, counts[e] rows for expert e (the transport sends them so)."""
         return expert_segments(x_RD, counts, self.gate_up_EDI2, self.down_EID)
 
+    def forward_padded(self, x_CD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by local expert, counts_E[e] of them for expert e (a device tensor), then padding up to C.
+        Outputs [C, D]: the real rows' results, anything in the padding rows. Each expert's matmul has exactly its
+        own rows, as in `forward_sorted` (bit-identical on CPU, tested). With torch._grouped_mm (CPU; CUDA where
+        the shapes are aligned) the offsets stay on the device: no host sync; otherwise the counts are read."""
+        if grouped_mm_supported(x_CD, self.gate_up_EDI2, self.down_EID):
+            offs_E = counts_E.cumsum(0, dtype=torch.int32)
+            return _grouped_offsets(x_CD, offs_E, self.gate_up_EDI2, self.down_EID)
+        counts = counts_E.tolist()
+        y_CD = torch.empty_like(x_CD)
+        y_CD[: sum(counts)] = expert_segments(x_CD[: sum(counts)], counts, self.gate_up_EDI2, self.down_EID)
+        return y_CD
+
 
 def expert_segments(
     x_RD: torch.Tensor, counts: list[int], gate_up_EDI2, down_EID, grouped: bool | None = None
@@ -67,8 +80,13 @@ def grouped_mm_supported(x_RD, gate_up_EDI2, down_EID) -> bool:
 
 
 def _grouped(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
-    width = down_EID.shape[1]
     offs_E = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RD.device)  # end rows
+    return _grouped_offsets(x_RD, offs_E, gate_up_EDI2, down_EID)
+
+
+def _grouped_offsets(x_RD, offs_E, gate_up_EDI2, down_EID) -> torch.Tensor:
+    """Rows past offs_E[-1] are not multiplied; their outputs are unspecified."""
+    width = down_EID.shape[1]
     gate_up_RI2 = torch._grouped_mm(x_RD, gate_up_EDI2, offs=offs_E)
     act_RI = gate_up_RI2[:, width:] * F.silu(gate_up_RI2[:, :width])
     return torch._grouped_mm(act_RI, down_EID, offs=offs_E)

@@ -1,6 +1,8 @@
 """The all-to-all transport over real gloo process groups (a router + 3 worker processes) gives exactly the
-in-process transport's expert outputs (uneven map, top-2, steps where some workers get no rows, replicas); a
-closed group fails a peer blocked on it at once; and a new epoch forms from the survivors of a broken one."""
+in-process transport's expert outputs on both exchange paths, split and fixed-capacity, also with two micro-batches
+in flight (uneven map, steps where some workers get no rows, replicas, a step too large for the fixed path); the
+fixed path makes two collectives per MoE layer and no host sync on either side; a closed group fails a peer
+blocked on it at once; and a new epoch forms from the survivors of a broken one."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.all_to_all import RUN, STOP, AllToAllTransport, CollectiveError, RouteTables
+from cluster.all_to_all import FIXED_MAX_ROWS, RUN, STOP, AllToAllTransport, CollectiveError, RouteTables
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.process_group import ChannelGroups, Rendezvous
@@ -32,10 +34,11 @@ def make_shards() -> dict[int, ExpertShard]:
 
 
 def steps() -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per step, per layer: rows and their expert ids. Step 1 sends only to experts 0-5."""
+    """Per step, per layer: rows and their expert ids. Step 1 sends only to experts 0-5; step 4 is too large for
+    the fixed path."""
     g = torch.Generator().manual_seed(1)
     out = []
-    for rows, hi in ((37, E), (4, 6), (1, E), (64, E)):
+    for rows, hi in ((37, E), (4, 6), (1, E), (64, E), (FIXED_MAX_ROWS + 44, E)):
         out.append(
             {layer: (torch.randn(rows, D, generator=g), torch.randint(0, hi, (rows,), generator=g)) for layer in LAYERS}
         )
@@ -86,8 +89,29 @@ def router_groups(rendezvous, world, prefix):
     return address, lambda: ChannelGroups.join(address, 0, HOST)
 
 
+def run_step(transport, local, step, plan: str) -> None:
+    """One step through the transport, checked against the in-process experts. `plan`: "split" (never planned),
+    "fixed" (one exchange per layer) or "fixed x2" (two micro-batches, pipelined as the model runs them: the
+    next one is dispatched before the previous one is combined)."""
+    transport.send_header(RUN)
+    parts = 1 if plan != "fixed x2" else 2
+    rows = len(step[LAYERS[0]][1])
+    if plan != "split":
+        transport.plan_step(parts, -(-rows // parts))
+    expected, pending = [], []
+    for layer in LAYERS:
+        x, ids = step[layer]
+        for x_part, ids_part in zip(x.tensor_split(parts), ids.tensor_split(parts)):
+            expected.append(local.combine(local.dispatch(layer, x_part, ids_part)))
+            pending.append(transport.dispatch(layer, x_part, ids_part))
+            if len(pending) > 1:
+                assert torch.equal(transport.combine(pending.pop(0)), expected.pop(0))
+    assert torch.equal(transport.combine(pending.pop(0)), expected.pop(0))
+
+
+@pytest.mark.parametrize("plan", ["split", "fixed", "fixed x2"])
 @pytest.mark.parametrize("spec", [UNEVEN, REPLICATED], ids=["uneven", "replicated"])
-def test_all_to_all_equals_local_transport(spec):
+def test_all_to_all_equals_local_transport(spec, plan):
     expert_map = ExpertMap.from_spec(spec, E, LAYERS)
     rendezvous = Rendezvous(HOST, timeout_s=60)
     address, join = router_groups(rendezvous, WORKERS + 1, "r0/e1")
@@ -99,11 +123,7 @@ def test_all_to_all_equals_local_transport(spec):
         transport.set_routes(expert_map, tuple(range(WORKERS)))
         local = LocalTransport(make_shards())
         for step in steps():
-            transport.send_header(RUN)
-            for layer in LAYERS:
-                x, ids = step[layer]
-                got = transport.combine(transport.dispatch(layer, x, ids))
-                assert torch.equal(got, local.combine(local.dispatch(layer, x, ids)))
+            run_step(transport, local, step, plan)
         transport.send_header(STOP)
         reports = {slot: (how, rows) for slot, how, rows in (results.get(timeout=30) for _ in range(WORKERS))}
     finally:
@@ -165,3 +185,98 @@ def test_closing_a_group_fails_its_peers_at_once_and_survivors_form_the_next_epo
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+
+
+class CountingGroup:
+    """A process group that counts the collectives posted on it."""
+
+    def __init__(self, group):
+        self.group, self.calls = group, 0
+
+    def alltoall_base(self, *args):
+        self.calls += 1
+        return self.group.alltoall_base(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+class HostSyncs:
+    """Counts the calls that read a tensor's value on the host (a device-to-host sync on a GPU)."""
+
+    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        self.calls = 0
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._counted(method))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+    def _counted(self, method):
+        def counted(tensor, *args):
+            self.calls += 1
+            return method(tensor, *args)
+
+        return counted
+
+
+def counted_transport(groups) -> tuple[AllToAllTransport, CountingGroup]:
+    groups.data = CountingGroup(groups.data)
+    return AllToAllTransport(groups, D, torch.device("cpu"), torch.float32), groups.data
+
+
+def _counting_worker(slot: int, address, results) -> None:
+    """Serve steps; report per step the collectives and host syncs of serving it."""
+    expert_map = ExpertMap.from_spec(UNEVEN, E, LAYERS)
+    shards = slot_shards(expert_map, slot)
+    transport, data = counted_transport(ChannelGroups.join(address, slot + 1, HOST))
+    while transport.receive_header()[0] == RUN:
+        before = data.calls
+        with HostSyncs() as syncs:
+            transport.serve_step(expert_map, shards, lambda layer, n: None)
+        results.put((slot, data.calls - before, syncs.calls))
+    transport.groups.close()
+
+
+@pytest.mark.parametrize(
+    "plan, collectives, syncs_at_most", [("fixed", 2, 0), ("split", 3, None)], ids=["fixed", "split"]
+)
+def test_collectives_and_host_syncs_per_moe_layer(plan, collectives, syncs_at_most):
+    """The decode path's budget: two collectives per MoE layer and no host sync, on the router and the workers.
+    The split path for comparison: three collectives, and both sides read counts on the host."""
+    expert_map = ExpertMap.from_spec(UNEVEN, E, LAYERS)
+    rendezvous = Rendezvous(HOST, timeout_s=60)
+    address, join = router_groups(rendezvous, WORKERS + 1, "r0/e1")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_counting_worker, args=(w, address, results)) for w in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        transport, data = counted_transport(join())
+        transport.set_routes(expert_map, tuple(range(WORKERS)))
+        x, ids = steps()[2][0]  # one token: a decode step of one sequence (two workers get no rows)
+        transport.send_header(RUN)
+        if plan == "fixed":
+            transport.plan_step(1, len(ids))
+        with HostSyncs() as syncs:
+            for layer in LAYERS:
+                transport.combine(transport.dispatch(layer, x, ids))
+        transport.send_header(STOP)
+        workers = [results.get(timeout=30) for _ in range(WORKERS)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+    assert data.calls == collectives * len(LAYERS)
+    assert all(calls == collectives * len(LAYERS) for _, calls, _ in workers)
+    if syncs_at_most is not None:
+        assert syncs.calls == syncs_at_most and all(n == syncs_at_most for _, _, n in workers)
+    else:
+        assert syncs.calls >= len(LAYERS) and all(n >= 2 * len(LAYERS) for _, _, n in workers)
