@@ -4,6 +4,15 @@ Module names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.q_pro
 "read the tensor with the parameter's own name". Routed experts are not parameters here: the MoE layers reach
 them through the transport given to `forward` (docs/llama4.md section 0).
 
+With micro-batches (cluster/micro_batch.py) the layers run ping-pong, so that the router's attention for one
+micro-batch overlaps the remote experts' work for another:
+
+    layer L:   attn+dispatch mb0 | attn+dispatch mb1 | combine mb0, then layer L+1: attn+dispatch mb0 | combine mb1 ...
+
+Every micro-batch sees the same layers in the same order; the expert exchanges of a layer go out in micro-batch
+order (the transport's protocol). Outputs match one batch token for token, not bit for bit: on CPU a row's float
+result depends on how many rows its matmul has.
+
 Legend: T new tokens in the flat batch, D hidden, V vocab, N rows whose logits are wanted.
 """
 
@@ -15,6 +24,7 @@ from torch import nn
 from cluster.attention import Attention, AttentionInputs, temperature_scale
 from cluster.batch import ForwardBatch, KVCache
 from cluster.config import ModelConfig
+from cluster.micro_batch import MicroBatch, split_batch
 from cluster.mlp import MLP
 from cluster.moe import MoE
 from cluster.norm import RMSNorm
@@ -32,10 +42,17 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MoE(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
 
     def forward(self, h_TD, inp: AttentionInputs, cache: KVCache, transport: ExpertTransport):
+        return self.finish(self.start(h_TD, inp, cache, transport))
+
+    def start(self, h_TD, inp: AttentionInputs, cache: KVCache, transport: ExpertTransport) -> tuple:
+        """Attention, then the feed-forward up to its routed rows' dispatch (a dense MLP runs whole)."""
         h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), inp, cache)
         x_TD = self.post_attention_layernorm(h_TD)
-        ffn_TD = self.feed_forward(x_TD, transport) if self.is_moe else self.feed_forward(x_TD)
-        return h_TD + ffn_TD
+        return h_TD, self.feed_forward.begin(x_TD, transport) if self.is_moe else self.feed_forward(x_TD)
+
+    def finish(self, started: tuple) -> torch.Tensor:
+        h_TD, ffn = started
+        return h_TD + (self.feed_forward.end(ffn) if self.is_moe else ffn)
 
 
 class TextModel(nn.Module):
@@ -69,16 +86,36 @@ class Llama4ForCausalLM(nn.Module):
         cache: KVCache,
         transport: ExpertTransport,
         all_logits: bool = False,
+        micro_batches: int = 1,
     ) -> torch.Tensor:
-        """Logits [N, V] for each sequence's last new token (or every token when `all_logits`)."""
+        """Logits [N, V] for each sequence's last new token (or every token when `all_logits`), running the batch
+        as up to `micro_batches` micro-batches."""
         assert ids_T.shape[0] == batch.num_tokens, (ids_T.shape, batch.num_tokens)
-        inp = self.attention_inputs(batch)
-        h_TD = self.model.embed_tokens(ids_T)
-        for layer in self.model.layers:
-            h_TD = layer(h_TD, inp, cache, transport)
+        parts = split_batch(batch, micro_batches)
+        if len(parts) > 1:
+            h_TD = torch.cat(self._ping_pong(ids_T, parts, cache, transport))
+        else:
+            inp = self.attention_inputs(batch)
+            h_TD = self.model.embed_tokens(ids_T)
+            for layer in self.model.layers:
+                h_TD = layer(h_TD, inp, cache, transport)
         if not all_logits:
             h_TD = h_TD[batch.last_rows()]
         return self.lm_head(self.model.norm(h_TD))
+
+    def _ping_pong(self, ids_T, parts: tuple[MicroBatch, ...], cache, transport) -> list[torch.Tensor]:
+        """Each micro-batch's hidden states after the last layer; a micro-batch's feed-forward is finished just
+        before its next layer starts, so the others' dispatched rows are with the experts meanwhile."""
+        inps = [self.attention_inputs(p.batch) for p in parts]
+        hs = [self.model.embed_tokens(ids_T[p.rows]) for p in parts]
+        started: list[tuple | None] = [None] * len(parts)
+        previous = None
+        for layer in self.model.layers:
+            for i, inp in enumerate(inps):
+                h_TD = hs[i] if previous is None else previous.finish(started[i])
+                started[i] = layer.start(h_TD, inp, cache, transport)
+            previous = layer
+        return [previous.finish(s) for s in started]
 
     def attention_inputs(self, batch: ForwardBatch) -> AttentionInputs:
         positions_T = batch.positions(self.device)

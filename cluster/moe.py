@@ -10,6 +10,9 @@ Legend: T tokens, D hidden, E experts, k experts per token, R = T*k rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,6 +27,16 @@ def top_k_gates(gate_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
     return ids_Tk, torch.sigmoid(top_v_Tk.float()).to(gate_logits_TE.dtype)
 
 
+@dataclass
+class Routed:
+    """An MoE layer between dispatch and combine."""
+
+    x_TD: torch.Tensor
+    token_R: torch.Tensor  # the token of each dispatched row
+    handle: Any  # the transport's
+    transport: ExpertTransport
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -35,12 +48,20 @@ class MoE(nn.Module):
         )
 
     def forward(self, x_TD: torch.Tensor, transport: ExpertTransport) -> torch.Tensor:
+        return self.end(self.begin(x_TD, transport))
+
+    def begin(self, x_TD: torch.Tensor, transport: ExpertTransport) -> Routed:
+        """Gate the tokens and dispatch their rows; `end` finishes the layer."""
         ids_Tk, gates_Tk = top_k_gates(self.router(x_TD), self.top_k)
         token_R = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(self.top_k)
         rows_RD = x_TD[token_R] * gates_Tk.reshape(-1, 1)
-        handle = transport.dispatch(self.layer, rows_RD, ids_Tk.reshape(-1))
-        shared_TD = self.shared_expert(x_TD)  # overlaps the experts' compute when they are remote
-        routed_TD = torch.zeros_like(x_TD).index_add_(0, token_R, transport.combine(handle))
-        # routed tokens per expert since start, for stats (on the device: no sync)
-        self.tokens_per_expert += torch.bincount(ids_Tk.reshape(-1), minlength=self.router.out_features)
-        return shared_TD + routed_TD
+        expert_R = ids_Tk.reshape(-1)
+        handle = transport.dispatch(self.layer, rows_RD, expert_R)
+        # routed tokens per expert since start, for stats (index_add_, unlike bincount, never syncs on a GPU)
+        self.tokens_per_expert.index_add_(0, expert_R, torch.ones_like(expert_R))
+        return Routed(x_TD, token_R, handle, transport)
+
+    def end(self, routed: Routed) -> torch.Tensor:
+        shared_TD = self.shared_expert(routed.x_TD)  # overlaps the experts' compute when they are remote
+        combined_RD = routed.transport.combine(routed.handle)
+        return shared_TD + torch.zeros_like(routed.x_TD).index_add_(0, routed.token_R, combined_RD)

@@ -190,17 +190,14 @@ class Engine:
         return out
 
     def _forward(self, plan) -> torch.Tensor:
-        seqs, ids, start = [], [], 0
-        tables = {}
-        for piece in plan.pieces:
-            slot = self.live[piece.request_id].slot
-            seqs.append(SeqSlice(start, len(piece.token_ids), piece.pos0, slot))
-            tables[slot] = self.blocks.tables(piece.request_id)
-            ids += piece.token_ids
-            start += len(piece.token_ids)
-        self.cache.begin_step(tables)
+        pieces = plan.pieces
+        slots = [self.live[p.request_id].slot for p in pieces]
+        starts = itertools.accumulate((len(p.token_ids) for p in pieces), initial=0)
+        seqs = tuple(SeqSlice(a, len(p.token_ids), p.pos0, slot) for p, slot, a in zip(pieces, slots, starts))
+        self.cache.begin_step({slot: self.blocks.tables(p.request_id) for p, slot in zip(pieces, slots)})
+        ids = list(itertools.chain.from_iterable(p.token_ids for p in pieces))
         ids_T = torch.tensor(ids, dtype=torch.int64, device=self.runner.model.device)
-        return self.runner.forward(ids_T, ForwardBatch(tuple(seqs)), self.cache)
+        return self.runner.forward(ids_T, ForwardBatch(seqs), self.cache, micro_batches=self.config.micro_batches)
 
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
         live = self.live[request_id]

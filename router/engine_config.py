@@ -18,6 +18,8 @@ class EngineConfig(Settings):
     block_size: int = setting(16, integer(1))  # tokens per KV-cache block
     kv_cache_memory: int | None = setting(None, optional(byte_size()))  # bytes; None: 256 MiB on CPU, on CUDA
     # half the GPU memory left free after loading
+    micro_batches: int | None = setting(None, optional(integer(1, 8)))  # micro-batches per step, run ping-pong
+    # so that attention overlaps the remote experts; None: 2 with expert workers and 8+ sequences, else 1
 
     def check_across(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:

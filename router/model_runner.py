@@ -3,18 +3,28 @@
 
 A replayed pass recomputes everything from the router's own state: KV writes land in the same slots with the same
 values, and the routed-token counters are restored first so a replay does not count twice.
+
+Micro-batches (ping-pong, cluster/model.py) pay only when the experts are remote: then the router's attention for
+one micro-batch overlaps the workers' experts for another. `micro_batches=None` picks: 2 for a step of at least
+AUTO_MIN_SEQS sequences with remote experts, else 1 (`moecluster bench engine` and `bench exchange` measure it).
+Before each remote pass the runner tells the transport its plan (exchanges per MoE layer, the largest exchange),
+which picks the fixed-capacity path for decode-sized steps.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
 from cluster.batch import ForwardBatch, KVCache
+from cluster.micro_batch import split_batch
 from cluster.model import Llama4ForCausalLM
 from cluster.transport import ExpertTransport
 from router.expert_channel import ExpertChannel
+
+AUTO_MIN_SEQS = 8  # with remote experts, steps of at least this many sequences run as two micro-batches
 
 
 class ModelRunner:
@@ -22,30 +32,50 @@ class ModelRunner:
         self.model, self.experts = model, experts
         self.lock = threading.Lock()  # one step at a time: collectives must be issued in order
         self.steps = 0
+        self.forward_s = 0.0  # wall time in forward passes (with the transport's waited_s: measured overlap)
         self._counters = [m.feed_forward.tokens_per_expert for m in model.model.layers if m.is_moe]
 
     @property
     def remote(self) -> bool:
         return isinstance(self.experts, ExpertChannel)
 
+    def micro_batches_for(self, batch: ForwardBatch, wanted: int | None) -> int:
+        """`wanted`, or the automatic choice (module docstring); never more than the batch has sequences."""
+        if wanted is None:
+            wanted = 2 if self.remote and len(batch.seqs) >= AUTO_MIN_SEQS else 1
+        return min(wanted, len(batch.seqs))
+
     @torch.inference_mode()
     def forward(
-        self, ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache, all_logits: bool = False
+        self,
+        ids_T: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        all_logits: bool = False,
+        micro_batches: int | None = 1,
     ) -> torch.Tensor:
         with self.lock:
+            started = time.perf_counter()
+            parts = self.micro_batches_for(batch, micro_batches)
             if not self.remote:
-                logits = self.model(ids_T, batch, cache, self.experts, all_logits=all_logits)
+                logits = self.model(ids_T, batch, cache, self.experts, all_logits, parts)
             else:
-                before = [c.clone() for c in self._counters]
-
-                def attempt(transport):
-                    for counter, value in zip(self._counters, before):
-                        counter.copy_(value)
-                    return self.model(ids_T, batch, cache, transport, all_logits=all_logits)
-
-                logits = self.experts.run(attempt)
+                logits = self.experts.run(self._remote_pass(ids_T, batch, cache, all_logits, parts))
             self.steps += 1
+            self.forward_s += time.perf_counter() - started
             return logits
+
+    def _remote_pass(self, ids_T, batch: ForwardBatch, cache: KVCache, all_logits: bool, parts: int):
+        before = [c.clone() for c in self._counters]
+        largest = max(p.batch.num_tokens for p in split_batch(batch, parts)) * self.model.config.num_experts_per_tok
+
+        def attempt(transport):
+            for counter, value in zip(self._counters, before):
+                counter.copy_(value)
+            transport.plan_step(parts, largest)
+            return self.model(ids_T, batch, cache, transport, all_logits, parts)
+
+        return attempt
 
     @torch.inference_mode()
     def maintain(self) -> None:

@@ -73,6 +73,7 @@ DEFAULTS = {
     "scheduler.max_model_len": None,
     "scheduler.block_size": 16,
     "scheduler.kv_cache_memory": None,
+    "scheduler.micro_batches": None,
     "gateway.host": "127.0.0.1",
     "gateway.port": 50051,
     "gateway.max_concurrent_streams": 256,

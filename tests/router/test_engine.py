@@ -171,3 +171,15 @@ def test_logprobs_report_the_sampled_token_and_sorted_alternatives(generator):
         assert lp.token_id == d.token_ids[0] and len(lp.top) == 5
         assert lp.top[0][0] == lp.token_id and lp.logprob == pytest.approx(lp.top[0][1])  # greedy = best
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_micro_batches_give_the_tokens_of_one_batch(generator, micro_batches):
+    """Ping-pong micro-batches (mixed prefill and decode pieces, arrivals mid-run) change no token."""
+    ps = prompts()
+
+    def tokens(**config) -> dict[str, list[int]]:
+        requests = [EngineRequest(f"r{i}", GREEDY, prompt_ids=tuple(p)) for i, p in enumerate(ps)]
+        return drive(engine_for(generator, **config), {0: requests[:4], 3: requests[4:]})[0]
+
+    assert tokens(micro_batches=micro_batches) == tokens(micro_batches=1)
