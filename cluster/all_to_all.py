@@ -9,8 +9,9 @@ After a RUN, every MoE layer in layer order makes `exchanges` exchanges (one per
 micro-batch order), and each exchange takes the path the header names:
   capacity 0  the split path (cluster/split_exchange.py): three collectives with exact-size messages (counts,
               rows, reply); workers read the counts on the host. Large steps (prefill) take it.
-  capacity C  the fixed path (cluster/fixed_exchange.py): two collectives, rows padded to C per worker with
-              their counts in front, and the reply; no host sync on either side. Decode-sized steps take it.
+  capacity C  the fixed path (cluster/fixed_exchange.py): two rounds of point-to-point messages between the
+              router and each worker, rows padded to C with their counts in front, and the reply; no host sync on
+              either side. Decode-sized steps take it.
 The router decides per step (`plan_step`, before the step's first dispatch): the RUN header goes out with the
 step's first exchange, once the plan is known. A step that was never planned makes one split exchange per layer.
 
@@ -52,9 +53,11 @@ CAPACITY_STEP = 8  # capacities are multiples of this: a few shapes recur, rathe
 
 def fixed_capacity(max_rows: int) -> int:
     """The fixed path's capacity for exchanges of at most `max_rows` rows; 0 (the split path) past FIXED_MAX_ROWS."""
-    if max_rows > FIXED_MAX_ROWS:
-        return 0
-    return max(1, -(-max_rows // CAPACITY_STEP)) * CAPACITY_STEP
+    return _bucket(max_rows) if max_rows <= FIXED_MAX_ROWS else 0
+
+
+def _bucket(rows: int) -> int:
+    return max(1, -(-rows // CAPACITY_STEP)) * CAPACITY_STEP
 
 
 class RouteTables:
@@ -92,8 +95,8 @@ class AllToAllTransport:
         self._header_opts.rootRank, self._header_opts.timeout = 0, datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
         a2a_opts = dist.AllToAllOptions()  # a stuck exchange fails after the collective timeout
         a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
-        args = (groups.data, self.world, hidden, device, dtype, a2a_opts)
-        self.split, self.fixed = SplitExchange(*args), FixedExchange(*args)
+        self.split = SplitExchange(groups.data, self.world, hidden, device, dtype, a2a_opts)
+        self.fixed = FixedExchange(groups.data, self.world, hidden, device, dtype, a2a_opts.timeout)
         self.generation = 0
         self.steps = 0
         self.plan = (1, 0)  # this step's (exchanges per MoE layer, capacity)
@@ -114,11 +117,14 @@ class AllToAllTransport:
         self._run_due = False
         self._broadcast(command, self.steps, (0, 0))
 
-    def plan_step(self, exchanges_per_layer: int, max_rows: int) -> None:
+    def plan_step(self, exchanges_per_layer: int, max_rows: int, path: str | None = None) -> None:
         """Before the step's first dispatch: each MoE layer makes `exchanges_per_layer` exchanges of at most
-        `max_rows` rows; small ones take the fixed path."""
+        `max_rows` rows. `path` None: small exchanges take the fixed path, others the split one; "fixed" or
+        "split" forces one (benchmarks)."""
         assert self._run_due, "plan_step belongs between send_header(RUN) and the step's first dispatch"
-        self.plan = (exchanges_per_layer, fixed_capacity(max_rows))
+        assert path in (None, "fixed", "split"), path
+        capacity = fixed_capacity(max_rows) if path is None else _bucket(max_rows) if path == "fixed" else 0
+        self.plan = (exchanges_per_layer, capacity)
 
     def dispatch(self, layer: int, x_RD: torch.Tensor, expert_R: torch.Tensor) -> Pending:
         if self._run_due:
@@ -132,7 +138,7 @@ class AllToAllTransport:
     def combine(self, pending: Pending) -> torch.Tensor:
         started = time.perf_counter()
         for work in pending.works:
-            wait(work)
+            wait(work, pending.timeout)
         self.waited_s += time.perf_counter() - started
         return pending.finish()
 

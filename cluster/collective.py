@@ -6,6 +6,7 @@ router's channel recovers from; any other exception is a bug and propagates.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ class Pending:
 
     works: list
     finish: Callable[[], object]
+    timeout: datetime.timedelta | None = None  # for works that carry none of their own (point-to-point)
 
 
 def post(start: Callable[[], object]):
@@ -31,9 +33,9 @@ def post(start: Callable[[], object]):
         raise CollectiveError(_first_line(e)) from e
 
 
-def wait(work) -> None:
+def wait(work, timeout: datetime.timedelta | None = None) -> None:
     try:
-        work.wait()
+        work.wait() if timeout is None else work.wait(timeout)
     except RuntimeError as e:
         raise CollectiveError(_first_line(e)) from e
 

@@ -1,5 +1,9 @@
-"""Serving throughput and latency: 1, 8 and 32 concurrent requests through the engine (in-process and with 2
-Ray expert workers), beside transformers' `generate` run one request at a time, same checkpoint, same run."""
+"""Serving throughput and latency: 1, 8 and 32 concurrent requests through the engine (in-process, and with Ray
+expert workers), beside transformers' `generate` run one request at a time, same checkpoint, same run.
+
+With workers, each row also says how the router spent its forward passes: the share blocked in combine waiting
+for the workers (the rest is the router computing: attention, gate, shared expert, the exchange's own work), so
+the overlap that micro-batches buy is measured, not assumed."""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import ray
 import torch
 
 from cluster.config import load_model_config
-from deploy.bench.models import bench_checkpoint, load_transformers
+from deploy.bench.exchange_timer import ExchangeBenchRouter
+from deploy.bench.models import BENCH_MODELS, bench_checkpoint, load_transformers
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from router.async_engine import AsyncEngine
@@ -24,11 +30,12 @@ from router.sampling_params import SamplingParams
 
 def run_engine_bench(args) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    with bench_checkpoint(args.model) as model_dir:
+    with bench_checkpoint(args.model, BENCH_MODELS[args.bench_model]) as model_dir:
         prompts = _prompts(model_dir, args)
         rows = _in_process(model_dir, prompts, params, args)
-        if args.workers:
-            rows += _with_workers(model_dir, prompts, params, args)
+        for workers in (w for w in args.workers if w):  # 0: in-process only
+            for micro_batches in args.micro_batches:
+                rows += _with_workers(model_dir, prompts, params, args, workers, micro_batches)
         rows += _transformers(model_dir, prompts, params, args)
     _print(rows, args)
     return 0
@@ -64,16 +71,23 @@ async def _measure(stream_for: Callable[[EngineRequest], AsyncIterator], prompts
     return {"tokens_per_s": tokens / wall, "itl_ms": 1e3 * statistics.mean(gaps) if gaps else float("nan")}
 
 
-def _warm_then_measure(stream_for, prompts, params) -> dict:
-    """One unmeasured round at this concurrency first: on CUDA, new batch shapes pick their kernels then."""
+def _warm_then_measure(stream_for, prompts, params, stats: Callable[[], dict] | None = None) -> dict:
+    """One unmeasured round at this concurrency first: on CUDA, new batch shapes pick their kernels then. With
+    `stats` (the router's exchange_stats), the measured round's share of forward time blocked in combine."""
     asyncio.run(_measure(stream_for, prompts, params))
-    return asyncio.run(_measure(stream_for, prompts, params))
+    before = stats() if stats else None
+    result = asyncio.run(_measure(stream_for, prompts, params))
+    if stats:
+        after = stats()
+        forward = after["forward_s"] - before["forward_s"]
+        result["blocked"] = (after["waited_s"] - before["waited_s"]) / forward if forward else float("nan")
+        result["step_ms"] = 1e3 * forward / max(1, after["steps"] - before["steps"])
+    return result
 
 
 def _in_process(model_dir, prompts, params, args) -> list[tuple]:
-    engine = AsyncEngine(
-        Engine.from_checkpoint(model_dir, args.device, args.dtype, EngineConfig(max_num_seqs=max(args.concurrency)))
-    )
+    config = EngineConfig(max_num_seqs=max(args.concurrency))
+    engine = AsyncEngine(Engine.from_checkpoint(model_dir, args.device, args.dtype, config))
     try:
         return [
             ("engine, in-process experts", n, _warm_then_measure(engine.generate, prompts[:n], params))
@@ -83,23 +97,26 @@ def _in_process(model_dir, prompts, params, args) -> list[tuple]:
         engine.shutdown()
 
 
-def _with_workers(model_dir, prompts, params, args) -> list[tuple]:
+def _with_workers(model_dir, prompts, params, args, workers: int, micro_batches: int | None) -> list[tuple]:
     spec = DeploymentSpec(
         model_dir,
-        ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=args.workers),
-        EngineConfig(max_num_seqs=max(args.concurrency)),
+        ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=workers),
+        EngineConfig(max_num_seqs=max(args.concurrency), micro_batches=micro_batches),
         dtype=args.dtype,
+        show_progress=False,
+        router_class=ExchangeBenchRouter,
     )
+    name = f"engine, {workers} Ray worker{'s' if workers > 1 else ''}, mb {micro_batches or 'auto'}"
     with Deployment.start(spec) as deployment:
 
         async def stream(request):
             async for ref in deployment.router.generate_stream.options(num_returns="streaming").remote(request):
                 yield await ref
 
-        return [
-            (f"engine, {args.workers} Ray expert workers", n, _warm_then_measure(stream, prompts[:n], params))
-            for n in args.concurrency
-        ]
+        def stats() -> dict:
+            return ray.get(deployment.router.exchange_stats.remote(), timeout=60)
+
+        return [(name, n, _warm_then_measure(stream, prompts[:n], params, stats)) for n in args.concurrency]
 
 
 def _transformers(model_dir, prompts, params, args) -> list[tuple]:
@@ -136,8 +153,11 @@ def _transformers(model_dir, prompts, params, args) -> list[tuple]:
 def _print(rows, args) -> None:
     print(
         f"serving: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request (greedy), "
-        f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads"
+        f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads in this process, model "
+        f"{args.model or args.bench_model}"
     )
-    print(f"{'path':<36} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12}")
+    print(f"{'path':<40} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12} {'step ms':>8} {'blocked':>8}")
     for name, n, m in rows:
-        print(f"{name:<36} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}")
+        extra = f" {m['step_ms']:>8.2f} {m['blocked']:>8.0%}" if "blocked" in m else ""
+        print(f"{name:<40} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}{extra}")
+    print("step ms: the router's mean forward pass; blocked: its share spent in combine waiting for the workers")

@@ -1,5 +1,6 @@
 """Times one MoE exchange (dispatch + combine) per layer, for benchmarks: the same random rows through
-whatever transport the router has, so the all-to-all path and the in-process path are measured alike.
+whatever transport the router has, so the all-to-all paths and the in-process path are measured alike; and the
+router's own account of a serving run (time in forward passes, time blocked waiting for the workers).
 
 Legend: T tokens, k experts per token, R = T*k rows, D hidden.
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from cluster.all_to_all import RUN, AllToAllTransport
+from cluster.all_to_all import RUN
 from cluster.transport import ExpertTransport
 from router.router_actor import RouterActor
 
@@ -52,15 +53,24 @@ def _sync(device: torch.device) -> None:
 
 
 class ExchangeBenchRouter(RouterActor):
-    """The router actor plus one benchmark call, so `bench transport` times the real exchange (workers included)
-    without a benchmark method in the serving actor."""
+    """The router actor plus benchmark calls, so the benchmarks time the real exchange (workers included) and
+    read the router's overlap figures without a benchmark method in the serving actor."""
 
-    def time_exchange(self, tokens: int, iters: int) -> dict[int, float]:
-        """Median ms per MoE layer of dispatch + combine through this router's transport."""
-        transport, cfg = self.runner.transport, self.config
-        remote = isinstance(transport, AllToAllTransport)
+    def time_exchange(self, tokens: int, iters: int, path: str | None = None) -> dict[int, float]:
+        """Median ms per MoE layer of dispatch + combine through this router's transport; `path` "fixed" or
+        "split" forces an exchange path (None: as serving would choose)."""
+        cfg = self.config
         with self.runner.lock:
-            self.runner.check()
+            if self.channel is None:
+                transport, before_step = self.runner.experts, lambda: None
+            else:
+                self.channel.maintain()
+                transport = self.channel.transport
+
+                def before_step():
+                    transport.send_header(RUN)
+                    transport.plan_step(1, tokens * cfg.num_experts_per_tok, path)
+
             return time_exchange(
                 transport,
                 list(cfg.moe_layers),
@@ -71,5 +81,16 @@ class ExchangeBenchRouter(RouterActor):
                 self.device,
                 self.dtype,
                 iters,
-                before_step=(lambda: transport.send_header(RUN)) if remote else (lambda: None),
+                before_step,
             )
+
+    def exchange_stats(self) -> dict:
+        """Forward passes so far, seconds in them, seconds of those blocked in combine waiting for the workers
+        (the current epoch's transport), and the torch threads this actor computes with."""
+        transport = self.channel.transport if self.channel else None
+        return {
+            "steps": self.runner.steps,
+            "forward_s": self.runner.forward_s,
+            "waited_s": transport.waited_s if transport is not None else 0.0,
+            "threads": torch.get_num_threads(),
+        }

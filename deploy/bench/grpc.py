@@ -1,7 +1,8 @@
 """Latency through the gRPC gateway beside the engine called directly (router.generate_stream over Ray from
 this process, no gRPC), same server, same run, rounds interleaved: time to first token and inter-token
 latency for 1 and N concurrent streams. The difference is what the gateway costs (admission, validation,
-protobuf, HTTP/2, one more event loop)."""
+protobuf, HTTP/2, one more event loop). Several `--workers` counts run one server each, in the same run, so the
+expert workers' cost reads off the same table (0: every expert in the router)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import uuid
 
 import torch
 
-from deploy.bench.models import bench_checkpoint
+from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.config import apply_overrides, load_serve_config
 from deploy.server import Server
 from protos.async_client import AsyncInferenceClient
@@ -22,20 +23,23 @@ from router.sampling_params import SamplingParams
 
 
 def run_grpc_bench(args) -> int:
-    with bench_checkpoint(args.model) as model_dir:
-        config = apply_overrides(
-            load_serve_config(None),
-            model_path=model_dir,
-            workers=args.workers,
-            device=args.device.split(":")[0],
-            dtype=args.dtype,
-            model_name=None if args.model else "tiny-scout (random weights)",
-            port=0,
-            max_concurrent_streams=max(args.concurrency) + 8,
-        )
-        with Server(config) as server:
-            rows = _measure(server, args)
-        _print(rows, args, model_dir, server.model_name)
+    with bench_checkpoint(args.model, BENCH_MODELS[args.bench_model]) as model_dir:
+        rows = []
+        for workers in args.workers:
+            config = apply_overrides(
+                load_serve_config(None),
+                model_path=model_dir,
+                workers=workers,
+                device=args.device.split(":")[0],
+                dtype=args.dtype,
+                model_name=None if args.model else f"{args.bench_model} (random weights)",
+                port=0,
+                max_concurrent_streams=max(args.concurrency) + 8,
+            )
+            with Server(config) as server:
+                rows += [(workers, *row) for row in _measure(server, args)]
+                model_name = server.model_name
+        _print(rows, args, model_dir, model_name)
     return 0
 
 
@@ -122,14 +126,16 @@ async def _grpc(target, prompts, params):
 
 def _print(rows, args, model_dir: str, model_name: str) -> None:
     print(
-        f"model {model_name} ({model_dir}), {args.workers} workers on {args.device}, prompt {args.prompt_len} "
-        f"tokens, {args.new_tokens} new tokens, greedy, {args.rounds} rounds per row; times in ms"
+        f"model {model_name} ({model_dir}) on {args.device}, prompt {args.prompt_len} tokens, {args.new_tokens} new "
+        f"tokens, greedy, {args.rounds} rounds per row; times in ms"
     )
-    header = ("streams", "path", "TTFT mean", "p50", "p90", "ITL mean", "p50", "p90", "tokens/s")
-    table = [header] + [(str(n), name, *_ms(ttft), *_ms(itl), f"{rate:.0f}") for n, name, ttft, itl, rate in rows]
+    header = ("workers", "streams", "path", "TTFT mean", "p50", "p90", "ITL mean", "p50", "p90", "tokens/s")
+    table = [header] + [
+        (str(w), str(n), name, *_ms(ttft), *_ms(itl), f"{rate:.0f}") for w, n, name, ttft, itl, rate in rows
+    ]
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     for r in table:
-        print("  ".join(cell.rjust(w) if c != 1 else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths))))
+        print("  ".join(cell.rjust(w) if c != 2 else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths))))
 
 
 def _ms(values: list[float]) -> tuple[str, str, str]:

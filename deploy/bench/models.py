@@ -9,7 +9,10 @@ from contextlib import contextmanager
 
 import torch
 
+from deploy.bench.presets import BENCH_MODELS
 from deploy.tiny.model import write_tiny_model
+
+__all__ = ["BENCH_MODELS", "bench_checkpoint", "load_transformers"]
 
 
 @contextmanager

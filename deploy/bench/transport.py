@@ -21,16 +21,21 @@ BENCH_DIMS = {"hidden_size": 512, "intermediate_size": 1024, "num_local_experts"
 
 def run_transport_bench(args) -> int:
     with bench_checkpoint(args.model, overrides=BENCH_DIMS) as model_dir:
-        _print(_measure(model_dir, args), model_dir, args)
+        table = in_process_ms(model_dir, args)
+        for workers in args.workers:
+            for (tokens, _), ms in with_workers_ms(model_dir, workers, args, paths=(None,)).items():
+                table[(tokens, workers)] = ms
+        _print(table, model_dir, args)
     return 0
 
 
-def _measure(model_dir: str, args) -> dict[tuple[int, int], float]:
+def in_process_ms(model_dir: str, args) -> dict[tuple[int, int], float]:
+    """(tokens, 0) -> mean over MoE layers of the median ms of one exchange through the in-process experts."""
     cfg = load_model_config(model_dir)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, cfg, device)
     local = LocalTransport(load_all_experts(cfg, CheckpointReader(model_dir), device, dtype))
-    table: dict[tuple[int, int], float] = {}
+    table = {}
     for tokens in args.tokens:
         per_layer = time_exchange(
             local,
@@ -44,14 +49,20 @@ def _measure(model_dir: str, args) -> dict[tuple[int, int], float]:
             args.iters,
         )
         table[(tokens, 0)] = sum(per_layer.values()) / len(per_layer)
-    del local
-    for workers in args.workers:
-        cluster = ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=workers)
-        spec = DeploymentSpec(model_dir, cluster, dtype=args.dtype, router_class=ExchangeBenchRouter)
-        with Deployment.start(spec) as deployment:
-            for tokens in args.tokens:
-                per_layer = ray.get(deployment.router.time_exchange.remote(tokens, args.iters), timeout=600)
-                table[(tokens, workers)] = sum(per_layer.values()) / len(per_layer)
+    return table
+
+
+def with_workers_ms(model_dir: str, workers: int, args, paths) -> dict[tuple[int, str | None], float]:
+    """(tokens, path) -> the same through a deployment with `workers` expert workers; path None: as serving
+    chooses, "fixed" or "split": forced."""
+    cluster = ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=workers)
+    spec = DeploymentSpec(model_dir, cluster, dtype=args.dtype, router_class=ExchangeBenchRouter, show_progress=False)
+    table = {}
+    with Deployment.start(spec) as deployment:
+        for tokens in args.tokens:
+            for path in paths:
+                per_layer = ray.get(deployment.router.time_exchange.remote(tokens, args.iters, path), timeout=600)
+                table[(tokens, path)] = sum(per_layer.values()) / len(per_layer)
     return table
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+
+from deploy.bench.presets import BENCH_MODELS
 from deploy.cli.arg_types import positive_ints
 
 
@@ -29,9 +32,20 @@ def add_parser(sub) -> None:
     t.add_argument("--dtype", default="auto")
     t.set_defaults(run=_run_transport)
 
+    x = what.add_parser("exchange", help="per MoE layer: fixed-capacity vs split exchange (1, 2 workers) vs in-process")
+    x.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
+    _bench_model(x, "moe-256")
+    x.add_argument("--tokens", type=positive_ints, default=[1, 8, 32, 128, 512])
+    x.add_argument("--workers", type=positive_ints, default=[1, 2])
+    x.add_argument("--iters", type=int, default=20)
+    x.add_argument("--device", default="cpu")
+    x.add_argument("--dtype", default="auto")
+    x.set_defaults(run=_run_exchange)
+
     g = what.add_parser("grpc", help="time to first token and inter-token latency: through gRPC vs the engine via Ray")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
-    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
+    _bench_model(g, "tiny")
+    g.add_argument("--workers", type=_counts, default=[2], help="expert workers, one server each, e.g. 0,1,2")
     g.add_argument("--concurrency", type=positive_ints, default=[1, 16])
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=64)
@@ -41,11 +55,18 @@ def add_parser(sub) -> None:
     g.set_defaults(run=_run_grpc)
 
     e = what.add_parser("engine", help="continuous batching: 1/8/32 concurrent requests vs transformers, sequential")
-    e.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny scout model)")
+    e.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
+    _bench_model(e, "tiny")
     e.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
     e.add_argument("--prompt-len", type=int, default=16)
     e.add_argument("--new-tokens", type=int, default=32)
-    e.add_argument("--workers", type=int, default=2, help="also measure with this many Ray expert workers (0: skip)")
+    e.add_argument("--workers", type=_counts, default=[2], help="also with these many Ray workers, e.g. 1,2 (0: skip)")
+    e.add_argument(
+        "--micro-batches",
+        type=_micro_batches,
+        default=[None],
+        help="scheduler.micro_batches for the worker rows, e.g. auto,1,2 (one deployment each)",
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
     e.set_defaults(run=_run_engine)
@@ -68,6 +89,41 @@ def add_parser(sub) -> None:
     c.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
     c.add_argument("--iters", type=int, default=20)
     c.set_defaults(run=_run_collective)
+
+
+def _bench_model(parser, default: str) -> None:
+    parser.add_argument(
+        "--bench-model",
+        choices=sorted(BENCH_MODELS),
+        default=default,
+        help="the checkpoint to generate without --model: tiny (hidden 64, 4 MoE layers) or moe-256 (hidden 256, "
+        "8 MoE layers, 16 experts 512 wide, top-1)",
+    )
+
+
+def _counts(text: str) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 like 0,1,2, got {text!r}")
+    return values
+
+
+def _micro_batches(text: str) -> list[int | None]:
+    """ "auto,1,2" -> [None, 1, 2]."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or not all(v == "auto" or (v.isdigit() and 1 <= int(v) <= 8) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a list of auto or 1..8 like auto,1,2, got {text!r}")
+    return [None if v == "auto" else int(v) for v in values]
+
+
+def _run_exchange(args) -> int:
+    from deploy.bench.exchange import run_exchange_bench
+
+    return run_exchange_bench(args)
 
 
 def _run_moe_layer(args) -> int:
