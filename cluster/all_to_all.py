@@ -31,7 +31,8 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from cluster.collective import CollectiveError, Pending, wait
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
-from cluster.fixed_exchange import FixedExchange
+from cluster.fixed_exchange import Blocks, FixedExchange
 from cluster.process_group import CONTROL_TIMEOUT_S, ChannelGroups
 from cluster.split_exchange import SplitExchange
 
@@ -66,6 +67,7 @@ class RouteTables:
 
     def __init__(self, expert_map: ExpertMap, members: Sequence[int], device: torch.device):
         rank_of = {slot: i + 1 for i, slot in enumerate(members)}
+        self.num_experts = expert_map.num_experts
         self.emax = {layer: expert_map.max_local_experts(layer) for layer in expert_map.layers}
         self.tables: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for layer in expert_map.layers:
@@ -100,7 +102,9 @@ class AllToAllTransport:
         self.generation = 0
         self.steps = 0
         self.plan = (1, 0)  # this step's (exchanges per MoE layer, capacity)
+        self._blocks: Blocks | None = None  # the fixed path's message shape this step
         self._run_due = False  # a RUN header waits for the step's first exchange
+        self._fenced = False  # this step's workers were told it failed
         self.waited_s = 0.0  # router: time blocked in combine, waiting for the workers (overlap measurements)
 
     # ---- router half -------------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ class AllToAllTransport:
     def send_header(self, command: int) -> None:
         """STOP and REGROUP go out now; a RUN goes out with the step's first exchange, carrying its plan."""
         if command == RUN:
-            self._run_due, self.plan = True, (1, 0)
+            self._run_due, self._fenced, self.plan = True, False, (1, 0)
             self.steps += 1
             return
         self._run_due = False
@@ -125,22 +129,35 @@ class AllToAllTransport:
         assert path in (None, "fixed", "split"), path
         capacity = fixed_capacity(max_rows) if path is None else _bucket(max_rows) if path == "fixed" else 0
         self.plan = (exchanges_per_layer, capacity)
+        self._blocks = self.fixed.blocks(self.routes.num_experts, capacity) if capacity else None
 
     def dispatch(self, layer: int, x_RD: torch.Tensor, expert_R: torch.Tensor) -> Pending:
-        if self._run_due:
-            self._run_due = False
-            self._broadcast(RUN, self.steps - 1, self.plan)
-        dest_E, local_E = self.routes.for_step(layer, self.steps - 1)
-        capacity = self.plan[1]
-        exchange = self.fixed if capacity else self.split
-        return exchange.dispatch(dest_E, local_E, self.routes.emax[layer], x_RD, expert_R, capacity)
+        with self._fence_on_failure():
+            if self._run_due:
+                self._run_due = False
+                self._broadcast(RUN, self.steps - 1, self.plan)
+            dest_E, local_E = self.routes.for_step(layer, self.steps - 1)
+            exchange = self.fixed if self._blocks else self.split
+            return exchange.dispatch(dest_E, local_E, self.routes.emax[layer], x_RD, expert_R, self._blocks)
 
     def combine(self, pending: Pending) -> torch.Tensor:
         started = time.perf_counter()
-        for work in pending.works:
-            wait(work, pending.timeout)
+        with self._fence_on_failure():
+            for work in pending.works:
+                wait(work, pending.timeout)
         self.waited_s += time.perf_counter() - started
         return pending.finish()
+
+    @contextmanager
+    def _fence_on_failure(self) -> Iterator[None]:
+        """A failed fixed-path step: fence the workers, who may be waiting on the router alone (fixed_exchange)."""
+        try:
+            yield
+        except CollectiveError:
+            if self._blocks is not None and not self._fenced:
+                self._fenced = True
+                self.fixed.fence(self._blocks)
+            raise
 
     def _broadcast(self, command: int, step: int, plan: tuple[int, int]) -> None:
         self._header.copy_(torch.tensor([command, step, self.generation, *plan]))
@@ -160,8 +177,9 @@ class AllToAllTransport:
         """Follow one forward pass: for every MoE layer and each of its exchanges, receive rows, run the local
         experts, reply."""
         exchanges, capacity = self.plan
-        exchange = self.fixed if capacity else self.split
+        blocks = self.fixed.blocks(expert_map.num_experts, capacity) if capacity else None
+        exchange = self.fixed if blocks else self.split
         for layer in expert_map.layers:
             emax = expert_map.max_local_experts(layer)
             for _ in range(exchanges):
-                exchange.serve(layer, emax, shards[layer], on_counts, capacity)
+                exchange.serve(layer, emax, shards[layer], on_counts, blocks)

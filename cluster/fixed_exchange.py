@@ -1,16 +1,21 @@
-"""The fixed-capacity exchange: decode-sized steps in two collectives and no host sync. Both halves in one class.
+"""The fixed-capacity exchange: decode-sized steps in two rounds of messages and no device sync. Both halves in one
+class.
 
 The step header names a capacity C: at least as many rows as any exchange of the step carries, so that no worker
 can overflow (cluster/all_to_all.py rounds it up to a bucket so shapes repeat from step to step). Per exchange,
 two rounds of messages on the data group, their sizes fixed by C alone, so nobody learns a count first:
-  1. rows   the router sends each worker one block of Hc + C rows: Hc header rows holding that worker's
-            per-local-expert counts (int32, bit-cast into the rows' dtype), then its gated rows grouped by local
-            expert (the split path's order), padded to C
+  1. rows   the router sends each worker one block of Hc + C rows: Hc header rows of int32 words bit-cast into
+            the rows' dtype ([fence, that worker's per-local-expert counts]), then its gated rows grouped by
+            local expert (the split path's order), padded to C
   2. reply  each worker sends its block's C output rows back, padding included; the router keeps the real ones
 Each round is point-to-point between the router and each worker (send/recv), not an all_to_all: the workers have
 nothing to say to each other, and an all_to_all makes every pair exchange (empty) messages, which ties every
 worker to the slowest and, on gloo, also hands each call to a worker thread. Measured on 2 CPU cores, one round
 trip of 8 rows: 0.13 ms point-to-point vs 0.36 ms all_to_all with 1 worker, 0.23 vs 0.95 ms with 2.
+A worker waiting on the router alone is not interrupted by another worker's death, nor by a closed gloo group, so
+when a step fails the router sends every worker a fence block (fence word 1): a survivor waiting for rows ends its
+epoch at once, as one in an all_to_all with the dead peer would. On gloo (CPU) the worker reads the fence word from
+host memory, no device involved; on NCCL it does not read it (a fence aborts the communicator there).
 The counts never leave the device: the router counts with `index_add_`, the worker reads them from its block and
 runs its experts with device-side offsets (`ExpertShard.forward_padded`), and the router un-permutes with indices
 it computed at dispatch. Padding rows are never multiplied: each expert's matmul has exactly its own rows, as on
@@ -22,10 +27,27 @@ Hc header rows, B = Hc + C.
 
 from __future__ import annotations
 
+import datetime
+from dataclasses import dataclass
+
 import torch
 
-from cluster.collective import Pending, post, wait
+from cluster.collective import CollectiveError, Pending, post, wait
 from cluster.experts import ExpertShard
+
+FENCE_WAIT = datetime.timedelta(seconds=1)  # the router's best effort to deliver fence blocks
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One step's message shape: `header` rows of int32 words, then `capacity` rows."""
+
+    header: int
+    capacity: int
+
+    @property
+    def rows(self) -> int:
+        return self.header + self.capacity
 
 
 class FixedExchange:
@@ -33,19 +55,25 @@ class FixedExchange:
         assert hidden * torch.finfo(dtype).bits % 32 == 0, f"rows of {hidden} x {dtype} cannot carry int32 counts"
         self.data, self.world, self.hidden, self.device, self.dtype = data, world, hidden, device, dtype
         self.timeout = timeout  # timedelta: a message that does not arrive within it fails the step
+        self.fence_on_host = device.type == "cpu"  # gloo: the fence word is read (host memory, no device sync)
+
+    def blocks(self, num_experts: int, capacity: int) -> Blocks:
+        """The same for every MoE layer of a step (sized for the model's expert count), so that a fence block
+        fits whichever exchange a worker waits for."""
+        row_bytes = self.hidden * torch.finfo(self.dtype).bits // 8
+        return Blocks(-(-4 * (1 + num_experts) // row_bytes), capacity)
 
     # ---- router half -------------------------------------------------------------------------------------
-    def dispatch(self, dest_E, local_E, emax: int, x_RD: torch.Tensor, expert_R: torch.Tensor, capacity: int):
+    def dispatch(self, dest_E, local_E, emax: int, x_RD: torch.Tensor, expert_R: torch.Tensor, blocks: Blocks):
+        capacity, hc, block, workers = blocks.capacity, blocks.header, blocks.rows, self.world - 1
         assert x_RD.shape[0] <= capacity, (x_RD.shape[0], capacity)
-        hc, workers = self.header_rows(emax), self.world - 1
-        block = hc + capacity
         dest_R = dest_E[expert_R]  # ranks 1..W-1
         key_R = dest_R * emax + local_E[expert_R]
         counts_K = torch.zeros(self.world * emax, dtype=torch.int32, device=self.device)
         counts_K.index_add_(0, key_R, torch.ones_like(key_R, dtype=torch.int32))
         pos_R = _place_in_block(key_R, dest_R, counts_K.view(self.world, emax).sum(1))
         send_WBD = torch.zeros(workers, block, self.hidden, device=self.device, dtype=self.dtype)
-        _counts(send_WBD, hc)[:, :emax] = counts_K.view(self.world, emax)[1:]
+        _words(send_WBD, hc)[:, 1 : 1 + emax] = counts_K.view(self.world, emax)[1:]
         send_WBD.view(-1, self.hidden).index_copy_(0, (dest_R - 1) * block + hc + pos_R, x_RD)
         reply_WCD = torch.empty(workers, capacity, self.hidden, device=self.device, dtype=self.dtype)
         works = []
@@ -55,19 +83,33 @@ class FixedExchange:
         rows_R = (dest_R - 1) * capacity + pos_R
         return Pending(works, lambda: reply_WCD.view(-1, self.hidden).index_select(0, rows_R), self.timeout)
 
-    # ---- worker half -------------------------------------------------------------------------------------
-    def serve(self, layer: int, emax: int, shard: ExpertShard, on_counts, capacity: int) -> None:
-        hc = self.header_rows(emax)
-        block_BD = self._rows(hc + capacity)
-        wait(post(lambda: self.data.recv([block_BD], 0, 0)), self.timeout)
-        counts_E = _counts(block_BD[None], hc)[0, : len(shard.experts)]
-        on_counts(layer, counts_E.long())
-        y_CD = shard.forward_padded(block_BD[hc:], counts_E)
-        wait(post(lambda: self.data.send([y_CD], 0, 0)), self.timeout)
+    def fence(self, blocks: Blocks) -> None:
+        """The step failed: tell every worker, best effort (the dead one's send fails, a busy one's may time out)."""
+        fence_BD = torch.zeros(blocks.rows, self.hidden, device=self.device, dtype=self.dtype)
+        _words(fence_BD[None], blocks.header)[0, 0] = 1
+        works = []
+        for rank in range(1, self.world):
+            try:
+                works.append(post(lambda rank=rank: self.data.send([fence_BD], rank, 0)))
+            except CollectiveError:
+                pass
+        for work in works:
+            try:
+                wait(work, FENCE_WAIT)
+            except CollectiveError:
+                pass
 
-    def header_rows(self, emax: int) -> int:
-        row_bytes = self.hidden * torch.finfo(self.dtype).bits // 8
-        return -(-4 * emax // row_bytes)
+    # ---- worker half -------------------------------------------------------------------------------------
+    def serve(self, layer: int, emax: int, shard: ExpertShard, on_counts, blocks: Blocks) -> None:
+        block_BD = self._rows(blocks.rows)
+        wait(post(lambda: self.data.recv([block_BD], 0, 0)), self.timeout)
+        words = _words(block_BD[None], blocks.header)[0]
+        if self.fence_on_host and words[0].item():
+            raise CollectiveError("the router ended the step (fence block): a member of the group failed")
+        counts_E = words[1 : 1 + len(shard.experts)]
+        on_counts(layer, counts_E.long())
+        y_CD = shard.forward_padded(block_BD[blocks.header :], counts_E)
+        wait(post(lambda: self.data.send([y_CD], 0, 0)), self.timeout)
 
     def _rows(self, n: int) -> torch.Tensor:
         return torch.empty(n, self.hidden, device=self.device, dtype=self.dtype)
@@ -83,7 +125,7 @@ def _place_in_block(key_R: torch.Tensor, dest_R: torch.Tensor, rows_W: torch.Ten
     return sorted_at_R - first_W[dest_R]
 
 
-def _counts(blocks_NBD: torch.Tensor, hc: int) -> torch.Tensor:
-    """The int32 view of each block's header rows [N, Hc * D * bytes / 4]."""
+def _words(blocks_NBD: torch.Tensor, hc: int) -> torch.Tensor:
+    """The int32 view of each block's header rows [N, Hc * D * bytes / 4]: [fence, counts of local experts...]."""
     n, _, d = blocks_NBD.shape
     return blocks_NBD[:, :hc].view(n, hc * d).view(torch.int32)  # views only: writes land in the block

@@ -25,7 +25,7 @@ class SplitExchange:
         self.options = options  # AllToAllOptions: the collective timeout
 
     # ---- router half -------------------------------------------------------------------------------------
-    def dispatch(self, dest_E, local_E, emax: int, x_RD: torch.Tensor, expert_R: torch.Tensor, capacity: int):
+    def dispatch(self, dest_E, local_E, emax: int, x_RD: torch.Tensor, expert_R: torch.Tensor, blocks=None):
         key_R = dest_E[expert_R] * emax + local_E[expert_R]
         order_R = torch.argsort(key_R, stable=True)
         counts = torch.bincount(key_R, minlength=self.world * emax)
@@ -42,7 +42,7 @@ class SplitExchange:
         return Pending(works, lambda: _unsort(y_sorted_RD, order_R))
 
     # ---- worker half -------------------------------------------------------------------------------------
-    def serve(self, layer: int, emax: int, shard: ExpertShard, on_counts, capacity: int) -> None:
+    def serve(self, layer: int, emax: int, shard: ExpertShard, on_counts, blocks=None) -> None:
         data, opts = self.data, self.options
         counts_WE = torch.empty(self.world * emax, dtype=torch.int64, device=self.device)
         wait(post(lambda: data.alltoall_base(counts_WE, torch.zeros_like(counts_WE), [], [], opts)))
