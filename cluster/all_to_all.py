@@ -1,10 +1,11 @@
 """The expert exchange protocol over one channel's process groups: both halves in one class, so they cannot drift.
 
-Per step the router broadcasts a header on the control group:
+Per step the router sends each member a header on the control group:
 
     [command, step, map generation, exchanges per MoE layer, capacity]
 
-`command` is RUN (a forward pass follows), REGROUP (leave this epoch's group: the membership is changing) or STOP.
+`command` is RUN (a forward pass follows), REGROUP (leave this epoch's group: the membership is changing), STOP, or
+FENCE (the step failed: a member died; `receive_header` raises CollectiveError, as a broken collective would).
 After a RUN, every MoE layer in layer order makes `exchanges` exchanges (one per micro-batch of the step, in
 micro-batch order), and each exchange takes the path the header names:
   capacity 0  the split path (cluster/split_exchange.py): three collectives with exact-size messages (counts,
@@ -37,16 +38,16 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from cluster.collective import CollectiveError, Pending, wait
+from cluster.collective import CollectiveError, Pending, post, wait
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
-from cluster.fixed_exchange import Blocks, FixedExchange
+from cluster.fixed_exchange import FENCE_WAIT, Blocks, FixedExchange
 from cluster.process_group import CONTROL_TIMEOUT_S, ChannelGroups
 from cluster.split_exchange import SplitExchange
 
 __all__ = ["REGROUP", "RUN", "STOP", "AllToAllTransport", "CollectiveError", "RouteTables", "fixed_capacity"]
 
-RUN, STOP, REGROUP = 1, 2, 3
+RUN, STOP, REGROUP, FENCE = 1, 2, 3, 4
 MAX_ROTATIONS = 64  # precomputed replica rotations per layer (the lcm of copy counts, capped)
 FIXED_MAX_ROWS = 256  # steps whose exchanges carry at most this many rows take the fixed path (bench exchange)
 CAPACITY_STEP = 8  # capacities are multiples of this: a few shapes recur, rather than one per batch size
@@ -93,8 +94,7 @@ class AllToAllTransport:
         with torch.inference_mode(False):  # written in place both inside and outside inference mode
             self._header = torch.zeros(5, dtype=torch.int64)  # see the module docstring; CPU: control is gloo
         self.routes: RouteTables | None = None
-        self._header_opts = dist.BroadcastOptions()  # idle members wait for the next header as long as it takes
-        self._header_opts.rootRank, self._header_opts.timeout = 0, datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
+        self._idle_wait = datetime.timedelta(seconds=CONTROL_TIMEOUT_S)  # members wait for the next header this long
         a2a_opts = dist.AllToAllOptions()  # a stuck exchange fails after the collective timeout
         a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
         self.split = SplitExchange(groups.data, self.world, hidden, device, dtype, a2a_opts)
@@ -150,24 +150,58 @@ class AllToAllTransport:
 
     @contextmanager
     def _fence_on_failure(self) -> Iterator[None]:
-        """A failed fixed-path step: fence the workers, who may be waiting on the router alone (fixed_exchange)."""
+        """A failed step: tell the workers, who may be waiting on the router alone, for rows of the fixed path
+        (a fence block) or for the next header (FENCE), so that the survivors end this epoch at once."""
         try:
             yield
         except CollectiveError:
-            if self._blocks is not None and not self._fenced:
+            if not self._fenced:
                 self._fenced = True
-                self.fixed.fence(self._blocks)
+                if self._blocks is not None:
+                    self.fixed.fence(self._blocks)
+                self._fence_headers()
             raise
 
+    def _fence_headers(self) -> None:
+        fence = torch.tensor([FENCE, self.steps - 1, self.generation, 0, 0])
+        works = []
+        for rank in range(1, self.world):
+            try:
+                works.append(post(lambda rank=rank: self.groups.control.send([fence], rank, 0)))
+            except CollectiveError:
+                pass  # that one is gone
+        for work in works:
+            try:
+                wait(work, FENCE_WAIT)
+            except CollectiveError:
+                pass
+
     def _broadcast(self, command: int, step: int, plan: tuple[int, int]) -> None:
+        """The header to every member, each its own message: one that is dead does not keep it from the others
+        (a gloo broadcast is a tree, and a dead inner node or a failed first send would), so every survivor of a
+        failed step is where a fence reaches it."""
         self._header.copy_(torch.tensor([command, step, self.generation, *plan]))
-        wait(self.groups.control.broadcast([self._header], self._header_opts))
+        control, failure, works = self.groups.control, None, []
+        for rank in range(1, self.world):
+            try:
+                works.append(post(lambda rank=rank: control.send([self._header], rank, 0)))
+            except CollectiveError as e:
+                failure = failure or e
+        for work in works:
+            try:
+                wait(work, self.fixed.timeout)
+            except CollectiveError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     # ---- worker half -------------------------------------------------------------------------------------
     def receive_header(self) -> tuple[int, int, int]:
         """(command, step, map generation) of the router's next step; its plan is kept for `serve_step`."""
-        wait(self.groups.control.broadcast([self._header], self._header_opts))
+        wait(post(lambda: self.groups.control.recv([self._header], 0, 0)), self._idle_wait)
         command, step, generation, exchanges, capacity = (int(v) for v in self._header)
+        if command == FENCE:
+            raise CollectiveError(f"the router fenced step {step}: a member of the group failed")
         self.plan = (exchanges, capacity)
         return command, step, generation
 
