@@ -101,16 +101,10 @@ def placement_workers(placement: Placement | None) -> int | None:
     return max(len(groups) for groups in placement.values())
 
 
-def _routers(v: Any) -> int:
-    if integer(1)(v) != 1:
-        raise Invalid(f"only 1 router is supported for now, got {v!r}")
-    return v
-
-
 @dataclass(frozen=True)
 class ClusterConfig(Settings):
     device: str = setting("cpu", choice("cpu", "cuda"))  # cuda: one GPU per actor, NCCL; cpu: gloo
-    routers: int = setting(1, _routers)
+    routers: int = setting(1, integer(1))  # attention routers; each has its own engine and KV cache
     workers: int = setting(2, integer(0))  # expert workers; 0: every expert in the router's process
     expert_replicas: int = setting(1, integer(1))  # copies of each expert on distinct workers (failover without a
     # stall needs 2: a death is then covered by the surviving copies at once)

@@ -40,6 +40,7 @@ from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
+ROUTER_CONCURRENCY = 10_000  # an async actor: one call per open stream
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,14 @@ class DeploymentSpec:
 @dataclass
 class Deployment:
     spec: DeploymentSpec
-    router: object
     pg: object
     owns_ray: bool
     expert_map: ExpertMap | None
+    bind_host: str | None = None  # 127.0.0.1 for a private Ray; None: each node's own IP
     supervisor: Supervisor | None = None
-    _initial_workers: list = field(default_factory=list)
+    _initial: list = field(default_factory=list)  # every actor started, until the supervisor tracks them
     _stopped: bool = False
+    _next_router: int = 0
 
     @classmethod
     def start(cls, spec: DeploymentSpec) -> Deployment:
@@ -103,63 +105,79 @@ class Deployment:
         if not ready:
             remove_placement_group(pg)
             raise ClusterStartError(
-                f"Ray could not place 1 router + {c.workers} workers ({bundles(c)[0]} and {c.workers} x "
-                f"{bundles(c)[-1]}) within {c.startup_timeout_s:.0f}s (cluster.startup_timeout_s); free resources or "
-                "lower cluster.workers"
+                f"Ray could not place {c.routers} router(s) + {c.workers} workers ({bundles(c)[0]} and "
+                f"{c.workers} x {bundles(c)[-1]}) within {c.startup_timeout_s:.0f}s (cluster.startup_timeout_s); "
+                "free resources or lower cluster.routers / cluster.workers"
             )
-        bind_host = "127.0.0.1" if owns_ray else None  # a private Ray is all on loopback; else each node's IP
-        router = (
-            ray.remote(spec.router_class)
-            .options(**_actor_options(pg, 0, c, 10_000))
-            .remote(
-                spec.model_dir,
-                expert_map,
-                c.device,
-                spec.dtype,
-                spec.engine,
-                spec.model_name,
-                ChannelSettings(hang_timeout_s=c.hang_timeout_s),
-                c.collective_timeout_s,
-                bind_host,
-                log=spec.log,
-            )
-        )
-        deployment = cls(spec, router, pg, owns_ray, expert_map)
-        workers = {slot: deployment._spawn(slot, expert_map, bind_host) for slot in range(c.workers)}
-        deployment._initial_workers = list(workers.values())
+        deployment = cls(spec, pg, owns_ray, expert_map, "127.0.0.1" if owns_ray else None)
+        routers = {r: deployment._spawn("router", r, expert_map) for r in range(c.routers)}
+        workers = {w: deployment._spawn("worker", w, expert_map) for w in range(c.workers)}
+        deployment._initial = [*routers.values(), *workers.values()]
         try:
-            load_with_progress([router, *workers.values()], c.startup_timeout_s, show=spec.show_progress)
+            load_with_progress(deployment._initial, c.startup_timeout_s, show=spec.show_progress)
             if workers:
-                _get(router.connect.remote(workers), c.startup_timeout_s, "process group rendezvous")
-                deployment.supervisor = Supervisor(
-                    [router],
-                    workers,
-                    expert_map,
-                    lambda slot, emap: deployment._spawn(slot, emap, bind_host, spec.replacement_load_delay_s),
-                    ReplacementPolicy(c.max_replacement_failures, c.replacement_window_s),
-                    c.rebalance_interval_s,
-                    c.redundant_experts_per_worker,
-                    c.expert_replicas,
-                    load_timeout_s=c.startup_timeout_s,
+                _get(
+                    [r.connect.remote(workers) for r in routers.values()],
+                    c.startup_timeout_s,
+                    "process group rendezvous",
                 )
-                deployment.supervisor.start()
-            else:
-                _get(router.health.remote(), c.startup_timeout_s, "router start-up")
+            deployment.supervisor = Supervisor(
+                routers,
+                workers,
+                expert_map,
+                deployment._spawn_replacement,
+                ReplacementPolicy(c.max_replacement_failures, c.replacement_window_s),
+                c.rebalance_interval_s,
+                c.redundant_experts_per_worker,
+                c.expert_replicas,
+                load_timeout_s=c.startup_timeout_s,
+            )
+            deployment.supervisor.start()
         except BaseException:
             deployment.stop()
             raise
-        log.info("cluster up: 1 router + %d workers on %s", c.workers, c.device)
+        log.info("cluster up: %d router(s) + %d workers on %s", c.routers, c.workers, c.device)
         return deployment
 
-    def _spawn(self, slot: int, expert_map: ExpertMap, bind_host: str | None, load_delay_s: float = 0.0):
-        c = self.spec.cluster
+    def _spawn(self, kind: str, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
+        """A router (bundle r) or a worker (bundle routers + slot) actor, not yet loaded."""
+        c, spec = self.spec.cluster, self.spec
+        if kind == "router":
+            return (
+                ray.remote(spec.router_class)
+                .options(**_actor_options(self.pg, index, c, ROUTER_CONCURRENCY))
+                .remote(
+                    spec.model_dir,
+                    expert_map,
+                    c.device,
+                    spec.dtype,
+                    spec.engine,
+                    spec.model_name,
+                    ChannelSettings(hang_timeout_s=c.hang_timeout_s),
+                    c.collective_timeout_s,
+                    self.bind_host,
+                    router_id=index,
+                    log=spec.log,
+                )
+            )
         return (
             ray.remote(ExpertWorker)
-            .options(**_actor_options(self.pg, 1 + slot, c, WORKER_CONCURRENCY))
-            .remote(
-                self.spec.model_dir, slot, expert_map, c.device, self.spec.dtype, bind_host, load_delay_s, self.spec.log
-            )
+            .options(**_actor_options(self.pg, c.routers + index, c, WORKER_CONCURRENCY))
+            .remote(spec.model_dir, index, expert_map, c.device, spec.dtype, self.bind_host, load_delay_s, spec.log)
         )
+
+    def _spawn_replacement(self, kind: str, index: int, expert_map: ExpertMap | None):
+        return self._spawn(kind, index, expert_map, self.spec.replacement_load_delay_s if kind == "worker" else 0.0)
+
+    @property
+    def routers(self) -> list:
+        """The current actor of every router, by id (the gateway spreads requests over the ready ones)."""
+        return self.supervisor.routers if self.supervisor else self._initial[: self.spec.cluster.routers]
+
+    @property
+    def router(self):
+        """Router 0 (for single-router callers: parity checks, benchmarks)."""
+        return self.routers[0]
 
     @property
     def workers(self) -> list:
@@ -171,7 +189,15 @@ class Deployment:
         return ray.get(self.router.generate.remote(request), timeout=timeout_s)
 
     def generate_batch(self, requests: list[EngineRequest], timeout_s: float | None = None) -> list[dict]:
-        return ray.get(self.router.generate_batch.remote(requests), timeout=timeout_s)
+        """Every request at once, spread over the routers (request i on router i mod M); results in order."""
+        routers = self.routers
+        shares = [requests[r :: len(routers)] for r in range(len(routers))]
+        refs = [router.generate_batch.remote(share) for router, share in zip(routers, shares) if share]
+        results = ray.get(refs, timeout=timeout_s)
+        out: list[dict] = [{}] * len(requests)
+        for r, share_results in enumerate(results):
+            out[r :: len(routers)] = share_results
+        return out
 
     def stats(self) -> dict:
         return {
@@ -220,10 +246,11 @@ class Deployment:
 
     def _release(self) -> None:
         try:
-            ray.get(self.router.shutdown.remote(), timeout=15)
+            ray.get([r.shutdown.remote() for r in self.routers], timeout=15)
         except Exception as e:  # noqa: BLE001 - the actors are killed below regardless
             log.info("router shutdown: %s", e)
-        for actor in [self.router, *(self.workers or self._initial_workers)]:
+        actors = [*self.routers, *self.workers] if self.supervisor else self._initial
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001

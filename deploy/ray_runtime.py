@@ -26,8 +26,8 @@ def init_ray(c: ClusterConfig) -> bool:
 
 
 def bundles(c: ClusterConfig) -> list[dict[str, float]]:
-    """Bundle 0 is the router's, bundle 1 + w worker slot w's (a replacement reuses its slot's bundle)."""
-    return [c.router_resources.bundle(c.device)] + [c.worker_resources.bundle(c.device)] * c.workers
+    """Bundle r is router r's, bundle routers + w worker slot w's (a replacement reuses its place's bundle)."""
+    return [c.router_resources.bundle(c.device)] * c.routers + [c.worker_resources.bundle(c.device)] * c.workers
 
 
 def check_fits(c: ClusterConfig) -> None:
@@ -44,7 +44,7 @@ def check_fits(c: ClusterConfig) -> None:
                 "are fine) or cluster.workers, or add nodes",
             }.get(resource, "add nodes or ask for less")
             raise ClusterStartError(
-                f"1 router + {c.workers} workers need {need:g} {resource} in all, but the Ray "
+                f"{c.routers} router(s) + {c.workers} workers need {need:g} {resource} in all, but the Ray "
                 f"cluster has {have:g}; {hint}"
             )
 
