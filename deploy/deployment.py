@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -29,7 +30,7 @@ from deploy import private_ray
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
-from deploy.ray_runtime import bundles, check_fits, init_ray, local_ray_alive
+from deploy.ray_runtime import bundles, check_fits, fit_problem, init_ray, local_ray_alive
 from deploy.replacement_policy import ReplacementPolicy
 from deploy.supervisor import Supervisor
 from router.engine_config import EngineConfig
@@ -41,6 +42,7 @@ from workers.expert_worker import ExpertWorker
 log = logging.getLogger(__name__)
 WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
 ROUTER_CONCURRENCY = 10_000  # an async actor: one call per open stream
+PLACEMENT_REPORT_S = 2.0  # while the placement group is pending, say so this often
 
 
 @dataclass(frozen=True)
@@ -83,26 +85,30 @@ class Deployment:
     _next_router: int = 0
 
     @classmethod
-    def start(cls, spec: DeploymentSpec) -> Deployment:
+    def start(cls, spec: DeploymentSpec, on_status: Callable[[str], None] = lambda message: None) -> Deployment:
+        """Bring it up; `on_status(message)` hears what the start-up is waiting for (the serve process shows it as
+        its readiness reason)."""
         cfg = load_model_config(spec.model_dir)
         expert_map = spec.cluster.expert_map(cfg)
         if expert_map is not None:
             check_memory(spec.cluster, cfg, expert_map, CheckpointReader(spec.model_dir))
         owns_ray = init_ray(spec.cluster)
         try:
-            check_fits(spec.cluster)
-            return cls._launch(spec, expert_map, owns_ray)
+            pending = check_fits(spec.cluster)
+            if pending:
+                log.warning("%s", pending)
+                on_status(pending)
+            return cls._launch(spec, expert_map, owns_ray, on_status)
         except BaseException:
             if owns_ray:
                 private_ray.shutdown()
             raise
 
     @classmethod
-    def _launch(cls, spec: DeploymentSpec, expert_map: ExpertMap | None, owns_ray: bool) -> Deployment:
+    def _launch(cls, spec: DeploymentSpec, expert_map: ExpertMap | None, owns_ray: bool, on_status) -> Deployment:
         c = spec.cluster
         pg = placement_group(bundles(c), strategy="PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=c.startup_timeout_s)
-        if not ready:
+        if not _wait_placed(pg, c, on_status):
             remove_placement_group(pg)
             raise ClusterStartError(
                 f"Ray could not place {c.routers} router(s) + {c.workers} workers ({bundles(c)[0]} and "
@@ -114,8 +120,10 @@ class Deployment:
         workers = {w: deployment._spawn("worker", w, expert_map) for w in range(c.workers)}
         deployment._initial = [*routers.values(), *workers.values()]
         try:
+            on_status("loading the weights")
             load_with_progress(deployment._initial, c.startup_timeout_s, show=spec.show_progress)
             if workers:
+                on_status("forming the routers' groups with the expert workers")
                 _get(
                     [r.connect.remote(workers) for r in routers.values()],
                     c.startup_timeout_s,
@@ -278,6 +286,20 @@ def check_memory(cluster: ClusterConfig, cfg: ModelConfig, expert_map: ExpertMap
                 f"of experts, more than cluster.worker_resources.memory ({limit / 2**30:.2f} GiB); use fewer "
                 "replicas or more workers, or raise the memory"
             )
+
+
+def _wait_placed(pg, c: ClusterConfig, on_status) -> bool:
+    """Wait (up to the start-up timeout) for Ray to place the bundles, saying what is pending meanwhile."""
+    deadline = time.monotonic() + c.startup_timeout_s
+    while time.monotonic() < deadline:
+        ready, _ = ray.wait([pg.ready()], timeout=min(PLACEMENT_REPORT_S, deadline - time.monotonic()))
+        if ready:
+            return True
+        problem = fit_problem(c, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        message = f"the placement group is pending: {problem or 'Ray is placing the actors'}"
+        log.warning("%s (%.0fs left of cluster.startup_timeout_s)", message, deadline - time.monotonic())
+        on_status(message)
+    return False
 
 
 def _actor_options(pg, bundle: int, c: ClusterConfig, concurrency: int) -> dict:
