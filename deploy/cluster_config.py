@@ -26,6 +26,16 @@ from cluster.settings import (
 )
 
 Placement = str | dict[int, tuple[tuple[int, ...], ...]]
+_BUILT_IN = ("CPU", "GPU", "memory")
+
+
+def _custom_resources(v: Any) -> dict[str, float] | None:
+    if v is None:
+        return None
+    ok = isinstance(v, Mapping) and all(isinstance(k, str) and k and k not in _BUILT_IN for k in v)
+    if not ok:
+        raise Invalid(f"expected a mapping of custom resource names (not {'/'.join(_BUILT_IN)}) to amounts, got {v!r}")
+    return {k: number(0)(amount) for k, amount in v.items()}
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class ResourceConfig(Settings):
     # the tiny model's router and two workers)
     num_gpus: float | None = setting(None, optional(number(0)))  # None: 1 on cuda, else 0
     memory: int | None = setting(None, optional(byte_size()))  # Ray's memory accounting for the actor; None: none
+    resources: dict[str, float] = setting(None, _custom_resources)  # Ray custom resources, e.g. {expert_node: 1}
+    # to pin this role to the nodes that offer them (`ray start --resources`); None: none
 
     def cpus(self, device: str) -> float:
         return self.num_cpus if self.num_cpus is not None else (1.0 if device == "cuda" else 0.5)
@@ -50,7 +62,7 @@ class ResourceConfig(Settings):
             out["GPU"] = self.gpus(device)
         if self.memory:
             out["memory"] = float(self.memory)
-        return out
+        return {**out, **(self.resources or {})}
 
 
 _RANGES = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
@@ -101,16 +113,10 @@ def placement_workers(placement: Placement | None) -> int | None:
     return max(len(groups) for groups in placement.values())
 
 
-def _routers(v: Any) -> int:
-    if integer(1)(v) != 1:
-        raise Invalid(f"only 1 router is supported for now, got {v!r}")
-    return v
-
-
 @dataclass(frozen=True)
 class ClusterConfig(Settings):
     device: str = setting("cpu", choice("cpu", "cuda"))  # cuda: one GPU per actor, NCCL; cpu: gloo
-    routers: int = setting(1, _routers)
+    routers: int = setting(1, integer(1))  # attention routers; each has its own engine and KV cache
     workers: int = setting(2, integer(0))  # expert workers; 0: every expert in the router's process
     expert_replicas: int = setting(1, integer(1))  # copies of each expert on distinct workers (failover without a
     # stall needs 2: a death is then covered by the surviving copies at once)

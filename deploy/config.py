@@ -98,6 +98,7 @@ OVERRIDES = {
     "workers": "cluster.workers",
     "placement": "cluster.placement",
     "expert_replicas": "cluster.expert_replicas",
+    "routers": "cluster.routers",
     "ray_address": "cluster.ray_address",
     "collective_timeout_s": "cluster.collective_timeout_s",
     "startup_timeout_s": "cluster.startup_timeout_s",

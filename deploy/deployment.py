@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -26,20 +27,19 @@ from cluster.config import ModelConfig, load_model_config
 from cluster.expert_map import ExpertMap, PlacementError
 from cluster.weights import experts_bytes
 from deploy import private_ray
+from deploy.actor_specs import router_spec, supervisor_settings, worker_spec
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
-from deploy.ray_runtime import bundles, check_fits, init_ray, local_ray_alive
-from deploy.replacement_policy import ReplacementPolicy
+from deploy.ray_runtime import bundles, check_fits, fit_problem, init_ray, local_ray_alive
 from deploy.supervisor import Supervisor
 from router.engine_config import EngineConfig
-from router.expert_channel import ChannelSettings
 from router.messages import EngineRequest
 from router.router_actor import RouterActor
 from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
-WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
+PLACEMENT_REPORT_S = 2.0  # while the placement group is pending, say so this often
 
 
 @dataclass(frozen=True)
@@ -72,94 +72,94 @@ class DeploymentSpec:
 @dataclass
 class Deployment:
     spec: DeploymentSpec
-    router: object
     pg: object
     owns_ray: bool
     expert_map: ExpertMap | None
+    bind_host: str | None = None  # 127.0.0.1 for a private Ray; None: each node's own IP
     supervisor: Supervisor | None = None
-    _initial_workers: list = field(default_factory=list)
+    _initial: list = field(default_factory=list)  # every actor started, until the supervisor tracks them
     _stopped: bool = False
+    _next_router: int = 0
 
     @classmethod
-    def start(cls, spec: DeploymentSpec) -> Deployment:
+    def start(cls, spec: DeploymentSpec, on_status: Callable[[str], None] = lambda message: None) -> Deployment:
+        """Bring it up; `on_status(message)` hears what the start-up is waiting for (the serve process shows it as
+        its readiness reason)."""
         cfg = load_model_config(spec.model_dir)
         expert_map = spec.cluster.expert_map(cfg)
         if expert_map is not None:
             check_memory(spec.cluster, cfg, expert_map, CheckpointReader(spec.model_dir))
         owns_ray = init_ray(spec.cluster)
         try:
-            check_fits(spec.cluster)
-            return cls._launch(spec, expert_map, owns_ray)
+            pending = check_fits(spec.cluster)
+            if pending:
+                log.warning("%s", pending)
+                on_status(pending)
+            return cls._launch(spec, expert_map, owns_ray, on_status)
         except BaseException:
             if owns_ray:
                 private_ray.shutdown()
             raise
 
     @classmethod
-    def _launch(cls, spec: DeploymentSpec, expert_map: ExpertMap | None, owns_ray: bool) -> Deployment:
+    def _launch(cls, spec: DeploymentSpec, expert_map: ExpertMap | None, owns_ray: bool, on_status) -> Deployment:
         c = spec.cluster
         pg = placement_group(bundles(c), strategy="PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=c.startup_timeout_s)
-        if not ready:
+        if not _wait_placed(pg, c, on_status):
             remove_placement_group(pg)
             raise ClusterStartError(
-                f"Ray could not place 1 router + {c.workers} workers ({bundles(c)[0]} and {c.workers} x "
-                f"{bundles(c)[-1]}) within {c.startup_timeout_s:.0f}s (cluster.startup_timeout_s); free resources or "
-                "lower cluster.workers"
+                f"Ray could not place {c.routers} router(s) + {c.workers} workers ({bundles(c)[0]} and "
+                f"{c.workers} x {bundles(c)[-1]}) within {c.startup_timeout_s:.0f}s (cluster.startup_timeout_s); "
+                "free resources or lower cluster.routers / cluster.workers"
             )
-        bind_host = "127.0.0.1" if owns_ray else None  # a private Ray is all on loopback; else each node's IP
-        router = (
-            ray.remote(spec.router_class)
-            .options(**_actor_options(pg, 0, c, 10_000))
-            .remote(
-                spec.model_dir,
-                expert_map,
-                c.device,
-                spec.dtype,
-                spec.engine,
-                spec.model_name,
-                ChannelSettings(hang_timeout_s=c.hang_timeout_s),
-                c.collective_timeout_s,
-                bind_host,
-                log=spec.log,
-            )
-        )
-        deployment = cls(spec, router, pg, owns_ray, expert_map)
-        workers = {slot: deployment._spawn(slot, expert_map, bind_host) for slot in range(c.workers)}
-        deployment._initial_workers = list(workers.values())
+        deployment = cls(spec, pg, owns_ray, expert_map, "127.0.0.1" if owns_ray else None)
+        routers = {r: deployment._spawn("router", r, expert_map) for r in range(c.routers)}
+        workers = {w: deployment._spawn("worker", w, expert_map) for w in range(c.workers)}
+        deployment._initial = [*routers.values(), *workers.values()]
         try:
-            load_with_progress([router, *workers.values()], c.startup_timeout_s, show=spec.show_progress)
+            on_status("loading the weights")
+            load_with_progress(deployment._initial, c.startup_timeout_s, show=spec.show_progress)
             if workers:
-                _get(router.connect.remote(workers), c.startup_timeout_s, "process group rendezvous")
-                deployment.supervisor = Supervisor(
-                    [router],
-                    workers,
-                    expert_map,
-                    lambda slot, emap: deployment._spawn(slot, emap, bind_host, spec.replacement_load_delay_s),
-                    ReplacementPolicy(c.max_replacement_failures, c.replacement_window_s),
-                    c.rebalance_interval_s,
-                    c.redundant_experts_per_worker,
-                    c.expert_replicas,
-                    load_timeout_s=c.startup_timeout_s,
+                on_status("forming the routers' groups with the expert workers")
+                _get(
+                    [r.connect.remote(workers) for r in routers.values()],
+                    c.startup_timeout_s,
+                    "process group rendezvous",
                 )
-                deployment.supervisor.start()
-            else:
-                _get(router.health.remote(), c.startup_timeout_s, "router start-up")
+            deployment.supervisor = Supervisor(
+                routers, workers, expert_map, deployment._spawn_replacement, **supervisor_settings(c)
+            )
+            deployment.supervisor.start()
         except BaseException:
             deployment.stop()
             raise
-        log.info("cluster up: 1 router + %d workers on %s", c.workers, c.device)
+        log.info("cluster up: %d router(s) + %d workers on %s", c.routers, c.workers, c.device)
         return deployment
 
-    def _spawn(self, slot: int, expert_map: ExpertMap, bind_host: str | None, load_delay_s: float = 0.0):
-        c = self.spec.cluster
-        return (
-            ray.remote(ExpertWorker)
-            .options(**_actor_options(self.pg, 1 + slot, c, WORKER_CONCURRENCY))
-            .remote(
-                self.spec.model_dir, slot, expert_map, c.device, self.spec.dtype, bind_host, load_delay_s, self.spec.log
-            )
+    def _spawn(self, kind: str, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
+        """A router (bundle r) or a worker (bundle routers + slot) actor, not yet loaded."""
+        if kind == "router":
+            actor, cls = router_spec(self.spec, index, expert_map, self.bind_host), self.spec.router_class
+        else:
+            actor, cls = worker_spec(self.spec, index, expert_map, self.bind_host, load_delay_s), ExpertWorker
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=actor.bundle)
+        options = dict(
+            **actor.resources, max_concurrency=actor.concurrency, max_restarts=0, scheduling_strategy=strategy
         )
+        return ray.remote(cls).options(**options).remote(**actor.kwargs)
+
+    def _spawn_replacement(self, kind: str, index: int, expert_map: ExpertMap | None):
+        return self._spawn(kind, index, expert_map, self.spec.replacement_load_delay_s if kind == "worker" else 0.0)
+
+    @property
+    def routers(self) -> list:
+        """The current actor of every router, by id (the gateway spreads requests over the ready ones)."""
+        return self.supervisor.routers if self.supervisor else self._initial[: self.spec.cluster.routers]
+
+    @property
+    def router(self):
+        """Router 0 (for single-router callers: parity checks, benchmarks)."""
+        return self.routers[0]
 
     @property
     def workers(self) -> list:
@@ -171,7 +171,15 @@ class Deployment:
         return ray.get(self.router.generate.remote(request), timeout=timeout_s)
 
     def generate_batch(self, requests: list[EngineRequest], timeout_s: float | None = None) -> list[dict]:
-        return ray.get(self.router.generate_batch.remote(requests), timeout=timeout_s)
+        """Every request at once, spread over the routers (request i on router i mod M); results in order."""
+        routers = self.routers
+        shares = [requests[r :: len(routers)] for r in range(len(routers))]
+        refs = [router.generate_batch.remote(share) for router, share in zip(routers, shares) if share]
+        results = ray.get(refs, timeout=timeout_s)
+        out: list[dict] = [{}] * len(requests)
+        for r, share_results in enumerate(results):
+            out[r :: len(routers)] = share_results
+        return out
 
     def stats(self) -> dict:
         return {
@@ -220,10 +228,11 @@ class Deployment:
 
     def _release(self) -> None:
         try:
-            ray.get(self.router.shutdown.remote(), timeout=15)
+            ray.get([r.shutdown.remote() for r in self.routers], timeout=15)
         except Exception as e:  # noqa: BLE001 - the actors are killed below regardless
             log.info("router shutdown: %s", e)
-        for actor in [self.router, *(self.workers or self._initial_workers)]:
+        actors = [*self.routers, *self.workers] if self.supervisor else self._initial
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001
@@ -253,16 +262,18 @@ def check_memory(cluster: ClusterConfig, cfg: ModelConfig, expert_map: ExpertMap
             )
 
 
-def _actor_options(pg, bundle: int, c: ClusterConfig, concurrency: int) -> dict:
-    res = bundles(c)[bundle]
-    return dict(
-        num_cpus=res["CPU"],
-        num_gpus=res.get("GPU", 0),
-        memory=res.get("memory"),
-        max_concurrency=concurrency,
-        max_restarts=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-    )
+def _wait_placed(pg, c: ClusterConfig, on_status) -> bool:
+    """Wait (up to the start-up timeout) for Ray to place the bundles, saying what is pending meanwhile."""
+    deadline = time.monotonic() + c.startup_timeout_s
+    while time.monotonic() < deadline:
+        ready, _ = ray.wait([pg.ready()], timeout=min(PLACEMENT_REPORT_S, deadline - time.monotonic()))
+        if ready:
+            return True
+        problem = fit_problem(c, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        message = f"the placement group is pending: {problem or 'Ray is placing the actors'}"
+        log.warning("%s (%.0fs left of cluster.startup_timeout_s)", message, deadline - time.monotonic())
+        on_status(message)
+    return False
 
 
 def _get(refs, timeout_s: float, what: str):

@@ -67,9 +67,13 @@ class Server:
     def start_cluster(self) -> None:
         """Start the router and workers (blocking, in this thread: Ray's driver lives here) and attach them."""
         spec = DeploymentSpec.from_serve(self.config, self.model_dir, self.show_progress)
-        self.cluster = Deployment.start(spec)
+        self.cluster = Deployment.start(spec, on_status=self._starting)
         self._run(self.gateway.attach(self.cluster, self.model_dir))
         log.info("serving %s on %s", self.model_name, self.target)
+
+    def _starting(self, message: str) -> None:
+        """What the start-up waits for, as the readiness reason (health checks and status say it)."""
+        asyncio.run_coroutine_threadsafe(self.gateway.health.set_ready(False, f"starting: {message}"), self._loop)
 
     def drain(self, grace_s: float | None = None) -> int:
         """Readiness NOT_SERVING, wait for open streams (up to the grace period), abort the rest."""

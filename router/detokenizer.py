@@ -56,6 +56,13 @@ class TextStream:
                 return self._take(len(self.text))
         return self._take(len(self.text) - self.holdback)
 
+    def restore(self, token_ids, text_chars: int) -> None:
+        """Continue a stream another router started: push the tokens it streamed, then count `text_chars`
+        characters as already handed out (whatever it held back is emitted from here on)."""
+        for token_id in token_ids:
+            self.push(token_id)
+        self.emitted = min(text_chars, len(self.text))
+
     def flush(self) -> str:
         """At the end of the request, the held-back tail (no stop string can complete any more)."""
         return self._take(len(self.text))

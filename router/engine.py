@@ -30,7 +30,7 @@ from router.messages import Delta, EngineRequest, EngineStats, Final
 from router.model_runner import ModelRunner
 from router.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
 from router.request_prep import Limits, PreparedRequest, prepare_request
-from router.sampler import SamplingState, new_generator, sample_batch
+from router.sampler import SamplingState, resolve_seed, sample_batch
 from router.sampling_params import InvalidRequest
 from router.scheduler import SchedRequest, Scheduler
 from router.tokenizer import Tokenizer
@@ -135,10 +135,13 @@ class Engine:
     def add_prepared(self, prepared: PreparedRequest) -> None:
         p = prepared.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-        sampling = SamplingState(p, list(prepared.prompt_ids), [], stop_ids, new_generator(p, self.runner.model.device))
-        self.live[prepared.request_id] = _Live(
-            prepared, next(self._slots), sampling, TextStream(self.tokenizer, p.stop)
-        )
+        resume = prepared.resume
+        outputs = list(resume.output_ids) if resume else []
+        sampling = SamplingState(p, list(prepared.prompt_ids), outputs, stop_ids, resolve_seed(p))
+        text = TextStream(self.tokenizer, p.stop)
+        if resume:
+            text.restore(resume.output_ids, resume.text_chars)
+        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text)
         self.scheduler.add(
             SchedRequest(
                 prepared.request_id,

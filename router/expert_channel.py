@@ -98,9 +98,10 @@ class ExpertChannel:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def open(self) -> None:
-        self._form(tuple(sorted(self.links)))
-        self.stats.state = "serving"
+        """Form the first group with every worker that can join (holding while an expert has no live copy)."""
         self.monitor.start()
+        self._establish(set(self.links))
+        self.stats.state = "serving"
 
     def close(self) -> None:
         """STOP the members' loops (best effort) and close the group."""
@@ -179,21 +180,7 @@ class ExpertChannel:
             self.stats.epoch,
             list(self.stats.members),
         )
-        live = self._fence_and_settle()
-        while True:
-            live |= self._take_admitted()
-            lost = self.map.uncovered(live)
-            if lost:
-                self.stats.state = "holding"
-                self._hold(lost, live)
-                live = self._still_alive(live)  # time has passed: one of them may have died meanwhile
-                continue
-            try:
-                self._form(tuple(sorted(live)))
-                break
-            except (CollectiveError, RuntimeError, concurrent.futures.TimeoutError) as e:
-                log.warning("router %d: regrouping with %s failed (%s); settling again", self.router, sorted(live), e)
-                live = self._fence_and_settle()
+        self._establish(self._fence_and_settle())
         stall = time.monotonic() - started
         self.stats.failovers += 1
         self.stats.stalls_s = [*self.stats.stalls_s[-STALLS_KEPT + 1 :], stall]
@@ -208,6 +195,26 @@ class ExpertChannel:
             self.stats.epoch,
             list(self.stats.members),
         )
+
+    def _establish(self, live: set[int]) -> None:
+        """Form a group from `live` (and any admitted replacement) once every expert has a live copy; if that
+        fails (a member died meanwhile), settle and try again. Raises ClusterFailure if the supervisor gives up."""
+        while True:
+            live |= self._take_admitted()
+            lost = self.map.uncovered(live)
+            if lost:
+                self.stats.state = "holding"
+                self._hold(lost, live)
+                live = self._still_alive(live)  # time has passed: one of them may have died meanwhile
+                continue
+            try:
+                self._form(tuple(sorted(live)))
+                return
+            except (CollectiveError, RuntimeError, concurrent.futures.TimeoutError) as e:
+                log.warning(
+                    "router %d: forming a group with %s failed (%s); settling again", self.router, sorted(live), e
+                )
+                live = self._fence_and_settle()
 
     def _fence_and_settle(self) -> set[int]:
         """Close this epoch everywhere, then find which members are still alive."""

@@ -16,14 +16,27 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """A request continued on another router after its first one died: the tokens already streamed to the client
+    (generated, not part of the prompt) and how many characters of their text the client already has. The
+    engine recomputes their KV, rebuilds the text stream (so a stop string spanning the failover still matches)
+    and samples on from there; sampling is a pure function of (seed, position), so with the same seed the
+    continuation is the undisturbed run's."""
+
+    output_ids: tuple[int, ...]
+    text_chars: int
+
+
+@dataclass(frozen=True)
 class EngineRequest:
-    """Exactly one of prompt / prompt_ids / messages is set (checked by `validate_request`)."""
+    """Exactly one of prompt / prompt_ids / messages is set (checked by `prepare_request`)."""
 
     request_id: str
     params: SamplingParams
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)

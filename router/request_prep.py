@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.config import ModelConfig
 from router.chat import render_chat
-from router.messages import EngineRequest
+from router.messages import EngineRequest, Resume
 from router.sampling_params import InvalidRequest, SamplingParams
 from router.tokenizer import Tokenizer
 
@@ -28,6 +28,7 @@ class PreparedRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    resume: Resume | None = None
 
 
 def prepare_request(
@@ -46,7 +47,21 @@ def prepare_request(
     check_token_ids(ids, limits.vocab_size, given[0], "input_ids")
     params = req.params.with_defaults(defaults).validate(limits.vocab_size)
     check_length(len(ids), params.max_tokens, limits, given[0])
-    return PreparedRequest(req.request_id, tuple(ids), params)
+    if req.resume is not None:
+        check_resume(req.resume, params, limits)
+    return PreparedRequest(req.request_id, tuple(ids), params, req.resume)
+
+
+def check_resume(resume: Resume, params: SamplingParams, limits: Limits) -> None:
+    if resume.output_ids:
+        check_token_ids(resume.output_ids, limits.vocab_size, "resume", "resume.output_ids")
+    if len(resume.output_ids) >= params.max_tokens:
+        raise InvalidRequest(
+            "resume.output_ids",
+            f"{len(resume.output_ids)} tokens already streamed; nothing is left of max_tokens ({params.max_tokens})",
+        )
+    if resume.text_chars < 0:
+        raise InvalidRequest("resume.text_chars", f"must be >= 0, got {resume.text_chars}")
 
 
 def check_token_ids(ids, vocab_size: int, field: str, ids_field: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class RouterActor:
         )
         self.model = self.runner = self.engine = self.channel = None
         self._loaded = False
+        self._stopped = asyncio.Event()
 
     # ---- setup -------------------------------------------------------------------------------------------
     async def load(self) -> int:
@@ -102,12 +104,13 @@ class RouterActor:
     def bytes_read(self) -> int:
         return self.reader.bytes_read
 
-    def connect(self, workers: dict[int, object]) -> int:
-        """Open this router's rendezvous and form the first group with every worker (slot -> handle); returns
-        the epoch. Blocks until every worker has joined (bounded by the collective timeout)."""
+    async def connect(self, workers: dict[int, object]) -> int:
+        """Open this router's rendezvous and form its first group with the workers (slot -> handle); returns the
+        epoch. Off the event loop: while it waits (every worker must join; if an expert has no live copy it holds
+        until one is admitted) the actor still answers health checks and admissions."""
         rendezvous = Rendezvous(self.bind_host, self.collective_timeout_s)
         backend = backend_for(self.device)
-        channel = ExpertChannel(
+        self.channel = ExpertChannel(
             self.router_id,
             self.expert_map,
             {slot: RayWorkerLink(slot, handle) for slot, handle in workers.items()},
@@ -117,10 +120,15 @@ class RouterActor:
             backend=backend,
             settings=self.channel_settings,
         )
-        channel.open()
+        await asyncio.to_thread(self.channel.open)
         with self.runner.lock:
-            self.runner.experts = self.channel = channel
-        return channel.stats.epoch
+            self.runner.experts = self.channel
+        return self.channel.stats.epoch
+
+    async def load_and_connect(self, workers: dict[int, object]) -> int:
+        """A replacement router: load the weights, then connect (without workers: load only)."""
+        await self.load()
+        return await self.connect(workers) if self.expert_map is not None else 0
 
     # ---- from the supervisor -----------------------------------------------------------------------------
     def admit_worker(self, slot: int, handle) -> None:
@@ -130,7 +138,12 @@ class RouterActor:
         self.channel.use_map(expert_map)
 
     def fail_cluster(self, reason: str) -> None:
-        self.channel.fail(reason)
+        if self.channel is not None:
+            self.channel.fail(reason)
+
+    async def wait_stopped(self) -> None:
+        """Returns when the router shuts down; the supervisor holds its ObjectRef to learn of the actor's death."""
+        await self._stopped.wait()
 
     def channel_members(self) -> tuple[int, ...]:
         """The worker slots in this router's current group."""
@@ -192,12 +205,16 @@ class RouterActor:
         """Ready while it can take requests: loaded, and its channel serving or recovering (a failover holds
         requests, it does not refuse them)."""
         failure = self.engine.engine.failure if self.engine else None
-        state = self.channel.stats.state if self.channel else ("serving" if self._loaded else "starting")
+        if self.expert_map is not None:
+            state = self.channel.stats.state if self.channel else "starting"
+        else:
+            state = "serving" if self._loaded else "starting"
         return {
-            "ready": self._loaded and failure is None and state != "failed",
+            "ready": self._loaded and failure is None and state in ("serving", "recovering", "holding"),
             "failure": failure,
             "state": state,
             "steps": self.runner.steps if self.runner else 0,
+            "pid": os.getpid(),
         }
 
     def stats(self) -> dict:
@@ -220,6 +237,7 @@ class RouterActor:
         }
 
     def shutdown(self) -> None:
+        self._stopped.set()
         if self.channel is not None:
             self.channel.fail("the server is shutting down")  # ends a failover hold at once
         if self.engine:

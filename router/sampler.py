@@ -1,15 +1,20 @@
 """Turns a batch of logits into tokens, one row per request that samples this step.
 
 Per row: penalties (presence/frequency over generated tokens, repetition over prompt and generated tokens),
-min_tokens suppression of stop tokens, then greedy or temperature -> top-k -> top-p -> min-p sampling. Each
-request draws from its own torch.Generator, so a seeded request gets the same tokens whatever else is in the
-batch. Logprobs are of the model's distribution (log-softmax of the raw logits), as vLLM reports them.
+min_tokens suppression of stop tokens, then greedy or temperature -> top-k -> top-p -> min-p sampling.
+
+The random draw for a request's token at output position i is a pure function of (seed, i): a generator seeded
+with a hash of both, made for that one draw. So a seeded request gets the same tokens whatever else is in the
+batch, and a request that resumes on another router after a failover (its prompt plus the tokens already
+streamed) continues exactly as the undisturbed run would. A request without a seed gets a random one when it is
+admitted. Logprobs are of the model's distribution (log-softmax of the raw logits), as vLLM reports them.
 
 Legend: N rows, V vocab.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +31,29 @@ class SamplingState:
     prompt_ids: list[int]
     output_ids: list[int]
     stop_ids: frozenset[int]
-    generator: torch.Generator | None
+    seed: int  # the draws' seed (the request's, or a random one when it gave none)
 
 
-def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.greedy:
-        return None
+def resolve_seed(params: SamplingParams) -> int:
+    """The request's seed, or a fresh random one (it then stays with the request, failovers included)."""
+    return params.seed if params.seed is not None else secrets.randbelow(2**63)
+
+
+def draw_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator for the draw at output `position`: seeded by (seed, position) alone."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    gen.manual_seed(_splitmix64(seed ^ _splitmix64(position)))
     return gen
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & (_MASK64 >> 1)  # manual_seed takes a non-negative int64
+
+
+_MASK64 = 2**64 - 1
 
 
 def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -86,7 +105,8 @@ def sample_row(logits_V: torch.Tensor, state: SamplingState) -> int:
     if p.greedy:
         return int(torch.argmax(logits_V))
     probs_V = filtered_probs(logits_V / p.temperature, p)
-    return int(torch.multinomial(probs_V, 1, generator=state.generator))
+    generator = draw_generator(state.seed, len(state.output_ids), probs_V.device)
+    return int(torch.multinomial(probs_V, 1, generator=generator))
 
 
 def filtered_probs(scaled_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:

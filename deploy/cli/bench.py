@@ -90,6 +90,63 @@ def add_parser(sub) -> None:
     c.add_argument("--iters", type=int, default=20)
     c.set_defaults(run=_run_collective)
 
+    models = ("tiny", "h256-l8")  # deploy/bench/failover.py: the tiny Scout, and hidden 256 x 8 MoE layers
+    f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
+    f.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
+    f.add_argument("--replicas", type=positive_ints, default=[1, 2])
+    f.add_argument("--workers", type=int, default=2)
+    f.add_argument("--streams", type=int, default=8)
+    f.add_argument("--tokens", type=int, default=200, help="per request (requests restart as they finish)")
+    f.add_argument("--kills", type=int, default=5, help="worker kills per row, one at a time")
+    f.add_argument("--window-s", type=float, default=3.0, help="throughput window before and after")
+    f.add_argument("--settle-s", type=float, default=2.0, help="pause after starting and after each recovery")
+    f.set_defaults(run=_run_failover)
+
+    r = what.add_parser("rebalance", help="a skewed load: max/mean load per worker before and after rebalancing")
+    r.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
+    r.add_argument("--workers", type=int, default=4)
+    r.add_argument("--redundant", type=int, default=2, help="redundant expert slots per worker")
+    r.add_argument("--streams", type=int, default=16)
+    r.add_argument("--tokens", type=int, default=64)
+    r.set_defaults(run=_run_rebalance)
+
+    o = what.add_parser("routers", help="tok/s and ITL with 1, 2, 4 routers through gRPC; a router's death")
+    o.add_argument("--model", choices=models, default="tiny")
+    o.add_argument("--routers", type=positive_ints, default=[1, 2, 4])
+    o.add_argument("--workers", type=int, default=2)
+    o.add_argument("--concurrency", type=positive_ints, default=[8, 32, 64])
+    o.add_argument("--tokens", type=int, default=64)
+    o.set_defaults(run=_run_routers)
+
+
+def _choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values from {list(allowed)}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _run_failover(args) -> int:
+    from deploy.bench.failover import run_failover_bench
+
+    return run_failover_bench(args)
+
+
+def _run_rebalance(args) -> int:
+    from deploy.bench.rebalance import run_rebalance_bench
+
+    return run_rebalance_bench(args)
+
+
+def _run_routers(args) -> int:
+    from deploy.bench.routers import run_routers_bench
+
+    return run_routers_bench(args)
+
 
 def _bench_model(parser, default: str) -> None:
     parser.add_argument(

@@ -66,6 +66,12 @@ def add_parser(sub) -> None:
         default=1,
         help="copies of each expert on distinct workers (default 1; 2 survives a worker's death without a stall)",
     )
+    p.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="attention routers on the embedded Ray cluster; the prompts are spread over them (default 1)",
+    )
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument(
@@ -93,7 +99,7 @@ def _messages(path: str) -> tuple[ChatMessage, ...]:
 
 def run(args) -> int:
     requests, engine_config, cluster_config = _prepare(args)
-    if args.workers == 0:
+    if cluster_config is None:
         results = asyncio.run(_in_process(args, requests, engine_config))
     else:
         from deploy.deployment import Deployment, DeploymentSpec
@@ -167,10 +173,11 @@ def _prepare(args):
         requests.append(EngineRequest(uuid.uuid4().hex, params, **fields))
     with as_flags(_FLAGS):
         engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
-        cluster_config = None
-        if args.workers:
+        cluster_config = None  # in this process
+        if args.workers or args.routers != 1:
             cluster_config = ClusterConfig(
                 device="cuda" if args.device.startswith("cuda") else "cpu",
+                routers=args.routers,
                 workers=args.workers,
                 expert_replicas=args.expert_replicas,
                 placement=args.placement,
@@ -187,6 +194,7 @@ _FLAGS = {
     "workers": "--workers",
     "placement": "--placement",
     "expert_replicas": "--expert-replicas",
+    "routers": "--routers",
     "collective_timeout_s": "--collective-timeout",
     "device": "--device",
 }

@@ -44,6 +44,12 @@ def add_parser(sub) -> None:
         help=f"expert workers (default {_C.workers}; 0: the router holds every expert)",
     )
     p.add_argument(
+        "--routers",
+        type=int,
+        default=None,
+        help=f"attention routers, each with its own engine and KV cache (default {_C.routers})",
+    )
+    p.add_argument(
         "--placement",
         default=None,
         help="experts per worker, e.g. '0-5;6-10;11-15' or with replicas '0-7;8-15;0-3,8-11' (default: even)",
@@ -118,6 +124,7 @@ def serve_settings(args):
             workers=args.workers,
             placement=args.placement,
             expert_replicas=args.expert_replicas,
+            routers=args.routers,
             host=args.host,
             port=args.port,
             device=args.device,

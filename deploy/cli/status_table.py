@@ -1,18 +1,15 @@
-"""The table `moecluster client status` prints: the model, the router, the gateway, the expert plane (failover
+"""The table `moecluster client status` prints: the model, each router, the gateway, the expert plane (failover
 and rebalancing) and, per worker slot, its state and the experts it holds with the tokens each copy served."""
 
 from __future__ import annotations
 
 
 def format_status(status, info, readiness: str) -> str:
-    r, g = status.router, status.gateway
-    finished = " ".join(f"{k}={v}" for k, v in sorted(r.finished.items())) or "-"
+    g = status.gateway
     lines = [
         f"model    {info.name} ({info.architecture}, {info.num_experts} experts x {len(info.moe_layers)} MoE layers, "
         f"top-{info.experts_per_token})   readiness {readiness}",
-        f"router   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
-        f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
-        f"{r.tokens_per_second:.1f} tok/s   finished {finished}",
+        *(_router(r) for r in (status.routers or [status.router])),
         f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
         f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
     ]
@@ -44,6 +41,19 @@ def format_status(status, info, readiness: str) -> str:
     lines.append("")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def _router(r) -> str:
+    replaced = f", replaced {r.replacements}x" if r.replacements else ""
+    head = f"router {r.index} ({r.state or 'unknown'}{replaced})"
+    if not r.device:
+        return f"{head}   {r.failure or 'no answer'}"
+    finished = " ".join(f"{k}={v}" for k, v in sorted(r.finished.items())) or "-"
+    return (
+        f"{head}   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
+        f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
+        f"{r.tokens_per_second:.1f} tok/s   finished {finished}"
+    )
 
 
 def _expert_plane(p) -> str:

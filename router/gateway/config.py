@@ -106,6 +106,8 @@ class GatewayConfig(Settings):
     poll_interval_s: float = setting(0.25, number(0, above=True))  # router health and load (the queue bound uses it)
     expert_stats_interval_s: float = setting(5.0, number(0, above=True))  # tokens per expert, for metrics
     ray_timeout_s: float = setting(10.0, number(0, above=True))  # control calls to the actors (never generations)
+    router_failover_timeout_s: float = setting(600.0, number(0, above=True))  # a stream whose router died waits
+    # this long for a router to continue on (with one router: for its replacement, which loads the weights)
     api_keys_file: str | None = setting(None, optional(key_file))  # one key per line; every call but health must
     # carry `authorization: Bearer <key>` (also $MOECLUSTER_API_KEYS); None and no variable: no API keys
     tls: TlsConfig = section(TlsConfig)

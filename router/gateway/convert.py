@@ -116,24 +116,39 @@ def model_info(info: dict) -> pb.GetModelInfoResponse:
     )
 
 
-def router_status(health: dict, router: dict, engine) -> pb.RouterStatus:
-    """`health` and `router` are RouterActor.health()/stats(); `engine` its EngineStats."""
-    total = engine.kv_blocks_total
-    return pb.RouterStatus(
-        ready=bool(health.get("ready")),
-        failure=health.get("failure") or "",
-        device=router["device"],
-        dtype=router["dtype"],
-        steps=router["steps"],
-        running=engine.running,
-        waiting=engine.waiting,
-        kv_blocks_used=engine.kv_blocks_used,
-        kv_blocks_total=total,
-        kv_usage=engine.kv_blocks_used / total if total else 0.0,
-        tokens_per_second=engine.tokens_per_s,
-        kv_token_capacity=engine.kv_token_capacity,
-        finished=engine.finished,
+def router_status(
+    index: int, health: dict | None, router: dict | None, engine, supervised: dict | None = None
+) -> pb.RouterStatus:
+    """`health`, `router` and `engine` are RouterActor.health(), stats() and engine_stats() (None when the router
+    did not answer); `supervised` the supervisor's view of router `index`."""
+    supervised = supervised or {}
+    out = pb.RouterStatus(
+        index=index, replacements=supervised.get("replacements", 0), last_error=supervised.get("last_error", "")
     )
+    if health is None or router is None or engine is None:
+        out.state = supervised.get("state") or "dead"
+        out.failure = "the router does not answer"
+        return out
+    total = engine.kv_blocks_total
+    out.MergeFrom(
+        pb.RouterStatus(
+            ready=bool(health.get("ready")),
+            failure=health.get("failure") or "",
+            state=health.get("state", ""),
+            device=router["device"],
+            dtype=router["dtype"],
+            steps=router["steps"],
+            running=engine.running,
+            waiting=engine.waiting,
+            kv_blocks_used=engine.kv_blocks_used,
+            kv_blocks_total=total,
+            kv_usage=engine.kv_blocks_used / total if total else 0.0,
+            tokens_per_second=engine.tokens_per_s,
+            kv_token_capacity=engine.kv_token_capacity,
+            finished=engine.finished,
+        )
+    )
+    return out
 
 
 def worker_status(slot: int, stats: dict | None, supervised: dict | None, members: tuple[int, ...]) -> pb.WorkerStatus:

@@ -21,6 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from router.gateway.cluster_view import ClusterView
 from router.gateway.convert import router_expert_tokens
 from router.gateway.metrics import GatewayMetrics
+from router.gateway.router_pool import RouterEntry, RouterPool
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +81,28 @@ def first_line(error: BaseException) -> str:
 
 
 class ClusterPoller:
-    """Every `interval_s`: the router's health (-> readiness), the supervisor's verdict (-> liveness) and the
-    engine's stats (-> `engine`, the load metrics and the gateway's queue bound); every `expert_interval_s`: the
-    router's routed-token counts and failover counters (-> metrics). Polling keeps the Ray round trip off each
-    request's path."""
+    """Every `interval_s`: each router's health and engine stats (-> the router pool: readiness, load, the queue
+    bound), the supervisor's verdict (-> liveness); every `expert_interval_s`: the first router's routed-token
+    counts and failover counters (-> metrics). Polling keeps the Ray round trips off each request's path."""
 
     def __init__(
         self,
         view: ClusterView,
+        pool: RouterPool,
         health: GatewayHealth,
         metrics: GatewayMetrics,
         interval_s: float = 0.25,
         expert_interval_s: float = 5.0,
         timeout_s: float = 10.0,
     ):
-        self.view, self.health, self.metrics = view, health, metrics
+        self.view, self.pool, self.health, self.metrics = view, pool, health, metrics
         self.interval_s, self.expert_interval_s, self.timeout_s = interval_s, expert_interval_s, timeout_s
-        self.engine = None  # the latest EngineStats
 
     async def check(self) -> tuple[bool, str]:
-        """Ready now? Asks the router; a dead or unresponsive router is not ready."""
-        try:
-            health = await resolve(self.view.router.health.remote(), self.timeout_s)
-        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            return False, f"the router is unreachable: {first_line(e)}"
-        return bool(health["ready"]), health.get("failure") or ""
+        """Ready now? At least one router takes requests."""
+        self.pool.refresh_handles()
+        await asyncio.gather(*(self._poll(entry) for entry in list(self.pool.entries.values())))
+        return self.pool.ready, "" if self.pool.ready else self.pool.reason
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,10 +112,8 @@ class ClusterPoller:
                 verdict = (self.view.supervision() or {}).get("failure")
                 if verdict:
                     await self.health.set_dead(verdict)
-                ready, reason = await self.check()
-                await self.health.set_ready(ready, reason)
-                if ready:
-                    await self._refresh_load()
+                await self.health.set_ready(*await self.check())
+                self.metrics.observe_load([e.engine for e in self.pool.entries.values() if e.engine])
                 if loop.time() >= next_experts:
                     next_experts = loop.time() + self.expert_interval_s
                     await self._refresh_experts()
@@ -125,16 +121,24 @@ class ClusterPoller:
                 log.exception("cluster poll failed")
             await asyncio.sleep(self.interval_s)
 
-    async def _refresh_load(self) -> None:
+    async def _poll(self, entry: RouterEntry) -> None:
         try:
-            self.engine = await resolve(self.view.router.engine_stats.remote(), self.timeout_s)
-            self.metrics.observe_load(self.engine)
+            health, engine = await asyncio.gather(
+                resolve(entry.handle.health.remote(), self.timeout_s),
+                resolve(entry.handle.engine_stats.remote(), self.timeout_s),
+            )
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            log.warning("engine stats: %s", e)
+            entry.ready, entry.reason, entry.engine = False, f"unreachable: {first_line(e)}", None
+            return
+        entry.ready, entry.engine = bool(health["ready"]), engine
+        entry.reason = health.get("failure") or ("" if entry.ready else f"state {health.get('state')}")
 
     async def _refresh_experts(self) -> None:
+        ready = [e for e in self.pool.entries.values() if e.ready]
+        if not ready:
+            return
         try:
-            router = await resolve(self.view.router.stats.remote(), self.timeout_s)
+            router = await resolve(ready[0].handle.stats.remote(), self.timeout_s)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             log.warning("expert stats: %s", e)
             return

@@ -72,11 +72,13 @@ class GatewayMetrics:
             self._http.server_close()
             self._http = None
 
-    def observe_load(self, engine) -> None:
-        self.waiting.set(engine.waiting)
-        self.running.set(engine.running)
-        self.kv_usage.set(engine.kv_blocks_used / engine.kv_blocks_total if engine.kv_blocks_total else 0.0)
-        self.tokens_per_s.set(engine.tokens_per_s)
+    def observe_load(self, engines: list) -> None:
+        """Summed over the routers' engines (KV usage: over all their blocks)."""
+        used, total = sum(e.kv_blocks_used for e in engines), sum(e.kv_blocks_total for e in engines)
+        self.waiting.set(sum(e.waiting for e in engines))
+        self.running.set(sum(e.running for e in engines))
+        self.kv_usage.set(used / total if total else 0.0)
+        self.tokens_per_s.set(sum(e.tokens_per_s for e in engines))
 
     def observe_expert_plane(self, channel: dict | None, supervision: dict | None) -> None:
         self.expert_plane.channel, self.expert_plane.supervision = channel, supervision

@@ -32,6 +32,7 @@ from router.gateway.cluster_view import ClusterView
 from router.gateway.config import GatewayConfig, MetricsConfig
 from router.gateway.health import ClusterPoller, GatewayHealth, resolve
 from router.gateway.metrics import GatewayMetrics
+from router.gateway.router_pool import RouterPool
 from router.gateway.service import AdmissionLimits, Backend, InferenceService
 from router.tokenizer import Tokenizer
 
@@ -50,6 +51,7 @@ class Gateway:
                 config.max_queued_requests,
                 config.ray_timeout_s,
                 config.request_timeout_s,
+                config.router_failover_timeout_s,
             ),
             self.health,
             self.metrics,
@@ -101,17 +103,20 @@ class Gateway:
         return port
 
     async def attach(self, view: ClusterView, model_dir: str) -> None:
-        """Serve through this cluster: readiness follows its router's health from now on."""
-        info = await resolve(view.router.model_info.remote(), self.config.ray_timeout_s)
+        """Serve through this cluster: readiness follows its routers' health from now on (SERVING while at least
+        one takes requests)."""
+        info = await resolve(view.routers[0].model_info.remote(), self.config.ray_timeout_s)
+        pool = RouterPool(view)
         poller = ClusterPoller(
             view,
+            pool,
             self.health,
             self.metrics,
             self.config.poll_interval_s,
             self.config.expert_stats_interval_s,
             self.config.ray_timeout_s,
         )
-        self.service.backend = Backend(view.router, view, info, Tokenizer.from_dir(model_dir), poller)
+        self.service.backend = Backend(pool, view, info, Tokenizer.from_dir(model_dir), poller)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
 

@@ -19,7 +19,7 @@ from router.generation_config import eos_token_ids
 from router.model_runner import ModelRunner
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.request_prep import check_prompt
-from router.sampler import SamplingState, new_generator, sample_batch
+from router.sampler import SamplingState, resolve_seed, sample_batch
 from router.sampling_params import SamplingParams
 
 
@@ -48,7 +48,7 @@ class Generator:
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         self.check_prompt(prompt_ids, params.max_tokens)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
-        state = SamplingState(params, list(prompt_ids), [], frozenset(stop), new_generator(params, self.model.device))
+        state = SamplingState(params, list(prompt_ids), [], frozenset(stop), resolve_seed(params))
         cache, out = ContiguousKVCache(), state.output_ids
         ids, pos = list(prompt_ids), 0
         while True:

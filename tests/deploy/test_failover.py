@@ -12,9 +12,8 @@ import uuid
 
 import pytest
 import ray
-import torch
-from safetensors.torch import load_file, save_file
 
+from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
@@ -168,14 +167,7 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(model_dir
 def skewed_model_dir(tmp_path_factory):
     """A tiny model whose gates send every token to expert 0 or 1 in every MoE layer."""
     path = write_tiny_model(tmp_path_factory.mktemp("skewed"), "scout", train_steps=0)
-    tensors = load_file(path / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for name, weight in tensors.items():
-        if name.endswith("feed_forward.router.weight"):
-            v = torch.randn(weight.shape[1], generator=g)
-            weight.zero_()
-            weight[0], weight[1] = v, -v  # one of the two always scores >= 0, the others 0
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    skew_gates(str(path), hot=(0, 1))
     return str(path)
 
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from protos.client import InferenceClient
 from tests.conftest import free_port
-from tests.procs import ray_gone, ray_processes
+from tests.procs import descendants_running, ray_gone, ray_processes
+from tests.ray_nodes import RayNode
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -39,35 +39,23 @@ def ray(env, *args, timeout=120) -> subprocess.CompletedProcess:
     )
 
 
-def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
+def test_ray_job_submit_on_a_two_cpu_head_serves_streams_and_stops_cleanly(tmp_path, ray_env):
+    """The README's path on a small head: `ray start --head` with 2 CPUs, then `ray job submit ... --config
+    deploy/configs/tiny-cpu.yaml` (its fractional CPUs fit a router and two workers there)."""
     assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
     from deploy.tiny.model import write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", "scout", train_steps=0)
     port, gcs_port, dashboard = free_port(), free_port(), free_port()
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(model)},
-                "cluster": {"workers": 2},
-                "gateway": {"host": "127.0.0.1", "port": port},
-                "metrics": {"enabled": False},
-            }
-        )
-    )
-    head = ray(
-        ray_env,
-        "start",
+    head = RayNode(
         "--head",
         f"--port={gcs_port}",
         f"--dashboard-port={dashboard}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
-        "--num-cpus=6",
-        "--disable-usage-stats",
+        "--num-cpus=2",
+        env=ray_env,
     )
-    assert head.returncode == 0, head.stderr
     address = f"http://127.0.0.1:{dashboard}"
     try:
         submitted = ray(
@@ -84,7 +72,11 @@ def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
             "-m",
             "deploy.ray_job",
             "--config",
-            str(config),
+            "deploy/configs/tiny-cpu.yaml",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
             timeout=300,
         )
         assert submitted.returncode == 0, submitted.stderr + submitted.stdout
@@ -102,9 +94,9 @@ def test_ray_job_submit_serves_streams_and_stops_cleanly(tmp_path, ray_env):
         status = ray(ray_env, "job", "status", "--address", address, job_id)
         assert "stopped" in (status.stdout + status.stderr).lower()
         deadline = time.monotonic() + 30
-        while any("RouterActor" in p or "ExpertWorker" in p for p in ray_processes()) and time.monotonic() < deadline:
+        while descendants_running(head.pid, "ray::RouterActor") + descendants_running(head.pid, "ray::ExpertWorker"):
+            assert time.monotonic() < deadline, "the job's actors outlived `ray job stop`"
             time.sleep(0.5)
-        assert not any("RouterActor" in p or "ExpertWorker" in p for p in ray_processes())
     finally:
-        ray(ray_env, "stop", "--force")
+        head.stop()
     assert ray_gone(30), ray_processes()

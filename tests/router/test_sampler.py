@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from router.sampler import SamplingState, adjusted_logits, filtered_probs, new_generator, sample_batch
+from router.sampler import SamplingState, adjusted_logits, filtered_probs, resolve_seed, sample_batch
 from router.sampling_params import SamplingParams
 
 
 def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset()) -> SamplingState:
     params = params.with_defaults({}).validate()
-    return SamplingState(
-        params, list(prompt), list(output), frozenset(stop), new_generator(params, torch.device("cpu"))
-    )
+    return SamplingState(params, list(prompt), list(output), frozenset(stop), resolve_seed(params))
 
 
 def test_batched_greedy_equals_row_by_row_argmax_mixed_with_other_rows():
@@ -77,3 +75,31 @@ def test_a_seeded_request_draws_the_same_tokens_whatever_else_is_in_the_batch():
         others = [state(SamplingParams(temperature=1.0, seed=99)), state(SamplingParams(temperature=0.0))]
         together.append(sample_batch(step, [batch_state, *others])[0][0])
     assert alone == together
+
+
+def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position():
+    logits = torch.randn(80, generator=torch.Generator().manual_seed(5))
+    params = SamplingParams(temperature=1.0, seed=11)
+    straight = state(params)
+    drawn = []
+    for _ in range(12):  # one request drawing 12 tokens in a row
+        token = sample_batch(logits[None], [straight])[0][0]
+        straight.output_ids.append(token)
+        drawn.append(token)
+    resumed = state(params, output=drawn[:7])  # the same request resumed elsewhere after 7 tokens
+    rest = []
+    for _ in range(5):
+        token = sample_batch(logits[None], [resumed])[0][0]
+        resumed.output_ids.append(token)
+        rest.append(token)
+    assert rest == drawn[7:]
+    other = state(SamplingParams(temperature=1.0, seed=12))  # another seed draws other tokens
+    for _ in range(12):
+        other.output_ids.append(sample_batch(logits[None], [other])[0][0])
+    assert other.output_ids != drawn
+
+
+def test_a_request_without_a_seed_gets_one_that_stays_with_it():
+    params = SamplingParams(temperature=1.0)
+    assert resolve_seed(params) != resolve_seed(params)
+    assert resolve_seed(SamplingParams(temperature=1.0, seed=4)) == 4

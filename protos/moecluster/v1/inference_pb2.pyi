@@ -215,21 +215,23 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("router", "workers", "placement", "gateway", "expert_plane")
+    __slots__ = ("router", "workers", "placement", "gateway", "expert_plane", "routers")
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     EXPERT_PLANE_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
     router: RouterStatus
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     placement: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
     gateway: GatewayStatus
     expert_plane: ExpertPlaneStatus
-    def __init__(self, router: _Optional[_Union[RouterStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ..., expert_plane: _Optional[_Union[ExpertPlaneStatus, _Mapping]] = ...) -> None: ...
+    routers: _containers.RepeatedCompositeFieldContainer[RouterStatus]
+    def __init__(self, router: _Optional[_Union[RouterStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ..., expert_plane: _Optional[_Union[ExpertPlaneStatus, _Mapping]] = ..., routers: _Optional[_Iterable[_Union[RouterStatus, _Mapping]]] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
-    __slots__ = ("ready", "failure", "device", "dtype", "steps", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "tokens_per_second", "kv_token_capacity", "finished")
+    __slots__ = ("ready", "failure", "device", "dtype", "steps", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "tokens_per_second", "kv_token_capacity", "finished", "index", "state", "replacements", "last_error")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,10 @@ class RouterStatus(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     KV_TOKEN_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     failure: str
     device: str
@@ -263,7 +269,11 @@ class RouterStatus(_message.Message):
     tokens_per_second: float
     kv_token_capacity: int
     finished: _containers.ScalarMap[str, int]
-    def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    index: int
+    state: str
+    replacements: int
+    last_error: str
+    def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers", "state", "generation", "pid", "replacements", "last_error")

@@ -101,3 +101,28 @@ def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
     assert local.returncode == 0 and remote.returncode == 0, (local.stderr, remote.stderr)
     assert remote.stdout == local.stdout
     assert ray_gone(), ray_processes()
+
+
+def test_generate_cli_with_two_routers_prints_the_tokens_of_one(checkpoints):
+    path = str(checkpoints["scout-like"])
+    base = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "generate",
+        "--model",
+        path,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--json",
+        *[a for i in range(6) for a in ("--prompt-ids", f"1,{40 + i},41,42")],
+    ]
+    local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
+    spread = subprocess.run([*base, "--workers", "2", "--routers", "2"], capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and spread.returncode == 0, (local.stderr, spread.stderr)
+    assert spread.stdout == local.stdout and len(local.stdout.splitlines()) == 6
+    assert ray_gone(), ray_processes()

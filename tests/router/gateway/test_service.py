@@ -374,7 +374,7 @@ def test_more_queued_requests_than_the_limit_are_refused_with_resource_exhausted
         with pytest.raises(GenerationError) as err:
             list(client.generate(input_ids=[1], max_tokens=2, timeout=30))
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 requests are queued in the engine (limit 2)" in err.value.message
+        assert "2 requests are queued in the engines (limit 2)" in err.value.message
     finally:
         server.gateway.set_limits(max_queued_requests=64)
         client.abort(*ids)

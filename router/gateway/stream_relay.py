@@ -1,0 +1,108 @@
+"""One Generate call, relayed from a router to the client, surviving the router's death.
+
+The relay keeps what the client has been sent: the tokens and the number of characters of their text. When the
+router dies (its Ray streaming call fails) or its step raises (a Final with error_kind "internal"), the relay
+re-admits the request on another ready router (or waits, within `failover_timeout_s`, for one: with a single
+router, for its replacement) with the prompt plus the tokens already streamed (`Resume`). The new router
+recomputes their KV, rebuilds the text stream, and samples on: sampling is a pure function of (seed, position)
+and the gateway gave every sampled request a seed at admission, so the client sees a pause, no error, and no
+token twice or missing. Cancel, deadline and Abort reach whichever router holds the request now.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import ray
+
+from router.gateway.health import first_line
+from router.gateway.router_pool import RouterEntry, RouterPool
+from router.messages import Delta, EngineRequest, Final, Resume
+from router.request_prep import PreparedRequest
+
+log = logging.getLogger(__name__)
+MAX_FAILOVERS = 3  # per request: a request that fails on every router it meets is not retried forever
+
+
+class RouterLost(Exception):
+    """The router holding a request died or failed; the message says how."""
+
+
+class NoRouter(Exception):
+    """No router became ready within the failover timeout."""
+
+
+class StreamRelay:
+    def __init__(self, pool: RouterPool, prepared: PreparedRequest, failover_timeout_s: float):
+        self.pool, self.prepared, self.failover_timeout_s = pool, prepared, failover_timeout_s
+        self.tokens: list[int] = []
+        self.text_chars = 0
+        self.router: RouterEntry | None = None
+        self.failovers = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request_id
+
+    async def items(self, first: RouterEntry) -> AsyncIterator[Delta | Final]:
+        """Deltas, then one Final, whichever routers it takes. NoRouter if none is left to continue on."""
+        entry = first
+        while True:
+            try:
+                async for item in self._from(entry):
+                    yield item
+                return
+            except RouterLost as e:
+                self.pool.mark_down(entry, str(e))
+                self.failovers += 1
+                if self.failovers > MAX_FAILOVERS:
+                    raise NoRouter(f"{self.failovers} routers failed this request in turn; the last: {e}") from None
+                log.warning(
+                    "router %d lost this request after %d tokens (%s); continuing on another router",
+                    entry.index,
+                    len(self.tokens),
+                    e,
+                    extra={"request_id": self.request_id},
+                )
+                entry = await self.pool.wait_for_one(time.monotonic() + self.failover_timeout_s, avoid=entry)
+                if entry is None:
+                    raise NoRouter(
+                        f"router lost ({e}) and no router was ready within {self.failover_timeout_s:.0f}s "
+                        "to continue on"
+                    ) from None
+
+    async def _from(self, entry: RouterEntry) -> AsyncIterator[Delta | Final]:
+        self.router = entry
+        entry.assigned += 1
+        try:
+            gen = entry.handle.generate_stream.options(num_returns="streaming").remote(self._request())
+            async for ref in gen:
+                item = await ref
+                if isinstance(item, Final):
+                    if item.finish_reason == "error" and item.error_kind == "internal":
+                        raise RouterLost(f"its step failed: {item.error}")
+                    yield item
+                    return
+                self.tokens += item.token_ids
+                self.text_chars += len(item.text)
+                yield item
+        except ray.exceptions.RayError as e:
+            raise RouterLost(first_line(e)) from None
+        finally:
+            entry.assigned -= 1
+        raise RouterLost("its stream ended without a final message")
+
+    def _request(self) -> EngineRequest:
+        p = self.prepared
+        resume = Resume(tuple(self.tokens), self.text_chars) if self.failovers else None
+        return EngineRequest(p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume)
+
+    def abort(self) -> None:
+        """Abort it on the router holding it now (frees its KV blocks; a no-op if it already ended)."""
+        if self.router is not None:
+            try:
+                self.router.handle.abort.remote(self.request_id)
+            except ray.exceptions.RayError:
+                pass  # that router is gone: nothing to free

@@ -1,0 +1,174 @@
+"""Many routers behind one gateway, as gRPC clients see them: M = 2 gives every stream the tokens M = 1 gives
+(greedy and seeded); new requests spread over both routers; a router killed (SIGKILL) under 8 streams costs no
+stream a token, with M = 2 and with M = 1 (the streams wait for its replacement); cancels and deadlines reach
+the request's router and every KV block comes back; a worker's death with M = 2 costs nothing either. Every test
+ends with no Ray process left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from deploy.config import parse_serve_config
+from deploy.server import Server
+from deploy.tiny.model import write_tiny_model
+from protos.client import InferenceClient
+from protos.client_types import GenerationError
+from tests.procs import ray_gone, ray_processes
+
+pytestmark = pytest.mark.slow
+
+
+def serve(model_dir, routers: int, workers: int = 2) -> Server:
+    config = parse_serve_config(
+        {
+            "model": {"path": str(model_dir)},
+            "cluster": {"routers": routers, "workers": workers},
+            "scheduler": {"max_num_seqs": 16},
+            "gateway": {"port": 0, "poll_interval_s": 0.1},
+        }
+    )
+    return Server(config, show_progress=False).start()
+
+
+def sampling(i: int) -> dict:
+    return {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + i}
+
+
+def run_streams(target: str, n: int, tokens: int, results: dict, errors: list) -> list[threading.Thread]:
+    def one(i):
+        try:
+            with InferenceClient(target) as client:
+                results[i] = client.generate_text(
+                    input_ids=[1, 9 + i, 3, 50 + i], max_tokens=tokens, ignore_eos=True, **sampling(i)
+                ).token_ids
+        except GenerationError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def collect(target: str, n: int, tokens: int, during=None) -> dict[int, list[int]]:
+    results, errors = {}, []
+    threads = run_streams(target, n, tokens, results, errors)
+    if during is not None:
+        during()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == n
+    return results
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
+
+
+@pytest.fixture(scope="module")
+def one_router_tokens(model_dir):
+    server = serve(model_dir, routers=1)
+    try:
+        return collect(server.target, 16, 48)
+    finally:
+        server.stop(grace_s=2.0)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    assert ray_gone(), f"another Ray is running: {ray_processes()}"
+    yield
+    assert ray_gone(), ray_processes()
+
+
+def router_pid(server, index: int) -> int:
+    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
+
+
+def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(model_dir, one_router_tokens):
+    server = serve(model_dir, routers=2)
+    try:
+        assert collect(server.target, 16, 48) == one_router_tokens
+        with InferenceClient(server.target) as client:
+            status = client.cluster_status()
+        assert [r.index for r in status.routers] == [0, 1]
+        served = [sum(r.finished.values()) for r in status.routers]
+        assert sum(served) == 16 and min(served) >= 4, served  # spread by load, not all on one
+    finally:
+        server.stop(grace_s=2.0)
+
+
+@pytest.mark.parametrize("routers", [2, 1])
+def test_a_killed_router_costs_no_stream_a_token(model_dir, one_router_tokens, routers):
+    server = serve(model_dir, routers=routers)
+    try:
+        undisturbed = {i: one_router_tokens[i] for i in range(8)}
+        victim = router_pid(server, 0)
+        got = collect(server.target, 8, 48, during=lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
+        assert got == undisturbed
+        deadline = time.monotonic() + 120
+        with InferenceClient(server.target) as client:
+            while client.cluster_status().routers[0].state != "serving":
+                assert time.monotonic() < deadline, "the router was never replaced"
+                time.sleep(0.3)
+            status = client.cluster_status()
+            assert status.routers[0].replacements == 1 and status.routers[0].ready
+            assert collect(server.target, 8, 48) == undisturbed  # and it serves again
+    finally:
+        server.stop(grace_s=2.0)
+
+
+def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(model_dir):
+    server = serve(model_dir, routers=2)
+    try:
+        with InferenceClient(server.target) as client:
+            gens = [
+                client.generate(input_ids=[1, 2, 3 + i], max_tokens=1500, ignore_eos=True, temperature=0.0)
+                for i in range(4)
+            ]
+            readers = []
+            for gen in gens:
+                it = iter(gen)
+                next(it)  # streaming: placed and running
+                readers.append(it)
+            for gen in gens:
+                gen.cancel()
+            with pytest.raises(GenerationError) as late:
+                client.generate_text(input_ids=[1, 2, 3], max_tokens=1500, ignore_eos=True, timeout=1.0)
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 30
+            while any(r.kv_blocks_used or r.running for r in client.cluster_status().routers):
+                assert time.monotonic() < deadline, [
+                    (r.kv_blocks_used, r.running) for r in client.cluster_status().routers
+                ]
+                time.sleep(0.2)
+            aborted = sum(r.finished.get("abort", 0) for r in client.cluster_status().routers)
+            assert aborted == 5
+    finally:
+        server.stop(grace_s=2.0)
+
+
+def test_a_worker_killed_under_two_routers_costs_nothing(model_dir, one_router_tokens):
+    server = serve(model_dir, routers=2)
+    try:
+        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        got = collect(server.target, 8, 48, during=lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
+        assert got == {i: one_router_tokens[i] for i in range(8)}
+        with InferenceClient(server.target) as client:
+            deadline = time.monotonic() + 60
+            while client.cluster_status().workers[1].state != "serving":
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+            status = client.cluster_status()
+        assert list(status.expert_plane.members) == [0, 1] and status.expert_plane.failovers >= 1
+    finally:
+        server.stop(grace_s=2.0)
