@@ -90,6 +90,17 @@ def no_ray_left():
     assert ray_gone(), ray_processes()
 
 
+def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
+    """Kill `pid` once streams are generating on router `router` (any router: None), so that the kill lands
+    while they run, however fast the engine is (a fixed delay can land after the last token)."""
+    deadline = time.monotonic() + 60
+    with InferenceClient(target) as client:
+        while not any(r.running for r in client.cluster_status().routers if router in (None, r.index)):
+            assert time.monotonic() < deadline, "no stream started"
+            time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+
+
 def router_pid(server, index: int) -> int:
     return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
 
@@ -113,11 +124,12 @@ def test_a_killed_router_costs_no_stream_a_token(model_dir, one_router_tokens, r
     try:
         undisturbed = {i: one_router_tokens[i] for i in range(8)}
         victim = router_pid(server, 0)
-        got = collect(server.target, 8, 48, during=lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
+        got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim, router=0))
         assert got == undisturbed
         deadline = time.monotonic() + 120
         with InferenceClient(server.target) as client:
-            while client.cluster_status().routers[0].state != "serving":
+            # with M = 2 the streams may finish on the other router before the supervisor marks this one dead
+            while (r := client.cluster_status().routers[0]).state != "serving" or not r.replacements:
                 assert time.monotonic() < deadline, "the router was never replaced"
                 time.sleep(0.3)
             status = client.cluster_status()
@@ -161,7 +173,7 @@ def test_a_worker_killed_under_two_routers_costs_nothing(model_dir, one_router_t
     server = serve(model_dir, routers=2)
     try:
         victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
-        got = collect(server.target, 8, 48, during=lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
+        got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim))
         assert got == {i: one_router_tokens[i] for i in range(8)}
         with InferenceClient(server.target) as client:
             deadline = time.monotonic() + 60
