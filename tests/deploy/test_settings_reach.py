@@ -72,6 +72,7 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "max_model_len": 300,
             "block_size": 4,
             "kv_cache_memory": "1MiB",
+            "micro_batches": 3,
         },
         "gateway": {
             "host": "localhost",
@@ -174,6 +175,7 @@ def test_scheduler_keys_reach_the_engine(config, model_dir):
     assert engine.scheduler.max_num_seqs == 5 and engine.scheduler.budget == 40
     assert engine.limits.max_model_len == 300 and engine.kv.block_size == 4
     assert engine.kv.total_bytes <= 2**20 < 2 * engine.kv.total_bytes + 2**16  # the budget it was given
+    assert engine.config.micro_batches == 3  # what each step hands the runner (Engine._forward)
 
 
 @pytest.mark.slow  # starts a gRPC server (no Ray)
