@@ -69,11 +69,16 @@ class Llama4ForCausalLM(nn.Module):
         cache: KVCache,
         transport: ExpertTransport,
         all_logits: bool = False,
+        embeds_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [N, V] for each sequence's last new token (or every token when `all_logits`)."""
+        """Logits [N, V] for each sequence's last new token (or every token when `all_logits`).
+
+        `embeds_TD`, when given, replaces the token embeddings of `ids_T`: an image prompt's embeddings with image
+        features at the `<|patch|>` rows (cluster/vision/merge.py)."""
         assert ids_T.shape[0] == batch.num_tokens, (ids_T.shape, batch.num_tokens)
+        assert embeds_TD is None or embeds_TD.shape == (batch.num_tokens, self.config.hidden_size), embeds_TD.shape
         inp = self.attention_inputs(batch)
-        h_TD = self.model.embed_tokens(ids_T)
+        h_TD = self.model.embed_tokens(ids_T) if embeds_TD is None else embeds_TD
         for layer in self.model.layers:
             h_TD = layer(h_TD, inp, cache, transport)
         if not all_logits:
