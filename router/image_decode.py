@@ -37,8 +37,9 @@ class ImageLimits:
     def __post_init__(self):
         pillow_max = Image.MAX_IMAGE_PIXELS or self.max_pixels  # None: Pillow checks nothing
         if not 0 < self.max_pixels <= pillow_max:
-            raise ValueError(f"max_pixels must be in [1, {pillow_max}] (Pillow's MAX_IMAGE_PIXELS), "
-                             f"got {self.max_pixels}")
+            raise ValueError(
+                f"max_pixels must be in [1, {pillow_max}] (Pillow's MAX_IMAGE_PIXELS), got {self.max_pixels}"
+            )
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
 
@@ -65,8 +66,11 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image") -> torc
     with _refusing_decoder_errors(header.format, limits, field):
         image = Image.open(io.BytesIO(data), formats=[header.format])  # reads the header only
     if image.size != (header.width, header.height):
-        raise InvalidRequest(field, f"is a malformed {header.format} image: its header says {header.width}x"
-                                    f"{header.height}, the decoder found {image.size[0]}x{image.size[1]}")
+        raise InvalidRequest(
+            field,
+            f"is a malformed {header.format} image: its header says {header.width}x"
+            f"{header.height}, the decoder found {image.size[0]}x{image.size[1]}",
+        )
     _check_size(*image.size, limits, field)
     with _refusing_decoder_errors(header.format, limits, field):
         return _pixels(_to_rgb(image))
@@ -79,19 +83,21 @@ def _refusing_decoder_errors(fmt: str, limits: ImageLimits, field: str):
     except Image.DecompressionBombError:
         raise InvalidRequest(field, f"has too many pixels; at most {limits.max_pixels} are allowed") from None
     except UnidentifiedImageError:
-        raise InvalidRequest(field, f"is a corrupt {fmt} image; send a complete PNG, JPEG, WebP or GIF image") \
-            from None
+        raise InvalidRequest(field, f"is a corrupt {fmt} image; send a complete PNG, JPEG, WebP or GIF image") from None
     except _DECODE_ERRORS as e:
-        raise InvalidRequest(field, f"is a truncated or corrupt {fmt} image ({e}); send a complete PNG, JPEG, WebP "
-                                    f"or GIF image") from None
+        raise InvalidRequest(
+            field, f"is a truncated or corrupt {fmt} image ({e}); send a complete PNG, JPEG, WebP or GIF image"
+        ) from None
 
 
 def _check_size(width: int, height: int, limits: ImageLimits, field: str) -> None:
     if width < 1 or height < 1:
         raise InvalidRequest(field, f"is {width}x{height} pixels; both sides must be at least 1 pixel")
     if width * height > limits.max_pixels:
-        raise InvalidRequest(field, f"is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} "
-                                    f"pixels are allowed per image")
+        raise InvalidRequest(
+            field,
+            f"is {width}x{height} = {width * height} pixels; at most {limits.max_pixels} pixels are allowed per image",
+        )
 
 
 def _pixels(rgb: Image.Image) -> torch.Tensor:
@@ -106,4 +112,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
-

@@ -39,8 +39,9 @@ class ImageTokens:
         return cls(**ids)
 
 
-LLAMA4_IMAGE_TOKENS = ImageTokens(image_start=200080, image_end=200081, tile_x_separator=200084,
-                                  tile_y_separator=200085, image=200090, patch=200092)
+LLAMA4_IMAGE_TOKENS = ImageTokens(
+    image_start=200080, image_end=200081, tile_x_separator=200084, tile_y_separator=200085, image=200090, patch=200092
+)
 
 
 def patches_per_tile(image_size: int, patch_size: int, pixel_shuffle_ratio: float) -> int:
@@ -76,8 +77,11 @@ def expand_image_placeholders(
     placeholders and the images differ in number."""
     placeholders = sum(1 for t in ids if t == tokens.image)
     if placeholders != len(grids):
-        raise InvalidRequest(field, f"has {placeholders} image placeholders (<|image|>) but {len(grids)} images; "
-                                    f"give one image content part per image")
+        raise InvalidRequest(
+            field,
+            f"has {placeholders} image placeholders (<|image|>) but {len(grids)} images; "
+            f"give one image content part per image",
+        )
     out: list[int] = []
     images = iter(grids)
     for t in ids:

@@ -94,8 +94,11 @@ def resize(image_3HW: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if _native_uint8_bilinear():
         out = F.interpolate(x_13HW, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     else:
-        out = F.interpolate(x_13HW.float(), size=(height, width), mode="bilinear", align_corners=False,
-                            antialias=True).round_().to(torch.uint8)
+        out = (
+            F.interpolate(x_13HW.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            .round_()
+            .to(torch.uint8)
+        )
     return out[0]
 
 

@@ -119,25 +119,38 @@ def _check_shapes(cfg: VisionConfig, source: str) -> None:
             raise ConfigError(f"{source}: {message}")
 
     v = "vision_config."
-    need(cfg.hidden_size % cfg.num_attention_heads == 0,
-         f"{v}hidden_size ({cfg.hidden_size}) must be a multiple of {v}num_attention_heads ({cfg.num_attention_heads})")
-    need(cfg.head_dim % 4 == 0, f"{v}hidden_size / {v}num_attention_heads = head_dim ({cfg.head_dim}) must be a "
-                                f"multiple of 4: the 2D rotary embedding rotates pairs, half by x and half by y")
-    need(cfg.image_size % cfg.patch_size == 0,
-         f"{v}image_size ({cfg.image_size}) must be a multiple of {v}patch_size ({cfg.patch_size})")
-    need(cfg.grid_side % cfg.shuffle_factor == 0,
-         f"{v}image_size / {v}patch_size = {cfg.grid_side} patches per side must be a multiple of "
-         f"1 / {v}pixel_shuffle_ratio = {cfg.shuffle_factor}")
+    need(
+        cfg.hidden_size % cfg.num_attention_heads == 0,
+        f"{v}hidden_size ({cfg.hidden_size}) must be a multiple of {v}num_attention_heads ({cfg.num_attention_heads})",
+    )
+    need(
+        cfg.head_dim % 4 == 0,
+        f"{v}hidden_size / {v}num_attention_heads = head_dim ({cfg.head_dim}) must be a "
+        f"multiple of 4: the 2D rotary embedding rotates pairs, half by x and half by y",
+    )
+    need(
+        cfg.image_size % cfg.patch_size == 0,
+        f"{v}image_size ({cfg.image_size}) must be a multiple of {v}patch_size ({cfg.patch_size})",
+    )
+    need(
+        cfg.grid_side % cfg.shuffle_factor == 0,
+        f"{v}image_size / {v}patch_size = {cfg.grid_side} patches per side must be a multiple of "
+        f"1 / {v}pixel_shuffle_ratio = {cfg.shuffle_factor}",
+    )
     shuffled = cfg.hidden_size * cfg.shuffle_factor**2
-    need(cfg.intermediate_size == shuffled,
-         f"{v}intermediate_size ({cfg.intermediate_size}) must equal {v}hidden_size / {v}pixel_shuffle_ratio^2 = "
-         f"{cfg.hidden_size} / {cfg.pixel_shuffle_ratio}^2 = {shuffled}: the vision adapter reads the pixel-shuffled "
-         f"patches with a layer of that input width")
+    need(
+        cfg.intermediate_size == shuffled,
+        f"{v}intermediate_size ({cfg.intermediate_size}) must equal {v}hidden_size / {v}pixel_shuffle_ratio^2 = "
+        f"{cfg.hidden_size} / {cfg.pixel_shuffle_ratio}^2 = {shuffled}: the vision adapter reads the pixel-shuffled "
+        f"patches with a layer of that input width",
+    )
     widths = (cfg.projector_input_dim, cfg.projector_output_dim, cfg.vision_output_dim)
-    need(len(set(widths)) == 1,
-         f"{v}projector_input_dim ({widths[0]}), {v}projector_output_dim ({widths[1]}) and {v}vision_output_dim "
-         f"({widths[2]}) must be equal: the adapter maps input -> output -> output and the projector reads "
-         f"vision_output_dim")
+    need(
+        len(set(widths)) == 1,
+        f"{v}projector_input_dim ({widths[0]}), {v}projector_output_dim ({widths[1]}) and {v}vision_output_dim "
+        f"({widths[2]}) must be equal: the adapter maps input -> output -> output and the projector reads "
+        f"vision_output_dim",
+    )
 
 
 def _positive_int(obj: dict, name: str, default: Any, prefix: str, source: str) -> int:
@@ -152,8 +165,10 @@ def _positive_int(obj: dict, name: str, default: Any, prefix: str, source: str) 
 def _token_id(raw: dict, name: str, default: int, vocab_size: int, source: str) -> int:
     value = raw.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
-        raise ConfigError(f"{source}: field '{name}' must be a token id in [0, {vocab_size}) (text_config.vocab_size), "
-                          f"found {value!r}")
+        raise ConfigError(
+            f"{source}: field '{name}' must be a token id in [0, {vocab_size}) (text_config.vocab_size), "
+            f"found {value!r}"
+        )
     return value
 
 
@@ -161,16 +176,19 @@ def _ratio(vision: dict, source: str) -> float:
     value = vision.get("pixel_shuffle_ratio", 0.5)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
     if not ok or not math.isclose(1 / value, round(1 / value), rel_tol=0, abs_tol=1e-9):
-        raise ConfigError(f"{source}: field 'vision_config.pixel_shuffle_ratio' must be 1/n for a whole n "
-                          f"(Llama 4: 0.5), found {value!r}")
+        raise ConfigError(
+            f"{source}: field 'vision_config.pixel_shuffle_ratio' must be 1/n for a whole n "
+            f"(Llama 4: 0.5), found {value!r}"
+        )
     return float(value)
 
 
 def _rope_theta(vision: dict, source: str) -> float:
     params = vision.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
-        raise ConfigError(f"{source}: field 'vision_config.rope_parameters' must be an object or null, "
-                          f"found {params!r}")
+        raise ConfigError(
+            f"{source}: field 'vision_config.rope_parameters' must be an object or null, found {params!r}"
+        )
     name, value = "rope_theta", vision.get("rope_theta", 10000.0)
     if params and "rope_theta" in params:
         name, value = "rope_parameters.rope_theta", params["rope_theta"]

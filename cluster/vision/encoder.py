@@ -30,8 +30,9 @@ class VisionAttention(nn.Module):
         q_TSHD = apply_rotary(self.q_proj(x_TSC).unflatten(-1, heads), rope_SF)
         k_TSHD = apply_rotary(self.k_proj(x_TSC).unflatten(-1, heads), rope_SF)
         v_TSHD = self.v_proj(x_TSC).unflatten(-1, heads)
-        out_THSD = F.scaled_dot_product_attention(q_TSHD.transpose(1, 2), k_TSHD.transpose(1, 2),
-                                                  v_TSHD.transpose(1, 2))  # no mask; scale head_dim^-0.5
+        out_THSD = F.scaled_dot_product_attention(
+            q_TSHD.transpose(1, 2), k_TSHD.transpose(1, 2), v_TSHD.transpose(1, 2)
+        )  # no mask; scale head_dim^-0.5
         return self.o_proj(out_THSD.transpose(1, 2).flatten(2))
 
 

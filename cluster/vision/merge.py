@@ -19,8 +19,10 @@ def merge_image_features(
     patch_T = ids_T == patch_id
     n = int(patch_T.sum())
     if n != features_PD.shape[0]:
-        raise ValueError(f"the tokens hold {n} <|patch|> (id {patch_id}) positions but {features_PD.shape[0]} image "
-                         f"feature rows were given")
+        raise ValueError(
+            f"the tokens hold {n} <|patch|> (id {patch_id}) positions but {features_PD.shape[0]} image "
+            f"feature rows were given"
+        )
     merged_TD = embeds_TD.clone()
     merged_TD[patch_T] = features_PD.to(merged_TD.dtype)
     return merged_TD

@@ -82,7 +82,8 @@ class VisionTower(nn.Module):
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixels_T3HW.dim() != 4 or tuple(pixels_T3HW.shape[1:]) != expected:
-            raise ValueError(f"pixel values must be [tiles, {', '.join(map(str, expected))}], "
-                             f"got {list(pixels_T3HW.shape)}")
+            raise ValueError(
+                f"pixel values must be [tiles, {', '.join(map(str, expected))}], got {list(pixels_T3HW.shape)}"
+            )
         features_TNA = self.vision_model(pixels_T3HW.to(device=self.device, dtype=self.dtype))
         return self.multi_modal_projector(features_TNA).flatten(0, 1)

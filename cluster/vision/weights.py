@@ -26,8 +26,9 @@ def load_vision_tower(
     """Every tensor checked against the shape `cfg` implies; CheckpointError names a missing or mis-shaped key."""
     with torch.device("meta"):
         tower = VisionTower(cfg)
-    state = {name: reader.read(name, shape=param.shape, dtype=dtype).to(device)
-             for name, param in tower.named_parameters()}
+    state = {
+        name: reader.read(name, shape=param.shape, dtype=dtype).to(device) for name, param in tower.named_parameters()
+    }
     tower.load_state_dict(state, strict=True, assign=True)
     return tower.eval().requires_grad_(False)
 

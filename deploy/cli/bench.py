@@ -71,6 +71,13 @@ def add_parser(sub) -> None:
     c.add_argument("--iters", type=int, default=20)
     c.set_defaults(run=_run_collective)
 
+    v = what.add_parser("vision", help="the Llama 4 Scout vision tower's encode time for 1 and 16 tiles")
+    v.add_argument("--tiles", type=positive_ints, default=[1, 16], help="tiles per image to time")
+    v.add_argument("--iters", type=int, default=1, help="timed runs per row (median), after one warm-up")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.set_defaults(run=_run_vision)
+
     models = ("tiny", "h256-l8")  # deploy/bench/failover.py: the tiny Scout, and hidden 256 x 8 MoE layers
     f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
     f.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
@@ -109,6 +116,12 @@ def _choices(allowed: tuple[str, ...]):
         return values
 
     return parse
+
+
+def _run_vision(args) -> int:
+    from deploy.bench.vision import run_encode_bench
+
+    return run_encode_bench(args)
 
 
 def _run_failover(args) -> int:

@@ -34,8 +34,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_header_only(width: int, height: int, idat: bytes = b"\x00" * 16) -> bytes:
     """A PNG that claims width x height RGB pixels but carries a few bytes of pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(idat))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(idat))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def noise(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -71,8 +75,10 @@ def test_gif_gives_its_first_frame():
     assert pixels[:, 0, 0].tolist() == [255, 0, 0]
 
 
-@pytest.mark.parametrize("fmt,options", [("JPEG", {}), ("JPEG", {"progressive": True}), ("WEBP", {}),
-                                         ("WEBP", {"lossless": True}), ("GIF", {})])
+@pytest.mark.parametrize(
+    "fmt,options",
+    [("JPEG", {}), ("JPEG", {"progressive": True}), ("WEBP", {}), ("WEBP", {"lossless": True}), ("GIF", {})],
+)
 def test_every_supported_format_decodes(fmt, options):
     data = encode(noise(33, 21), fmt, **options)
     assert decode_image(data, LIMITS, FIELD).shape == (3, 21, 33)
@@ -81,8 +87,17 @@ def test_every_supported_format_decodes(fmt, options):
 BIG_METADATA = {"exif": b"Exif\x00\x00" + b"\x00" * 60000, "comment": b"c" * 5000}  # markers before the frame
 
 
-@pytest.mark.parametrize("fmt,options", [("PNG", {}), ("JPEG", BIG_METADATA), ("JPEG", {"progressive": True}),
-                                         ("WEBP", {}), ("WEBP", {"lossless": True}), ("GIF", {})])
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("PNG", {}),
+        ("JPEG", BIG_METADATA),
+        ("JPEG", {"progressive": True}),
+        ("WEBP", {}),
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),
+    ],
+)
 def test_header_size_agrees_with_pillow(fmt, options):
     for width, height in ((1, 1), (33, 21), (1000, 3)):
         data = encode(noise(width, height), fmt, **options)
@@ -133,8 +148,9 @@ def test_pixel_limit_is_checked_before_decoding():
     assert "2000x1000 = 2000000 pixels; at most 1000000 pixels are allowed per image" in message
 
 
-@pytest.mark.parametrize("data", [b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n", b"hello, this is text",
-                                  b"BM" + b"\x00" * 60])
+@pytest.mark.parametrize(
+    "data", [b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n", b"hello, this is text", b"BM" + b"\x00" * 60]
+)
 def test_other_kinds_of_file_are_refused(data):
     assert "is not a PNG, JPEG, WEBP or GIF image" in refused(data)
 

@@ -67,8 +67,14 @@ def test_placeholder_and_image_counts_must_agree():
 
 
 def test_tokens_from_a_tokenizer_lookup():
-    vocab = {"<|image_start|>": 200080, "<|image_end|>": 200081, "<|tile_x_separator|>": 200084,
-             "<|tile_y_separator|>": 200085, "<|image|>": 200090, "<|patch|>": 200092}
+    vocab = {
+        "<|image_start|>": 200080,
+        "<|image_end|>": 200081,
+        "<|tile_x_separator|>": 200084,
+        "<|tile_y_separator|>": 200085,
+        "<|image|>": 200090,
+        "<|patch|>": 200092,
+    }
     assert ImageTokens.from_tokenizer(vocab.get) == LLAMA4_IMAGE_TOKENS
     del vocab["<|patch|>"]
     with pytest.raises(ValueError, match=r"no <\|patch\|>"):

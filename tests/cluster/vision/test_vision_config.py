@@ -13,20 +13,40 @@ from cluster.vision.config import load_vision_config, parse_vision_config
 from tests.conftest import BASE_CONFIG
 
 SCOUT_VISION = {  # Llama-4-Scout-17B-16E-Instruct's vision_config
-    "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 336, "initializer_range": 0.02,
-    "intermediate_size": 5632, "model_type": "llama4_vision_model", "multi_modal_projector_bias": False,
-    "norm_eps": 1e-05, "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 34, "patch_size": 14,
-    "pixel_shuffle_ratio": 0.5, "projector_dropout": 0.0, "projector_input_dim": 4096, "projector_output_dim": 4096,
-    "rope_theta": 10000, "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+    "attention_dropout": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 1408,
+    "image_size": 336,
+    "initializer_range": 0.02,
+    "intermediate_size": 5632,
+    "model_type": "llama4_vision_model",
+    "multi_modal_projector_bias": False,
+    "norm_eps": 1e-05,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 34,
+    "patch_size": 14,
+    "pixel_shuffle_ratio": 0.5,
+    "projector_dropout": 0.0,
+    "projector_input_dim": 4096,
+    "projector_output_dim": 4096,
+    "rope_theta": 10000,
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
     "vision_output_dim": 4096,
 }
 
 
 def scout_like(**vision_changes) -> dict:
     text = {**BASE_CONFIG, "vocab_size": 202048, "hidden_size": 5120, "head_dim": 128, "num_attention_heads": 40}
-    raw = {"architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080,
-           "eoi_token_index": 200081, "image_token_index": 200092, "text_config": text,
-           "vision_config": copy.deepcopy(SCOUT_VISION)}
+    raw = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "boi_token_index": 200080,
+        "eoi_token_index": 200081,
+        "image_token_index": 200092,
+        "text_config": text,
+        "vision_config": copy.deepcopy(SCOUT_VISION),
+    }
     for key, value in vision_changes.items():
         if value is None:
             del raw["vision_config"][key]

@@ -12,9 +12,9 @@ from cluster.checkpoint import CheckpointError, CheckpointReader
 from cluster.vision.config import load_vision_config
 from cluster.vision.merge import embed_with_images
 from cluster.vision.weights import has_vision_tower, load_vision_tower
-from router.contiguous_cache import ContiguousKVCache
 from router.image_processor import ImageProcessor
 from router.image_prompt import expand_image_placeholders
+from router.reference.contiguous_cache import ContiguousKVCache
 from tests.cluster.test_llama4_parity import load_ours
 from tests.cluster.vision.tiny_vlm import (
     TOKENS,
@@ -126,8 +126,10 @@ def test_images_change_the_logits(vlm):
     path, _ = vlm
     model, transport, tower = load_all(path)
     ids, pixels_T3SS = prompt("one tile")
-    assert not torch.allclose(our_logits(model, transport, tower, ids, pixels_T3SS),
-                              our_logits(model, transport, tower, ids, pixels_T3SS.flip(-1)))
+    assert not torch.allclose(
+        our_logits(model, transport, tower, ids, pixels_T3SS),
+        our_logits(model, transport, tower, ids, pixels_T3SS.flip(-1)),
+    )
 
 
 def test_sharded_checkpoint_gives_the_same_tower(vlm, tmp_path):

@@ -1,14 +1,11 @@
-"""Time the vision tower (encoder + adapter + projector) at Llama 4 Scout's shape, random weights: one tile, and a
-16-tile image (a 1080 x 1920 photo: a 3 x 5 grid plus the global tile). No CLI wiring yet:
-
-    python -m cluster.vision.bench [--dtype float32|bfloat16] [--device cpu|cuda] [--iters N]
+"""`moecluster bench vision`: time the vision tower (encoder + adapter + projector) at Llama 4 Scout's shape, random
+weights: one tile, and a 16-tile image (a 1080 x 1920 photo: a 3 x 5 grid plus the global tile).
 
 Legend: T tiles, N = 144 image tokens per tile, D = 5120 text hidden.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -17,10 +14,24 @@ import torch
 from cluster.vision.config import VisionConfig
 from cluster.vision.model import VisionTower
 
-SCOUT = VisionConfig(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
-                     num_channels=3, image_size=336, patch_size=14, pixel_shuffle_ratio=0.5, projector_input_dim=4096,
-                     projector_output_dim=4096, vision_output_dim=4096, rope_theta=10000.0, text_hidden_size=5120,
-                     image_token_id=200092, boi_token_id=200080, eoi_token_id=200081)
+SCOUT = VisionConfig(
+    hidden_size=1408,
+    num_hidden_layers=34,
+    num_attention_heads=16,
+    intermediate_size=5632,
+    num_channels=3,
+    image_size=336,
+    patch_size=14,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096,
+    projector_output_dim=4096,
+    vision_output_dim=4096,
+    rope_theta=10000.0,
+    text_hidden_size=5120,
+    image_token_id=200092,
+    boi_token_id=200080,
+    eoi_token_id=200081,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -62,8 +73,10 @@ def run_vision_bench(device: str = "cpu", dtype: str = "float32", tile_counts=(1
     dev = torch.device(device)
     tower = random_tower(SCOUT, dev, DTYPES[dtype])
     params = sum(p.numel() for p in tower.parameters())
-    print(f"Llama 4 Scout vision tower: {params / 1e6:.0f}M parameters, {dtype}, {dev}, {torch.get_num_threads()} "
-          f"threads; median of {iters} after a warm-up")
+    print(
+        f"Llama 4 Scout vision tower: {params / 1e6:.0f}M parameters, {dtype}, {dev}, {torch.get_num_threads()} "
+        f"threads; median of {iters} after a warm-up"
+    )
     print(f"{'tiles':>6} {'tokens':>7} {'seconds':>9} {'ms/tile':>9}")
     rows = []
     for tiles in tile_counts:
@@ -73,14 +86,6 @@ def run_vision_bench(device: str = "cpu", dtype: str = "float32", tile_counts=(1
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--iters", type=int, default=1)
-    args = parser.parse_args()
-    run_vision_bench(args.device, args.dtype, iters=args.iters)
-
-
-if __name__ == "__main__":
-    main()
+def run_encode_bench(args) -> int:
+    run_vision_bench(args.device, args.dtype, tuple(args.tiles), args.iters)
+    return 0
