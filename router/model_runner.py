@@ -30,22 +30,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache, all_logits: bool = False
+        self,
+        ids_T: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        all_logits: bool = False,
+        embeds_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`embeds_TD`: the step's input embeddings when some rows take image features (else the model embeds)."""
         with self.lock:
             if not self.remote:
-                logits = self.model(ids_T, batch, cache, self.experts, all_logits=all_logits)
+                logits = self.model(ids_T, batch, cache, self.experts, all_logits=all_logits, embeds_TD=embeds_TD)
             else:
                 before = [c.clone() for c in self._counters]
 
                 def attempt(transport):
                     for counter, value in zip(self._counters, before):
                         counter.copy_(value)
-                    return self.model(ids_T, batch, cache, transport, all_logits=all_logits)
+                    return self.model(ids_T, batch, cache, transport, all_logits=all_logits, embeds_TD=embeds_TD)
 
                 logits = self.experts.run(attempt)
             self.steps += 1
             return logits
+
+    @torch.inference_mode()
+    def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [T, D] of `ids_T` (the router holds the embedding table)."""
+        return self.model.model.embed_tokens(ids_T)
 
     @torch.inference_mode()
     def maintain(self) -> None:

@@ -33,3 +33,11 @@ def embed_with_images(
 ) -> torch.Tensor:
     """The `embeds_TD` to pass to `model.forward` for tokens `ids_T` whose `<|patch|>` rows take `features_PD`."""
     return merge_image_features(model.model.embed_tokens(ids_T), ids_T, features_PD, patch_id)
+
+
+def scatter_rows(embeds_TD: torch.Tensor, rows_R: torch.Tensor, features_RD: torch.Tensor) -> torch.Tensor:
+    """A new [T, D] tensor: `embeds_TD` with rows `rows_R` replaced by `features_RD` (the router's step: the rows are
+    the image positions of each sequence's piece, chosen by position, so a generated token never takes features)."""
+    merged_TD = embeds_TD.clone()
+    merged_TD[rows_R] = features_RD.to(merged_TD.dtype)
+    return merged_TD

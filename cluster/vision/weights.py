@@ -5,10 +5,12 @@ stored beside `language_model.`, and the reader takes them as stored.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cluster.checkpoint import CheckpointReader
-from cluster.vision.config import VisionConfig
+from cluster.vision.config import VisionConfig, load_vision_config
 from cluster.vision.model import VisionTower
 
 PATCH_EMBEDDING_KEY = "vision_model.patch_embedding.linear.weight"
@@ -18,6 +20,11 @@ def has_vision_tower(reader: CheckpointReader) -> bool:
     """Whether the checkpoint stores a vision tower (a text-only checkpoint, or one whose vision weights were
     stripped, does not; load_vision_tower then names any other missing tensor)."""
     return PATCH_EMBEDDING_KEY in reader
+
+
+def vision_config_of(model_dir: str | Path, reader: CheckpointReader) -> VisionConfig | None:
+    """The checkpoint's vision tower config, or None when it stores no vision tower (text-only, or stripped)."""
+    return load_vision_config(model_dir) if has_vision_tower(reader) else None
 
 
 def load_vision_tower(
