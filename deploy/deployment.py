@@ -30,24 +30,19 @@ from cluster.expert_map import ExpertMap, PlacementError
 from cluster.vision.weights import has_vision_tower
 from cluster.weights import experts_bytes
 from deploy import private_ray
+from deploy.actor_specs import encoder_spec, router_spec, supervisor_settings, worker_spec
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
 from deploy.ray_runtime import bundles, check_fits, fit_problem, init_ray, local_ray_alive
-from deploy.replacement_policy import ReplacementPolicy
 from deploy.supervisor import Supervisor
 from router.engine_config import EngineConfig
-from router.expert_channel import ChannelSettings
-from router.image_features import VisionSettings
 from router.messages import EngineRequest
 from router.router_actor import RouterActor
 from router.vision_encoder import VisionEncoderActor
 from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
-WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
-ROUTER_CONCURRENCY = 10_000  # an async actor: one call per open stream
-ENCODER_CONCURRENCY = 1_000  # an async actor: encodes queue inside it (one at a time), pings answer meanwhile
 PLACEMENT_REPORT_S = 2.0  # while the placement group is pending, say so this often
 
 
@@ -145,16 +140,7 @@ class Deployment:
                     "process group rendezvous",
                 )
             deployment.supervisor = Supervisor(
-                routers,
-                workers,
-                expert_map,
-                encoders,
-                deployment._spawn_replacement,
-                ReplacementPolicy(c.max_replacement_failures, c.replacement_window_s),
-                c.rebalance_interval_s,
-                c.redundant_experts_per_worker,
-                c.expert_replicas,
-                load_timeout_s=c.startup_timeout_s,
+                routers, workers, expert_map, encoders, deployment._spawn_replacement, **supervisor_settings(c)
             )
             deployment.supervisor.start()
         except BaseException:
@@ -172,39 +158,17 @@ class Deployment:
     def _spawn(self, kind: str, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
         """A router (bundle r), a worker (bundle routers + slot) or a vision encoder (bundle routers + workers +
         index) actor, not yet loaded."""
-        c, spec = self.spec.cluster, self.spec
         if kind == "encoder":
-            return (
-                ray.remote(VisionEncoderActor)
-                .options(**_actor_options(self.pg, c.routers + c.workers + index, c, ENCODER_CONCURRENCY))
-                .remote(spec.model_dir, index, c.device, spec.dtype, spec.log)
-            )
-        if kind == "router":
-            return (
-                ray.remote(spec.router_class)
-                .options(**_actor_options(self.pg, index, c, ROUTER_CONCURRENCY))
-                .remote(
-                    spec.model_dir,
-                    expert_map,
-                    c.device,
-                    spec.dtype,
-                    spec.engine,
-                    spec.model_name,
-                    ChannelSettings(hang_timeout_s=c.hang_timeout_s),
-                    c.collective_timeout_s,
-                    self.bind_host,
-                    router_id=index,
-                    log=spec.log,
-                    vision=VisionSettings(
-                        c.encoders, c.vision_cache_memory, c.hang_timeout_s, wait_s=c.startup_timeout_s
-                    ),
-                )
-            )
-        return (
-            ray.remote(ExpertWorker)
-            .options(**_actor_options(self.pg, c.routers + index, c, WORKER_CONCURRENCY))
-            .remote(spec.model_dir, index, expert_map, c.device, spec.dtype, self.bind_host, load_delay_s, spec.log)
+            actor, cls = encoder_spec(self.spec, index), VisionEncoderActor
+        elif kind == "router":
+            actor, cls = router_spec(self.spec, index, expert_map, self.bind_host), self.spec.router_class
+        else:
+            actor, cls = worker_spec(self.spec, index, expert_map, self.bind_host, load_delay_s), ExpertWorker
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=actor.bundle)
+        options = dict(
+            **actor.resources, max_concurrency=actor.concurrency, max_restarts=0, scheduling_strategy=strategy
         )
+        return ray.remote(cls).options(**options).remote(**actor.kwargs)
 
     def _spawn_replacement(self, kind: str, index: int, expert_map: ExpertMap | None):
         return self._spawn(kind, index, expert_map, self.spec.replacement_load_delay_s if kind == "worker" else 0.0)
@@ -337,18 +301,6 @@ def _wait_placed(pg, c: ClusterConfig, on_status) -> bool:
         log.warning("%s (%.0fs left of cluster.startup_timeout_s)", message, deadline - time.monotonic())
         on_status(message)
     return False
-
-
-def _actor_options(pg, bundle: int, c: ClusterConfig, concurrency: int) -> dict:
-    res = bundles(c)[bundle]
-    return dict(
-        num_cpus=res["CPU"],
-        num_gpus=res.get("GPU", 0),
-        memory=res.get("memory"),
-        max_concurrency=concurrency,
-        max_restarts=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-    )
 
 
 def _get(refs, timeout_s: float, what: str):

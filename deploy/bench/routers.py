@@ -1,6 +1,7 @@
 """Many routers: aggregate tokens/s and inter-token latency through the gRPC gateway at several concurrencies,
 with M = 1 (the baseline, measured in the same run) and M = 2, 4 routers in front of the same expert workers;
-then what a router's death costs: one router killed (SIGKILL) under load, and the longest gap a client saw."""
+then what a router's death costs: one router killed (SIGKILL) under load, and the longest gap a client saw
+(with M = 1 the streams are held until the replacement router has loaded and joined)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,7 @@ def run_routers_bench(args) -> int:
                 asyncio.run(_streams(server.target, 2, 8))  # warm-up
                 for n in args.concurrency:
                     rows.append((m, n, asyncio.run(_streams(server.target, n, args.tokens))))
-                if m > 1:
-                    stalls.append((m, _router_failover(server, args)))
+                stalls.append((m, _router_failover(server, args)))  # M = 1: held until the replacement joins
             finally:
                 server.stop(grace_s=2.0)
     _print(rows, stalls, args)
