@@ -234,10 +234,14 @@ def test_the_command_line_client_sends_images(server, tmp_path, reference):
 TRUNCATED = RED[:-40]  # its header is whole: the encoder finds the damage when it decodes
 BIG = square_png("red", 900, 900, 4)  # over max_image_bytes (its noise does not compress)
 HUGE_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (40000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+ZERO_WIDE = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (0).to_bytes(4, "big") + (10).to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+)
 DATA_URL = "data:image/png;base64," + base64.b64encode(RED).decode()
 BAD = [  # (generate kwargs, the field named, a fragment of the message)
     (dict(messages=image_chat(TRUNCATED, QUESTION)), "messages[0].parts[0].image", "is a truncated or corrupt PNG"),
     (dict(messages=image_chat(b"", QUESTION)), "messages[0].parts[0].image", "is empty"),
+    (dict(messages=image_chat(ZERO_WIDE, QUESTION)), "messages[0].parts[0].image", "is 0x10 pixels"),
     (dict(messages=image_chat(HUGE_HEADER, QUESTION)), "messages[0].parts[0].image", "at most 1000000 pixels"),
     (dict(messages=image_chat(b"%PDF-1.7 not an image", QUESTION)), "messages[0].parts[0].image", "is not a PNG"),
     (dict(messages=image_chat(RED, BLUE, RED)), "messages[0].parts[2].image", "at most 2 images are allowed"),
