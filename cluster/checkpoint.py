@@ -1,6 +1,9 @@
 """Reads tensors from a Hugging Face safetensors checkpoint: one file or sharded with
 `model.safetensors.index.json`, keys with or without the multimodal `language_model.` prefix.
 
+Names are the model's parameter names. In a multimodal checkpoint the text model's names gain `language_model.`;
+the vision tower's and projector's (`vision_model.*`, `multi_modal_projector.*`) are stored as they are.
+
 Only the tensors asked for are read, and a subset of experts can be read from a fused expert tensor without
 touching the other experts' bytes (safetensors slices are read from the memory-mapped file), so an expert
 worker holds only its own experts. `bytes_read` counts what was actually materialised.
@@ -31,6 +34,7 @@ _DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 MULTIMODAL_PREFIX = "language_model."
+UNPREFIXED = ("vision_model.", "multi_modal_projector.")  # stored beside `language_model.`, never under it
 
 
 class CheckpointError(ValueError):
@@ -46,8 +50,12 @@ class CheckpointReader:
         self.bytes_read = 0
         self.tensors_read = 0
 
+    def key(self, name: str) -> str:
+        """The stored key of `name`."""
+        return name if name.startswith(UNPREFIXED) else self.prefix + name
+
     def __contains__(self, name: str) -> bool:
-        return self.prefix + name in self.key_to_file
+        return self.key(name) in self.key_to_file
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -62,10 +70,10 @@ class CheckpointReader:
         return n * (len(rows) if rows is not None else (shape[0] if shape else 1)) * _DTYPE_BYTES[sl.get_dtype()]
 
     def read(self, name: str, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole tensor `name` (text-model key, without `language_model.`), checked against `shape`."""
+        """The whole tensor `name` (a parameter name, without `language_model.`), checked against `shape`."""
         if shape is not None:
             self._check_shape(name, tuple(shape))
-        tensor = self._handle(name).get_tensor(self.prefix + name)
+        tensor = self._handle(name).get_tensor(self.key(name))
         return self._account(tensor, dtype)
 
     def read_rows(
@@ -94,14 +102,14 @@ class CheckpointReader:
         found = self.shape(name)
         if found != expected:
             raise CheckpointError(
-                f"tensor '{self.prefix + name}' has shape {list(found)}, expected {list(expected)} from config.json"
+                f"tensor '{self.key(name)}' has shape {list(found)}, expected {list(expected)} from config.json"
             )
 
     def _slice(self, name: str):
-        return self._handle(name).get_slice(self.prefix + name)
+        return self._handle(name).get_slice(self.key(name))
 
     def _handle(self, name: str):
-        key = self.prefix + name
+        key = self.key(name)
         file = self.key_to_file.get(key)
         if file is None:
             raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {self.dir}")

@@ -87,27 +87,33 @@ class Llama4ForCausalLM(nn.Module):
         transport: ExpertTransport,
         all_logits: bool = False,
         micro_batches: int = 1,
+        embeds_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [N, V] for each sequence's last new token (or every token when `all_logits`), running the batch
-        as up to `micro_batches` micro-batches."""
+        as up to `micro_batches` micro-batches.
+
+        `embeds_TD`, when given, replaces the token embeddings of `ids_T`: an image prompt's embeddings with image
+        features at the `<|patch|>` rows (cluster/vision/merge.py)."""
         assert ids_T.shape[0] == batch.num_tokens, (ids_T.shape, batch.num_tokens)
+        assert embeds_TD is None or embeds_TD.shape == (batch.num_tokens, self.config.hidden_size), embeds_TD.shape
+        h_TD = self.model.embed_tokens(ids_T) if embeds_TD is None else embeds_TD
         parts = split_batch(batch, micro_batches)
         if len(parts) > 1:
-            h_TD = torch.cat(self._ping_pong(ids_T, parts, cache, transport))
+            h_TD = torch.cat(self._ping_pong(h_TD, parts, cache, transport))
         else:
             inp = self.attention_inputs(batch)
-            h_TD = self.model.embed_tokens(ids_T)
             for layer in self.model.layers:
                 h_TD = layer(h_TD, inp, cache, transport)
         if not all_logits:
             h_TD = h_TD[batch.last_rows()]
         return self.lm_head(self.model.norm(h_TD))
 
-    def _ping_pong(self, ids_T, parts: tuple[MicroBatch, ...], cache, transport) -> list[torch.Tensor]:
-        """Each micro-batch's hidden states after the last layer; a micro-batch's feed-forward is finished just
-        before its next layer starts, so the others' dispatched rows are with the experts meanwhile."""
+    def _ping_pong(self, h_TD, parts: tuple[MicroBatch, ...], cache, transport) -> list[torch.Tensor]:
+        """Each micro-batch's hidden states after the last layer, from the step's input embeddings; a
+        micro-batch's feed-forward is finished just before its next layer starts, so the others' dispatched rows
+        are with the experts meanwhile."""
         inps = [self.attention_inputs(p.batch) for p in parts]
-        hs = [self.model.embed_tokens(ids_T[p.rows]) for p in parts]
+        hs = [h_TD[p.rows] for p in parts]
         started: list[tuple | None] = [None] * len(parts)
         previous = None
         for layer in self.model.layers:

@@ -11,14 +11,17 @@ from deploy.cluster_config import ClusterConfig
 from deploy.ray_runtime import bundles
 from deploy.replacement_policy import ReplacementPolicy
 from router.expert_channel import ChannelSettings
+from router.image_features import VisionSettings
 
 WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
 ROUTER_CONCURRENCY = 10_000  # an async actor: one call per open stream
+ENCODER_CONCURRENCY = 1_000  # an async actor: encodes queue inside it (one at a time), pings answer meanwhile
 
 
 @dataclass(frozen=True)
 class ActorSpec:
-    bundle: int  # its placement-group bundle: router r is bundle r, worker slot w is bundle routers + w
+    bundle: int  # its placement-group bundle: router r is bundle r, worker slot w is bundle routers + w,
+    # vision encoder e is bundle routers + workers + e
     resources: dict  # num_cpus, num_gpus, memory (Ray's actor options)
     concurrency: int
     kwargs: dict  # the actor class's constructor arguments
@@ -39,6 +42,7 @@ def router_spec(spec, index: int, expert_map: ExpertMap | None, bind_host: str |
         bind_host=bind_host,
         router_id=index,
         log=spec.log,
+        vision=VisionSettings(c.encoders, c.vision_cache_memory, c.hang_timeout_s, wait_s=c.startup_timeout_s),
     )
     return ActorSpec(index, _resources(c, index), ROUTER_CONCURRENCY, kwargs)
 
@@ -56,6 +60,13 @@ def worker_spec(spec, slot: int, expert_map: ExpertMap, bind_host: str | None, l
         log=spec.log,
     )
     return ActorSpec(c.routers + slot, _resources(c, c.routers + slot), WORKER_CONCURRENCY, kwargs)
+
+
+def encoder_spec(spec, index: int) -> ActorSpec:
+    c = spec.cluster
+    kwargs = dict(model_dir=spec.model_dir, index=index, device=c.device, dtype=spec.dtype, log=spec.log)
+    bundle = c.routers + c.workers + index
+    return ActorSpec(bundle, _resources(c, bundle), ENCODER_CONCURRENCY, kwargs)
 
 
 def supervisor_settings(c: ClusterConfig) -> dict:

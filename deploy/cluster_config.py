@@ -1,8 +1,10 @@
 """The `cluster:` section of the serve config: which actors run where, with what resources, and the bounds on
-starting them and on their collectives. The launcher reads it as it is."""
+starting them and on their collectives. The launcher reads it as it is (`with_vision` settles the one key whose
+default depends on the checkpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,6 +136,10 @@ class ClusterConfig(Settings):
     # request (`moecluster client rebalance`)
     redundant_experts_per_worker: int = setting(0, integer(0))  # room each worker keeps for extra copies of hot
     # experts when rebalancing
+    vision_encoders: int | None = setting(None, optional(integer(0)))  # vision encoder actors; None: 1 when the
+    # checkpoint has a vision tower, else 0; 0: each router encodes images itself (on a thread beside its engine)
+    vision_encoder_resources: ResourceConfig = section(ResourceConfig)
+    vision_cache_memory: int = setting(256 * 2**20, byte_size())  # each router's cache of image features, by content
 
     def check_across(self) -> None:
         if self.device == "cuda":
@@ -166,6 +172,22 @@ class ClusterConfig(Settings):
                 "an explicit placement lists its replicas itself (an expert named "
                 "on several workers has that many copies); leave expert_replicas at 1",
             )
+
+    def with_vision(self, has_vision_tower: bool) -> ClusterConfig:
+        """This config with `vision_encoders` settled for a checkpoint with or without a vision tower."""
+        if self.vision_encoders is None:
+            return dataclasses.replace(self, vision_encoders=1 if has_vision_tower else 0)
+        if self.vision_encoders and not has_vision_tower:
+            raise SettingError(
+                "vision_encoders",
+                f"is {self.vision_encoders}, but the checkpoint has no vision tower: expected 0 (or leave it unset)",
+            )
+        return self
+
+    @property
+    def encoders(self) -> int:
+        """Vision encoder actors to start (None, unsettled, counts none: see `with_vision`)."""
+        return self.vision_encoders or 0
 
     def expert_map(self, cfg: ModelConfig) -> ExpertMap | None:
         """The starting map for this model (None for `workers: 0`: the router then holds every expert); raises

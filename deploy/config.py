@@ -99,6 +99,7 @@ OVERRIDES = {
     "placement": "cluster.placement",
     "expert_replicas": "cluster.expert_replicas",
     "routers": "cluster.routers",
+    "vision_encoders": "cluster.vision_encoders",
     "ray_address": "cluster.ray_address",
     "collective_timeout_s": "cluster.collective_timeout_s",
     "startup_timeout_s": "cluster.startup_timeout_s",

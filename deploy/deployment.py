@@ -1,6 +1,7 @@
-"""A deployment on Ray: one router actor and N expert worker actors in a placement group (bundle 0 the router's,
-bundle 1 + w worker slot w's), the router's channel to the workers, and the supervisor that replaces dead
-workers and rebalances; brought up by `Deployment.start`, torn down by `stop`.
+"""A deployment on Ray: M router actors, N expert worker actors and V vision encoder actors in a placement group
+(bundle r router r's, bundle M + w worker slot w's, bundle M + N + e encoder e's), the routers' channels to the
+workers, the encoders handed to every router, and the supervisor that replaces dead actors and rebalances;
+brought up by `Deployment.start`, torn down by `stop`.
 
 Everything that can be checked before an actor starts is checked first (placement, replicas, memory, resources),
 with a message that names the setting to change. `workers: 0` runs every expert inside the router.
@@ -11,6 +12,7 @@ with one it joins that cluster as Ray's own settings say (RAY_AUTH_MODE, RAY_AUT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,9 +27,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
 from cluster.expert_map import ExpertMap, PlacementError
+from cluster.vision.weights import has_vision_tower
 from cluster.weights import experts_bytes
 from deploy import private_ray
-from deploy.actor_specs import router_spec, supervisor_settings, worker_spec
+from deploy.actor_specs import encoder_spec, router_spec, supervisor_settings, worker_spec
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
@@ -36,6 +39,7 @@ from deploy.supervisor import Supervisor
 from router.engine_config import EngineConfig
 from router.messages import EngineRequest
 from router.router_actor import RouterActor
+from router.vision_encoder import VisionEncoderActor
 from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
@@ -86,9 +90,11 @@ class Deployment:
         """Bring it up; `on_status(message)` hears what the start-up is waiting for (the serve process shows it as
         its readiness reason)."""
         cfg = load_model_config(spec.model_dir)
+        reader = CheckpointReader(spec.model_dir)
+        spec = dataclasses.replace(spec, cluster=spec.cluster.with_vision(has_vision_tower(reader)))
         expert_map = spec.cluster.expert_map(cfg)
         if expert_map is not None:
-            check_memory(spec.cluster, cfg, expert_map, CheckpointReader(spec.model_dir))
+            check_memory(spec.cluster, cfg, expert_map, reader)
         owns_ray = init_ray(spec.cluster)
         try:
             pending = check_fits(spec.cluster)
@@ -115,10 +121,17 @@ class Deployment:
         deployment = cls(spec, pg, owns_ray, expert_map, "127.0.0.1" if owns_ray else None)
         routers = {r: deployment._spawn("router", r, expert_map) for r in range(c.routers)}
         workers = {w: deployment._spawn("worker", w, expert_map) for w in range(c.workers)}
-        deployment._initial = [*routers.values(), *workers.values()]
+        encoders = {e: deployment._spawn("encoder", e, expert_map) for e in range(c.encoders)}
+        deployment._initial = [*routers.values(), *workers.values(), *encoders.values()]
         try:
             on_status("loading the weights")
             load_with_progress(deployment._initial, c.startup_timeout_s, show=spec.show_progress)
+            if encoders:
+                _get(
+                    [r.use_vision_encoders.remote(encoders) for r in routers.values()],
+                    c.startup_timeout_s,
+                    "handing the vision encoders to the routers",
+                )
             if workers:
                 on_status("forming the routers' groups with the expert workers")
                 _get(
@@ -127,18 +140,27 @@ class Deployment:
                     "process group rendezvous",
                 )
             deployment.supervisor = Supervisor(
-                routers, workers, expert_map, deployment._spawn_replacement, **supervisor_settings(c)
+                routers, workers, expert_map, encoders, deployment._spawn_replacement, **supervisor_settings(c)
             )
             deployment.supervisor.start()
         except BaseException:
             deployment.stop()
             raise
-        log.info("cluster up: %d router(s) + %d workers on %s", c.routers, c.workers, c.device)
+        log.info(
+            "cluster up: %d router(s) + %d workers + %d vision encoders on %s",
+            c.routers,
+            c.workers,
+            c.encoders,
+            c.device,
+        )
         return deployment
 
     def _spawn(self, kind: str, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
-        """A router (bundle r) or a worker (bundle routers + slot) actor, not yet loaded."""
-        if kind == "router":
+        """A router (bundle r), a worker (bundle routers + slot) or a vision encoder (bundle routers + workers +
+        index) actor, not yet loaded."""
+        if kind == "encoder":
+            actor, cls = encoder_spec(self.spec, index), VisionEncoderActor
+        elif kind == "router":
             actor, cls = router_spec(self.spec, index, expert_map, self.bind_host), self.spec.router_class
         else:
             actor, cls = worker_spec(self.spec, index, expert_map, self.bind_host, load_delay_s), ExpertWorker
@@ -165,6 +187,11 @@ class Deployment:
     def workers(self) -> list:
         """The current actor of every worker slot."""
         return self.supervisor.workers if self.supervisor else []
+
+    @property
+    def encoders(self) -> list:
+        """The current actor of every vision encoder."""
+        return self.supervisor.encoders if self.supervisor else []
 
     def generate(self, prompt_ids: list[int], params, timeout_s: float | None = None) -> dict:
         request = EngineRequest(uuid.uuid4().hex, params, prompt_ids=tuple(prompt_ids))
@@ -231,7 +258,7 @@ class Deployment:
             ray.get([r.shutdown.remote() for r in self.routers], timeout=15)
         except Exception as e:  # noqa: BLE001 - the actors are killed below regardless
             log.info("router shutdown: %s", e)
-        actors = [*self.routers, *self.workers] if self.supervisor else self._initial
+        actors = [*self.routers, *self.workers, *self.encoders] if self.supervisor else self._initial
         for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)

@@ -30,8 +30,13 @@ def init_ray(c: ClusterConfig) -> bool:
 
 
 def bundles(c: ClusterConfig) -> list[dict[str, float]]:
-    """Bundle r is router r's, bundle routers + w worker slot w's (a replacement reuses its place's bundle)."""
-    return [c.router_resources.bundle(c.device)] * c.routers + [c.worker_resources.bundle(c.device)] * c.workers
+    """Bundle r is router r's, bundle routers + w worker slot w's, bundle routers + workers + e vision encoder e's
+    (a replacement reuses its place's bundle)."""
+    return (
+        [c.router_resources.bundle(c.device)] * c.routers
+        + [c.worker_resources.bundle(c.device)] * c.workers
+        + [c.vision_encoder_resources.bundle(c.device)] * c.encoders
+    )
 
 
 def check_fits(c: ClusterConfig) -> str | None:
@@ -49,7 +54,7 @@ def check_fits(c: ClusterConfig) -> str | None:
 def fit_problem(c: ClusterConfig, nodes: list[dict[str, float]]) -> str | None:
     """What keeps these bundles off these nodes (each node's total resources), or None."""
     wanted = bundles(c)
-    actors = f"{c.routers} router(s) + {c.workers} workers"
+    actors = f"{c.routers} router(s) + {c.workers} workers" + (f" + {c.encoders} vision encoders" if c.encoders else "")
     for resource in sorted({r for b in wanted for r in b}):
         need = sum(b.get(resource, 0) for b in wanted)
         have = sum(n.get(resource, 0) for n in nodes)

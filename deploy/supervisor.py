@@ -1,16 +1,19 @@
 """Keeps the cluster at full strength, from the driver process that started it (a thread beside the gateway).
 
-It tracks every actor by its place: worker slot w and router r. It learns of a death from the actor's
-`wait_stopped` call, whose ObjectRef fails when the actor dies (SIGKILL, OOM, node loss, or a kill by a router that
-found a worker hung), and starts a replacement in the same place, into the freed placement-group bundle:
+It tracks every actor by its place: worker slot w, router r and vision encoder e. It learns of a death from the
+actor's `wait_stopped` call, whose ObjectRef fails when the actor dies (SIGKILL, OOM, node loss, or a kill by a
+router that found a worker or an encoder hung), and starts a replacement in the same place, into the freed
+placement-group bundle:
   worker:  loading -> joining (admitted by every router at a step boundary) -> serving
-  router:  loading -> connecting (it forms its group with the live workers) -> serving
+  router:  loading -> connecting (it forms its group with the live workers, takes the live encoders) -> serving
+  encoder: loading -> serving (handed to every router; images waiting for an encoder go to it)
 A worker reads only its slot's experts. The routers fail over on their own meanwhile (router/expert_channel.py),
 and the gateway moves a dead router's streams to the others (router/gateway/stream_relay.py).
 
 ReplacementPolicy says when to stop trying. Then, if some expert has no live copy left (or no router is left),
 the supervisor tells the routers to give up (requests end with UNAVAILABLE naming why) and reports itself
-unhealthy, so the gateway turns liveness NOT_SERVING and the orchestrator restarts the pod.
+unhealthy, so the gateway turns liveness NOT_SERVING and the orchestrator restarts the pod. Losing every vision
+encoder for good ends only the requests with images (UNAVAILABLE); text keeps being served.
 
 It also rebalances the expert map (deploy/rebalancer.py), periodically or when asked.
 """
@@ -34,6 +37,7 @@ from deploy.replacement_policy import ReplacementPolicy
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
+_NAMES = {"worker": "expert worker", "router": "router", "encoder": "vision encoder"}
 ROUTER_CHECK_S = 1.0  # how often the routers' failover counts are read (to log each failover here too)
 
 
@@ -41,7 +45,7 @@ ROUTER_CHECK_S = 1.0  # how often the routers' failover counts are read (to log 
 class Member:
     """One place in the cluster and the actor currently in it."""
 
-    kind: str  # "worker" | "router"
+    kind: str  # "worker" | "router" | "encoder"
     index: int  # the worker slot or the router id
     handle: object
     state: str  # loading | joining | connecting | serving | dead
@@ -53,13 +57,14 @@ class Member:
 
     @property
     def name(self) -> str:
-        return f"{'expert worker' if self.kind == 'worker' else 'router'} {self.index}"
+        return f"{_NAMES[self.kind]} {self.index}"
 
 
 @dataclass
 class SupervisorCounters:
     worker_deaths: int = 0
     router_deaths: int = 0
+    encoder_deaths: int = 0
     replacements_started: int = 0
     replacements_succeeded: int = 0
     replacements_failed: int = 0
@@ -72,6 +77,7 @@ class Supervisor:
         routers: dict[int, object],
         workers: dict[int, object],
         expert_map: ExpertMap | None,
+        encoders: dict[int, object],
         spawn: Callable[[str, int, ExpertMap | None], object],
         policy: ReplacementPolicy,
         rebalance_interval_s: float | None = None,
@@ -80,7 +86,7 @@ class Supervisor:
         ray_timeout_s: float = 10.0,
         load_timeout_s: float = 600.0,
     ):
-        """`spawn(kind, index, expert_map)` creates a worker or router actor in its bundle (not yet loaded)."""
+        """`spawn(kind, index, expert_map)` creates a worker, router or encoder actor in its bundle (not loaded)."""
         self.map, self.spawn, self.policy = expert_map, spawn, policy
         self.rebalance_interval_s, self.extra, self.min_copies = (
             rebalance_interval_s,
@@ -90,6 +96,8 @@ class Supervisor:
         self.ray_timeout_s, self.load_timeout_s = ray_timeout_s, load_timeout_s
         self.members = {("router", r): _serving("router", r, h) for r, h in routers.items()}
         self.members |= {("worker", w): _serving("worker", w, h) for w, h in workers.items()}
+        self.members |= {("encoder", e): _serving("encoder", e, h) for e, h in encoders.items()}
+        self.vision_given_up = False
         self.counters = SupervisorCounters()
         self.failure: str | None = None  # set once the cluster cannot serve any more
         self._lock = threading.RLock()
@@ -121,6 +129,12 @@ class Supervisor:
         """The current actor of every router, by id (dead ones included until replaced)."""
         with self._lock:
             return [m.handle for m in self._of("router")]
+
+    @property
+    def encoders(self) -> list:
+        """The current actor of every vision encoder, by index (dead ones included until replaced)."""
+        with self._lock:
+            return [m.handle for m in self._of("encoder")]
 
     def serving_routers(self) -> list:
         with self._lock:
@@ -171,6 +185,11 @@ class Supervisor:
         if m.kind == "router":
             self._serving_again(m)
             return
+        if m.kind == "encoder":
+            for router in self.serving_routers():
+                router.use_vision_encoders.remote({m.index: m.handle})
+            self._serving_again(m)
+            return
         log.info("replacement for worker slot %d loaded in %.1fs; admitting it", m.index, time.monotonic() - m.since)
         for router in self.serving_routers():
             router.admit_worker.remote(m.index, m.handle)
@@ -186,11 +205,12 @@ class Supervisor:
         handle = self.spawn(m.kind, m.index, self.map)
         m.handle, m.since = handle, time.monotonic()
         m.lifetime = handle.wait_stopped.remote().future()
-        if m.kind == "worker":
+        if m.kind in ("worker", "encoder"):
             m.state, m.pending = "loading", handle.load.remote().future()
-        else:  # a router loads its weights, then forms its group with the workers that serve now
+        else:  # a router loads its weights, takes the live encoders, then forms its group with the live workers
             live = {w.index: w.handle for w in self._of("worker") if w.state in ("serving", "joining")}
-            m.state, m.pending = "connecting", handle.load_and_connect.remote(live).future()
+            encoders = {e.index: e.handle for e in self._of("encoder") if e.state == "serving"}
+            m.state, m.pending = "connecting", handle.load_and_connect.remote(live, encoders).future()
         m.replacements += 1
         self.counters.replacements_started += 1
         log.warning("starting a replacement for %s (attempt %d)", m.name, m.replacements)
@@ -211,6 +231,7 @@ class Supervisor:
     def _check_verdict(self) -> None:
         if self.failure is not None or not self.policy.given_up:
             return
+        self._check_vision()
         live_workers = [m.index for m in self._of("worker") if m.state in ("serving", "joining")]
         lost = self.map.uncovered(live_workers) if self.map is not None else {}
         routers_left = [m for m in self._of("router") if m.state != "dead" or self.policy.may_replace(_key(m))]
@@ -225,6 +246,17 @@ class Supervisor:
         log.critical("giving up: %s", self.failure)
         for router in self.serving_routers():
             router.fail_cluster.remote(self.failure)
+
+    def _check_vision(self) -> None:
+        """Every vision encoder given up: tell the routers, so requests with images fail at once (text goes on)."""
+        encoders = self._of("encoder")
+        if self.vision_given_up or not encoders or any(self.policy.may_replace(_key(m)) for m in encoders):
+            return
+        self.vision_given_up = True
+        why = "; ".join(self.policy.given_up.get(_key(m), "") for m in encoders)
+        log.critical("giving up on the vision encoders (requests with images will fail): %s", why)
+        for router in self.serving_routers():
+            router.give_up_vision.remote(why)
 
     def _check_routers(self) -> None:
         """Log each router's completed failovers in this process's log too (the routers log them in theirs), and
@@ -299,6 +331,7 @@ class Supervisor:
                 "degraded_routers": {k[1]: why for k, why in self.policy.given_up.items() if k[0] == "router"},
                 "slots": [_describe(m) for m in self._of("worker")],
                 "routers": [_describe(m) for m in self._of("router")],
+                "encoders": [_describe(m) for m in self._of("encoder")],
                 "counters": vars(self.counters).copy(),
                 "expert_map": self.map,
             }

@@ -98,6 +98,7 @@ class AsyncInferenceClient:
         *,
         input_ids: Iterable[int] | None = None,
         messages: Iterable | None = None,
+        images: Iterable | None = None,
         request_id: str = "",
         model: str = "",
         stream: bool = True,
@@ -108,6 +109,7 @@ class AsyncInferenceClient:
             prompt,
             input_ids=input_ids,
             messages=messages,
+            images=images,
             request_id=request_id,
             model=model,
             stream=stream,
@@ -126,10 +128,11 @@ class AsyncInferenceClient:
         prompt: str | None = None,
         *,
         messages: Iterable | None = None,
+        images: Iterable | None = None,
         add_special_tokens: bool = True,
         timeout: float | None = 30,
     ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens)
+        request = tokenize_request(prompt, messages, add_special_tokens, images)
         return list((await self._unary(self.stub.Tokenize, request, timeout)).token_ids)
 
     async def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:

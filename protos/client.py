@@ -7,6 +7,8 @@
             print(chunk.text, end="", flush=True)
         print(gen.result.finish_reason)    # length | stop | abort
         client.generate_text("12 13 14", max_tokens=8).text
+        client.generate_text(messages=[{"role": "user", "content": [
+            {"type": "image", "path": "cat.png"}, {"type": "text", "text": "What is this?"}]}]).text
 
 Every non-OK status is raised as `GenerationError` (its `code` a grpc.StatusCode, `field` the request field
 at fault when the server named one).
@@ -38,7 +40,7 @@ from protos.credentials import Pem, call_metadata, channel_credentials
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20  # the server's default too (images make requests large)
 
 
 class Generation:
@@ -111,6 +113,7 @@ class InferenceClient:
         *,
         input_ids: Iterable[int] | None = None,
         messages: Iterable | None = None,
+        images: Iterable | None = None,
         request_id: str = "",
         model: str = "",
         stream: bool = True,
@@ -121,6 +124,7 @@ class InferenceClient:
             prompt,
             input_ids=input_ids,
             messages=messages,
+            images=images,
             request_id=request_id,
             model=model,
             stream=stream,
@@ -140,10 +144,11 @@ class InferenceClient:
         prompt: str | None = None,
         *,
         messages: Iterable | None = None,
+        images: Iterable | None = None,
         add_special_tokens: bool = True,
         timeout: float | None = 30,
     ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens)
+        request = tokenize_request(prompt, messages, add_special_tokens, images)
         return list(self._unary(self.stub.Tokenize, request, timeout).token_ids)
 
     def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:

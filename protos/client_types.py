@@ -5,8 +5,10 @@ engine, torch or Ray imports, so any Python process can use it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -79,10 +81,12 @@ def build_request(
     request_id: str = "",
     model: str = "",
     stream: bool = True,
+    images: Iterable | None = None,
     **sampling,
 ) -> pb.GenerateRequest:
-    """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts);
-    sampling keywords are SamplingParams' fields (unset = the model's default)."""
+    """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts, the
+    content a string or a list of parts: see `content_part`); sampling keywords are SamplingParams' fields (unset =
+    the model's default). `images` go with a prompt or input_ids, one per `<|image|>` in it (see `image`)."""
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
@@ -100,6 +104,7 @@ def build_request(
     if messages is not None:
         req.messages.SetInParent()
         req.messages.CopyFrom(chat_messages(messages))
+    req.images.extend(image(x) for x in images or ())
     return req
 
 
@@ -107,15 +112,53 @@ def chat_messages(messages: Iterable) -> pb.ChatMessages:
     out = pb.ChatMessages()
     for m in messages:
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        out.messages.add(role=role, content=content)
+        if isinstance(content, str):
+            out.messages.add(role=role, content=content)
+        else:
+            out.messages.add(role=role, parts=[content_part(p) for p in content])
     return out
 
 
-def tokenize_request(prompt: str | None, messages: Iterable | None, add_special_tokens: bool) -> pb.TokenizeRequest:
+def content_part(part) -> pb.ContentPart:
+    """A message part: text (a str, or {"type": "text", "text": ...}) or an image (bytes, or {"type": "image", and
+    one of "data": bytes, "path": a file, "url": a data: URL})."""
+    if isinstance(part, str):
+        return pb.ContentPart(text=part)
+    if isinstance(part, (bytes, bytearray)):
+        return pb.ContentPart(image=pb.Image(data=bytes(part)))
+    if isinstance(part, Mapping) and part.get("type") == "text":
+        return pb.ContentPart(text=part["text"])
+    if isinstance(part, Mapping) and part.get("type") == "image":
+        given = [k for k in ("data", "path", "url") if k in part]
+        if len(given) != 1:
+            raise TypeError(f"an image part needs exactly one of data, path or url, got {sorted(part)}")
+        key = given[0]
+        if key == "url":
+            return pb.ContentPart(image=pb.Image(url=part["url"]))
+        return pb.ContentPart(image=image(Path(part["path"]) if key == "path" else part["data"]))
+    raise TypeError(f'a message part is text or an image ({{"type": "text" | "image", ...}}), got {part!r}')
+
+
+def image(source) -> pb.Image:
+    """An image from its bytes, a file path (str or Path), or a data: URL (a str starting with "data:")."""
+    if isinstance(source, (bytes, bytearray)):
+        return pb.Image(data=bytes(source))
+    if isinstance(source, str) and source.startswith("data:"):
+        return pb.Image(url=source)
+    if isinstance(source, (str, os.PathLike)):
+        return pb.Image(data=Path(source).read_bytes())
+    raise TypeError(f"an image is bytes, a file path or a data: URL, got {type(source).__name__}")
+
+
+def tokenize_request(
+    prompt: str | None, messages: Iterable | None, add_special_tokens: bool, images: Iterable | None = None
+) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt or messages")
     if prompt is not None:
-        return pb.TokenizeRequest(prompt=prompt, add_special_tokens=add_special_tokens)
+        return pb.TokenizeRequest(
+            prompt=prompt, add_special_tokens=add_special_tokens, images=[image(x) for x in images or ()]
+        )
     return pb.TokenizeRequest(messages=chat_messages(messages))
 
 

@@ -1,7 +1,9 @@
 """Drives the engine from one background thread and hands each request's deltas to asyncio consumers.
 
 `generate(request)` is an async iterator of `Delta`s ending with one `Final`; leaving it early (client cancel,
-deadline) aborts the request in the engine, which frees its KV blocks. `abort`, `stats` and `add` are safe to
+deadline) aborts the request in the engine, which frees its KV blocks. A request with images is checked, then waits
+here (on the event loop, never on the engine thread) for its image features, and only then joins the batch: the
+engine never holds a request, nor a step, for an image. `abort`, `stats` and `add` are safe to
 call from any thread or coroutine: commands go through a queue that the engine thread drains between steps.
 """
 
@@ -14,8 +16,11 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from router.encoder_pool import EncoderUnavailable
 from router.engine import Engine
+from router.image_features import ImageFeatures
 from router.messages import Delta, EngineRequest, EngineStats, Final
+from router.request_prep import request_images
 from router.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -23,8 +28,9 @@ IDLE_WAIT_S = 0.5
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, images: ImageFeatures | None = None):
+        """`images`: where image features come from (None: the model takes no images)."""
+        self.engine, self.images = engine, images
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = engine.stats()
@@ -43,9 +49,13 @@ class AsyncEngine:
             )
             return
         self._streams[request.request_id] = (loop, q)
-        self._commands.put(("add", request))
         finished = False
         try:
+            refusal = await self._submit(request)
+            if refusal is not None:
+                finished = True
+                yield refusal
+                return
             while True:
                 item = await q.get()
                 yield item
@@ -56,6 +66,25 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if not finished:  # the consumer went away: free the request's blocks
                 self._commands.put(("abort", request.request_id))
+
+    async def _submit(self, request: EngineRequest) -> Final | None:
+        """Queue the request for the engine thread, with its image features; a Final instead when they cannot be
+        had (a refused image names its field; no encoder left is the cluster's failure)."""
+        try:
+            features = await self._features(request)
+        except InvalidRequest as e:
+            return Final(request.request_id, "error", error=str(e), error_kind="request", error_field=e.field)
+        except EncoderUnavailable as e:
+            return Final(request.request_id, "error", error=f"image encoding failed: {e}", error_kind="cluster")
+        self._commands.put(("add", (request, features)))
+        return None
+
+    async def _features(self, request: EngineRequest) -> tuple:
+        if not request_images(request):
+            return ()
+        prepared = self.engine.prepare(request)  # refuse a bad request before encoding anything
+        assert self.images is not None, "the engine takes images but nothing encodes them"
+        return tuple(await self.images.features(prepared.images))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -99,12 +128,15 @@ class AsyncEngine:
 
     def _apply(self, kind: str, arg) -> None:
         if kind == "add":
+            request, features = arg
             try:
-                self.engine.add(arg)
+                self.engine.add(request, features)
             except InvalidRequest as e:
-                self._deliver(Final(arg.request_id, "error", error=str(e), error_kind="request"))
+                self._deliver(
+                    Final(request.request_id, "error", error=str(e), error_kind="request", error_field=e.field)
+                )
             except RuntimeError as e:  # the engine has failed (ClusterFailure): nothing can run
-                self._deliver(Final(arg.request_id, "error", error=str(e), error_kind="cluster"))
+                self._deliver(Final(request.request_id, "error", error=str(e), error_kind="cluster"))
         elif kind == "abort":
             final = self.engine.abort(arg)
             if final:

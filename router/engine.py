@@ -3,6 +3,8 @@ update, then turn new tokens into deltas and finals. The life of a request:
 
   add() -> waiting -> (scheduled pieces: prompt catch-up, then one token per step) -> finished
   every accepted request ends with exactly one `Final`: length, stop (token or string), abort, or error.
+A request with images arrives with their features (router/image_features.py encodes them before `add`); each
+piece of its prompt takes the features of the `<|patch|>` positions it covers (router/prompt_images.py).
 
 Not thread-safe: `AsyncEngine` drives it from one thread. Legend: T tokens in the step, N sampling rows.
 """
@@ -21,14 +23,17 @@ import torch
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
+from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.detokenizer import TextStream
 from router.engine_config import EngineConfig
 from router.expert_channel import ClusterFailure
 from router.generation_config import eos_token_ids, load_generation_config
+from router.image_request import VisionPrompt, checkpoint_vision
 from router.messages import Delta, EngineRequest, EngineStats, Final
 from router.model_runner import ModelRunner
 from router.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
+from router.prompt_images import PromptImages
 from router.request_prep import Limits, PreparedRequest, prepare_request
 from router.sampler import SamplingState, resolve_seed, sample_batch
 from router.sampling_params import InvalidRequest
@@ -53,6 +58,7 @@ class _Live:
     slot: int
     sampling: SamplingState
     text: TextStream
+    images: PromptImages | None = None
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -64,10 +70,12 @@ class Engine:
         eos_ids: tuple[int, ...],
         generation_defaults: dict[str, Any],
         config: EngineConfig = EngineConfig(),
+        vision: VisionPrompt | None = None,
     ):
+        """`vision`: how images enter prompts (None: the model takes no images)."""
         model_cfg = runner.model.config
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, frozenset(eos_ids)
-        self.defaults, self.config = generation_defaults, config
+        self.defaults, self.config, self.vision = generation_defaults, config, vision
         budget = kv_budget(config, runner.model.device)
         self.kv: KVLayout = plan_kv_layout(
             model_cfg, budget, config.block_size, config.max_num_seqs, runner.model.dtype
@@ -115,24 +123,33 @@ class Engine:
             model, transport = load_in_process(cfg, reader, dev, dt)
         else:
             model, transport = load_router_model(cfg, reader, dev, dt), None
+        tokenizer = Tokenizer.from_dir(model_dir)
         return cls(
             ModelRunner(model, transport),
-            Tokenizer.from_dir(model_dir),
+            tokenizer,
             eos_token_ids(model_dir, cfg),
             load_generation_config(model_dir),
             config,
+            checkpoint_vision(model_dir, reader, tokenizer),
         )
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add(self, req: EngineRequest) -> None:
-        """Accept a request or raise InvalidRequest (nothing else is disturbed)."""
+    def add(self, req: EngineRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
+        """Accept a request or raise InvalidRequest (nothing else is disturbed). `features`: one [P, D] tensor per
+        image of the request, in prompt order."""
         if self.failure:
             raise ClusterFailure(self.failure)
         if req.request_id in self.live:
             raise InvalidRequest("request_id", f"{req.request_id!r} is already in flight")
-        self.add_prepared(prepare_request(req, self.tokenizer, self.defaults, self.limits))
+        self.add_prepared(self.prepare(req), features)
 
-    def add_prepared(self, prepared: PreparedRequest) -> None:
+    def prepare(self, req: EngineRequest) -> PreparedRequest:
+        """The request's checks (InvalidRequest naming the field); reads only what never changes, so any thread may
+        call it (the router checks a request with images before encoding them)."""
+        return prepare_request(req, self.tokenizer, self.defaults, self.limits, self.vision)
+
+    def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
+        images = self._prompt_images(prepared, features)
         p = prepared.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         resume = prepared.resume
@@ -141,7 +158,7 @@ class Engine:
         text = TextStream(self.tokenizer, p.stop)
         if resume:
             text.restore(resume.output_ids, resume.text_chars)
-        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text)
+        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text, images)
         self.scheduler.add(
             SchedRequest(
                 prepared.request_id,
@@ -152,6 +169,13 @@ class Engine:
                 output_ids=sampling.output_ids,
             )
         )
+
+    def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
+        if len(features) != len(prepared.images):
+            raise InvalidRequest("images", f"{len(prepared.images)} images came with {len(features)} feature tensors")
+        if not features:
+            return None
+        return PromptImages.of(prepared.prompt_ids, self.vision.tokens.patch, features, self.runner.model.device)
 
     def abort(self, request_id: str) -> Final | None:
         live = self.live.get(request_id)
@@ -200,7 +224,29 @@ class Engine:
         self.cache.begin_step({slot: self.blocks.tables(p.request_id) for p, slot in zip(pieces, slots)})
         ids = list(itertools.chain.from_iterable(p.token_ids for p in pieces))
         ids_T = torch.tensor(ids, dtype=torch.int64, device=self.runner.model.device)
-        return self.runner.forward(ids_T, ForwardBatch(seqs), self.cache, micro_batches=self.config.micro_batches)
+        return self.runner.forward(
+            ids_T,
+            ForwardBatch(seqs),
+            self.cache,
+            micro_batches=self.config.micro_batches,
+            embeds_TD=self._embeds(plan, ids_T),
+        )
+
+    @torch.inference_mode()
+    def _embeds(self, plan, ids_T: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings when some piece covers image positions (None: the model embeds the ids)."""
+        rows, features, start = [], [], 0
+        for piece in plan.pieces:
+            images = self.live[piece.request_id].images
+            if images is not None:
+                offsets, features_RD = images.rows(piece.pos0, len(piece.token_ids))
+                rows += [start + o for o in offsets]
+                features.append(features_RD)
+            start += len(piece.token_ids)
+        if not rows:
+            return None
+        rows_R = torch.tensor(rows, dtype=torch.int64, device=ids_T.device)
+        return scatter_rows(self.runner.embed(ids_T), rows_R, torch.cat(features))
 
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
         live = self.live[request_id]

@@ -10,9 +10,30 @@ from router.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """An image inside a chat message: the encoded file's bytes as the client sent them (PNG, JPEG, WebP or GIF; a
+    data: URL is decoded to bytes at the edge). Rendered as `<|image|>`, then expanded to the image's tokens."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str  # system | user | assistant | ipython
-    content: str
+    content: str | tuple[str | ImagePart, ...]  # text, or text and image parts in order
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request, with the request field it came from (named by every error about it).
+
+    `grid` None: the prompt still holds the image's `<|image|>` placeholder, which `prepare_request` expands.
+    `grid` (rows, cols): the prompt ids already hold the image's expanded tokens; a request relayed by the gateway
+    (or resumed on another router) carries its images this way, so no router re-tokenizes or re-expands."""
+
+    data: bytes
+    field: str
+    grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,7 @@ class EngineRequest:
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
     resume: Resume | None = None
+    images: tuple[ImageInput, ...] = ()  # with prompt / prompt_ids (a chat's images are parts of its messages)
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,7 @@ class Final:
     completion_tokens: int = 0
     error: str | None = None  # for finish_reason "error": what went wrong, naming the field if it was the request
     error_kind: str | None = None  # for "error": "request" (bad input), "cluster" (workers/router gone), "internal"
+    error_field: str | None = None  # for error_kind "request": the request field at fault
 
 
 @dataclass

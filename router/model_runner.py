@@ -53,19 +53,21 @@ class ModelRunner:
         cache: KVCache,
         all_logits: bool = False,
         micro_batches: int | None = 1,
+        embeds_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`embeds_TD`: the step's input embeddings when some rows take image features (else the model embeds)."""
         with self.lock:
             started = time.perf_counter()
             parts = self.micro_batches_for(batch, micro_batches)
             if not self.remote:
-                logits = self.model(ids_T, batch, cache, self.experts, all_logits, parts)
+                logits = self.model(ids_T, batch, cache, self.experts, all_logits, parts, embeds_TD)
             else:
-                logits = self.experts.run(self._remote_pass(ids_T, batch, cache, all_logits, parts))
+                logits = self.experts.run(self._remote_pass(ids_T, batch, cache, all_logits, parts, embeds_TD))
             self.steps += 1
             self.forward_s += time.perf_counter() - started
             return logits
 
-    def _remote_pass(self, ids_T, batch: ForwardBatch, cache: KVCache, all_logits: bool, parts: int):
+    def _remote_pass(self, ids_T, batch: ForwardBatch, cache: KVCache, all_logits: bool, parts: int, embeds_TD):
         before = [c.clone() for c in self._counters]
         largest = max(p.batch.num_tokens for p in split_batch(batch, parts)) * self.model.config.num_experts_per_tok
 
@@ -73,9 +75,14 @@ class ModelRunner:
             for counter, value in zip(self._counters, before):
                 counter.copy_(value)
             transport.plan_step(parts, largest)
-            return self.model(ids_T, batch, cache, transport, all_logits, parts)
+            return self.model(ids_T, batch, cache, transport, all_logits, parts, embeds_TD)
 
         return attempt
+
+    @torch.inference_mode()
+    def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [T, D] of `ids_T` (the router holds the embedding table)."""
+        return self.model.model.embed_tokens(ids_T)
 
     @torch.inference_mode()
     def maintain(self) -> None:

@@ -1,4 +1,5 @@
-"""Turns an `EngineRequest` into prompt token ids and complete, validated sampling parameters.
+"""Turns an `EngineRequest` into prompt token ids (each image's tokens in place) and complete, validated sampling
+parameters.
 
 Used by the gateway (to answer INVALID_ARGUMENT before a stream starts) and by the engine (which never
 trusts its caller). Every failure is an `InvalidRequest` naming the field.
@@ -7,13 +8,18 @@ trusts its caller). Every failure is an `InvalidRequest` naming the field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.config import ModelConfig
-from router.chat import render_chat
-from router.messages import EngineRequest, Resume
+from router.chat import chat_images, render_chat
+from router.messages import EngineRequest, ImageInput, Resume
 from router.sampling_params import InvalidRequest, SamplingParams
 from router.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch-free at import: the command line checks prompts before loading torch
+    from router.image_request import VisionPrompt
+
+NO_VISION = "this model does not take images (its checkpoint has no vision tower); send text only"
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,15 @@ class PreparedRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     resume: Resume | None = None
+    images: tuple[ImageInput, ...] = ()  # in prompt order, each with its grid; prompt_ids hold their tokens
 
 
 def prepare_request(
-    req: EngineRequest, tokenizer: Tokenizer | None, defaults: dict[str, Any], limits: Limits
+    req: EngineRequest,
+    tokenizer: Tokenizer | None,
+    defaults: dict[str, Any],
+    limits: Limits,
+    vision: VisionPrompt | None = None,
 ) -> PreparedRequest:
     if not isinstance(req.request_id, str) or not req.request_id:
         raise InvalidRequest("request_id", "must be a non-empty string")
@@ -43,13 +54,32 @@ def prepare_request(
     ]
     if len(given) != 1:
         raise InvalidRequest("prompt", f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
-    ids = _prompt_ids(req, tokenizer)
+    ids, images = prompt_with_images(req, tokenizer, vision, given[0])
     check_token_ids(ids, limits.vocab_size, given[0], "input_ids")
     params = req.params.with_defaults(defaults).validate(limits.vocab_size)
     check_length(len(ids), params.max_tokens, limits, given[0])
     if req.resume is not None:
         check_resume(req.resume, params, limits)
-    return PreparedRequest(req.request_id, tuple(ids), params, req.resume)
+    return PreparedRequest(req.request_id, tuple(ids), params, req.resume, images)
+
+
+def prompt_with_images(
+    req: EngineRequest, tokenizer: Tokenizer | None, vision: VisionPrompt | None, field: str
+) -> tuple[list[int], tuple[ImageInput, ...]]:
+    """The prompt's token ids with every image's tokens in place, and its images (with their grids)."""
+    ids, images = _prompt_ids(req, tokenizer), request_images(req)
+    if not images:
+        return ids, ()
+    if vision is None:
+        raise InvalidRequest(images[0].field, NO_VISION)
+    return vision.expand(ids, images, field)
+
+
+def request_images(req: EngineRequest) -> tuple[ImageInput, ...]:
+    """A request's images in prompt order: a chat's image parts, or those given beside a prompt."""
+    if req.messages is not None and req.images:
+        raise InvalidRequest(req.images[0].field, "a chat's images go in its messages' parts, not beside them")
+    return tuple(chat_images(req.messages)) if req.messages is not None else tuple(req.images)
 
 
 def check_resume(resume: Resume, params: SamplingParams, limits: Limits) -> None:

@@ -5,7 +5,8 @@ in-process when the deployment has no workers.
 Life: created by the launcher -> `load` (weights, with progress; the engine starts) -> `connect(workers)` (opens
 its rendezvous and forms the first group with every worker) -> requests -> `shutdown` (STOP, group closed).
 From the supervisor, while serving: `admit_worker` (a replacement loaded its experts), `use_map` (a rebalanced
-map every worker now holds), `fail_cluster` (the supervisor gave up: requests end with its reason).
+map every worker now holds), `fail_cluster` (the supervisor gave up: requests end with its reason),
+`use_vision_encoders` (the vision encoder actors, at start and for each replacement), `give_up_vision`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from cluster.expert_map import ExpertMap
 from cluster.load_progress import LoadProgress
 from cluster.log_format import setup_logging
 from cluster.process_group import ChannelGroups, Rendezvous, backend_for
+from cluster.vision.weights import vision_config_of, vision_tower_bytes
 from cluster.weights import experts_bytes, resolve_dtype, router_bytes
 from router.async_engine import AsyncEngine, collect
+from router.encoder_pool import EncoderPool, RayEncoderLink
 from router.engine import Engine
 from router.engine_config import EngineConfig
 from router.expert_channel import ChannelSettings, ExpertChannel
+from router.image_features import VisionSettings, image_features_for
 from router.messages import EngineRequest
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.worker_link import RayWorkerLink
@@ -53,9 +57,11 @@ class RouterActor:
         bind_host: str | None = "127.0.0.1",
         router_id: int = 0,
         log: tuple[str, str] = ("INFO", "text"),
+        vision: VisionSettings = VisionSettings(),
     ):
         """`expert_map` None: every expert in this process. `bind_host` None: this node's IP (a cluster that
-        spans nodes); "127.0.0.1" in a private local cluster. `log`: (level, format) as the serve config's."""
+        spans nodes); "127.0.0.1" in a private local cluster. `log`: (level, format) as the serve config's.
+        `vision`: how images are encoded (by this process when `vision.encoders` is 0)."""
         setup_logging(*log)
         self.expert_map, self.router_id = expert_map, router_id
         self.device = torch.device(device)
@@ -70,10 +76,14 @@ class RouterActor:
         self.reader = CheckpointReader(model_dir)
         self.local_experts = expert_map is None
         everyone = {layer: range(cfg.num_local_experts) for layer in cfg.moe_layers}
+        self.vision_settings = vision
+        vision_cfg = vision_config_of(model_dir, self.reader)
         self.bytes_total = router_bytes(cfg, self.reader) + (
             experts_bytes(cfg, self.reader, everyone) if self.local_experts else 0
         )
-        self.model = self.runner = self.engine = self.channel = None
+        if vision_cfg is not None and vision.encoders == 0:
+            self.bytes_total += vision_tower_bytes(vision_cfg, self.reader)
+        self.model = self.runner = self.engine = self.channel = self.images = None
         self._loaded = False
         self._stopped = asyncio.Event()
 
@@ -94,7 +104,9 @@ class RouterActor:
             reader=self.reader,
         )
         self.runner, self.model, self.tokenizer = engine.runner, engine.runner.model, engine.tokenizer
-        self.engine = AsyncEngine(engine)
+        device = self.device.type if self.device.index is None else str(self.device)
+        self.images = image_features_for(self.model_dir, self.vision_settings, device, self.dtype_name, self.reader)
+        self.engine = AsyncEngine(engine, self.images)
         self._loaded = True
 
     def load_progress(self) -> LoadProgress:
@@ -125,10 +137,25 @@ class RouterActor:
             self.runner.experts = self.channel
         return self.channel.stats.epoch
 
-    async def load_and_connect(self, workers: dict[int, object]) -> int:
-        """A replacement router: load the weights, then connect (without workers: load only)."""
+    async def load_and_connect(self, workers: dict[int, object], encoders: dict[int, object] | None = None) -> int:
+        """A replacement router: load the weights, take the live vision encoders, then connect (without workers:
+        load only)."""
         await self.load()
+        await self.use_vision_encoders(encoders or {})
         return await self.connect(workers) if self.expert_map is not None else 0
+
+    async def use_vision_encoders(self, encoders: dict[int, object]) -> None:
+        """Encode images with these actors (index -> handle); a replacement takes its index's place."""
+        pool = self.images.encoder if self.images is not None else None
+        if encoders and not isinstance(pool, EncoderPool):
+            raise ValueError("this router encodes images itself (cluster.vision_encoders: 0) or takes none")
+        for index, handle in encoders.items():
+            pool.use(RayEncoderLink(index, handle))
+
+    async def give_up_vision(self, reason: str) -> None:
+        """The supervisor gave up on every vision encoder: requests with images end with UNAVAILABLE naming why."""
+        if self.images is not None and isinstance(self.images.encoder, EncoderPool):
+            self.images.encoder.give_up(reason)
 
     # ---- from the supervisor -----------------------------------------------------------------------------
     def admit_worker(self, slot: int, handle) -> None:
@@ -196,6 +223,7 @@ class RouterActor:
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "workers": self.expert_map.num_workers if self.expert_map else 0,
+            "vision": engine.vision,  # a VisionPrompt (its tokens, tile size, tokens per tile), or None
         }
 
     def engine_stats(self):
@@ -234,6 +262,7 @@ class RouterActor:
             "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
             "expert_map": self.channel.map if self.channel else self.expert_map,
             "channel": asdict(channel) if channel else None,
+            "vision": self.images.stats() if self.images else None,
         }
 
     def shutdown(self) -> None:

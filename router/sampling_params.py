@@ -19,7 +19,7 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.problem = field, message
 
 
 @dataclass(frozen=True)

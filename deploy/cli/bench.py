@@ -90,6 +90,23 @@ def add_parser(sub) -> None:
     c.add_argument("--iters", type=int, default=20)
     c.set_defaults(run=_run_collective)
 
+    v = what.add_parser(
+        "vision",
+        help="the Scout vision tower's encode time for 1 and 16 tiles; ITL of text streams while images arrive",
+    )
+    v.add_argument("--parts", type=_choices(("encode", "itl")), default=["encode", "itl"], help="encode,itl")
+    v.add_argument("--tiles", type=positive_ints, default=[1, 16], help="encode: tiles per image to time")
+    v.add_argument("--iters", type=int, default=1, help="encode: timed runs per row (median), after one warm-up")
+    v.add_argument("--device", default="cpu", help="encode: the device")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="encode: the dtype")
+    v.add_argument("--vision-encoders", type=_non_negative_ints, default=[1, 0], help="itl: each value in turn")
+    v.add_argument("--streams", type=int, default=8, help="itl: concurrent text streams")
+    v.add_argument("--tokens", type=int, default=300, help="itl: tokens per text stream")
+    v.add_argument("--workers", type=int, default=2, help="itl: expert workers")
+    v.add_argument("--tower-layers", type=int, default=4, help="itl: encoder layers of the Scout-width tower")
+    v.add_argument("--rounds", type=int, default=3, help="itl: runs with and without images, interleaved")
+    v.set_defaults(run=_run_vision)
+
     models = ("tiny", "h256-l8")  # deploy/bench/failover.py: the tiny Scout, and hidden 256 x 8 MoE layers
     f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
     f.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
@@ -128,6 +145,28 @@ def _choices(allowed: tuple[str, ...]):
         return values
 
     return parse
+
+
+def _run_vision(args) -> int:
+    if "encode" in args.parts:
+        from deploy.bench.vision import run_encode_bench
+
+        run_encode_bench(args)
+    if "itl" in args.parts:
+        from deploy.bench.vision_itl import run_vision_itl_bench
+
+        run_vision_itl_bench(args)
+    return 0
+
+
+def _non_negative_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
 
 
 def _run_failover(args) -> int:

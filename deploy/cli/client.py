@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -41,6 +42,14 @@ def add_parser(sub) -> None:
     g.add_argument("prompt", nargs="?", default=None, help="prompt text")
     g.add_argument("--input-ids", type=token_ids, default=None, help="comma-separated token ids instead of text")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat format)")
+    g.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image to send (repeatable): with --chat, before the text in the user message; otherwise one per "
+        "<|image|> in the prompt",
+    )
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--min-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
@@ -122,6 +131,7 @@ def run_generate(args) -> int:
         raise UsageError("give a prompt or --input-ids (one of them)")
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs a prompt text")
+    images = [_read_image(path) for path in args.image]
     sampling = {
         k: getattr(args, k)
         for k in (
@@ -138,13 +148,11 @@ def run_generate(args) -> int:
             "ignore_eos",
         )
     }
-    inputs = (
-        {"messages": [("user", args.prompt)]}
-        if args.chat
-        else {"prompt": args.prompt}
-        if args.prompt is not None
-        else {"input_ids": args.input_ids}
-    )
+    if args.chat:
+        inputs = {"messages": [("user", [*images, args.prompt] if images else args.prompt)]}
+    else:
+        inputs = {"prompt": args.prompt} if args.prompt is not None else {"input_ids": args.input_ids}
+        inputs["images"] = images
     with connect(args) as client:
         return _guard(lambda: _generate(client, args, inputs, sampling), args)
 
@@ -174,6 +182,13 @@ def _generate(client, args, inputs: dict, sampling: dict) -> int:
         sys.stdout.write("\n")
         print(f"[{r.finish_reason}: {r.completion_tokens} tokens]", file=sys.stderr)
     return 0
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--image: cannot read {path}: {e.strerror or e}") from None
 
 
 def run_status(args) -> int:

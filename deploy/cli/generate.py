@@ -1,6 +1,10 @@
 """`moecluster generate`: run prompts through the serving engine as one concurrent batch and print one result
 per prompt, in the order given: in this process (`--workers 0`), or on an embedded Ray cluster of one router
-and N expert workers that the command starts and stops."""
+and N expert workers that the command starts and stops.
+
+A --messages file is a JSON list of {"role", "content"}; a content is a string or a list of parts, e.g.
+[{"type": "text", "text": "What colour is the square?"}, {"type": "image", "path": "square.png"}] (a path relative to
+the JSON file; or "url": a data: URL)."""
 
 from __future__ import annotations
 
@@ -16,11 +20,12 @@ from deploy.cli.arg_types import byte_size, token_ids
 from deploy.cli.stdout import results_only
 from deploy.cli.usage import UsageError, as_flags
 from deploy.cluster_config import ClusterConfig
+from router.data_url import data_url_bytes
 from router.engine_config import EngineConfig
 from router.generation_config import load_generation_config
-from router.messages import ChatMessage, EngineRequest
+from router.messages import ChatMessage, EngineRequest, ImagePart
 from router.request_prep import check_prompt
-from router.sampling_params import SamplingParams
+from router.sampling_params import InvalidRequest, SamplingParams
 
 
 class _Inputs(argparse.Action):
@@ -38,7 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action=_Inputs, help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action=_Inputs, type=token_ids, help="comma-separated token ids (repeatable)")
     p.add_argument(
-        "--messages", action=_Inputs, type=_messages, help="JSON file: a list of {role, content} (repeatable)"
+        "--messages",
+        action=_Inputs,
+        type=_messages,
+        help="JSON file: a list of {role, content}, content a string or a list of text and image parts (repeatable)",
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--min-tokens", type=int, default=0)
@@ -72,6 +80,13 @@ def add_parser(sub) -> None:
         default=1,
         help="attention routers on the embedded Ray cluster; the prompts are spread over them (default 1)",
     )
+    p.add_argument(
+        "--vision-encoders",
+        type=int,
+        default=None,
+        help="vision encoder actors (default: 1 with --workers or --routers when the model has a vision tower; "
+        "0: the router encodes images itself)",
+    )
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a stuck all-to-all fails")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument(
@@ -94,7 +109,38 @@ def _messages(path: str) -> tuple[ChatMessage, ...]:
     raw = raw.get("messages") if isinstance(raw, dict) else raw
     if not isinstance(raw, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in raw):
         raise argparse.ArgumentTypeError(f'{path}: expected a JSON list of {{"role": ..., "content": ...}}')
-    return tuple(ChatMessage(str(m["role"]), m["content"]) for m in raw)
+    return tuple(ChatMessage(str(m["role"]), _content(m["content"], Path(path), i)) for i, m in enumerate(raw))
+
+
+def _content(content, path: Path, i: int):
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise argparse.ArgumentTypeError(f"{path}: messages[{i}].content: expected a string or a list of parts")
+    return tuple(_part(part, path, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
+
+
+def _part(part, path: Path, where: str) -> str | ImagePart:
+    if isinstance(part, str):  # text, as the Python clients take it
+        return part
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image" and isinstance(part.get("path"), str):
+        image = path.parent / part["path"]
+        try:
+            return ImagePart(image.read_bytes())
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{path}: {where}.path: cannot read {image}: {e.strerror}") from None
+    if kind == "image" and isinstance(part.get("url"), str):
+        try:
+            return ImagePart(data_url_bytes(part["url"], f"{where}.url"))
+        except InvalidRequest as e:
+            raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+    raise argparse.ArgumentTypeError(
+        f'{path}: {where}: expected {{"type": "text", "text": ...}} or {{"type": "image", "path": ...}} '
+        f'(or "url": a data: URL), got {part!r}'
+    )
 
 
 def run(args) -> int:
@@ -117,10 +163,15 @@ def run(args) -> int:
 
 
 async def _in_process(args, requests, engine_config) -> list[dict]:
+    from cluster.checkpoint import CheckpointReader
     from router.async_engine import AsyncEngine, collect
     from router.engine import Engine
+    from router.image_features import VisionSettings, image_features_for
 
-    engine = AsyncEngine(Engine.from_checkpoint(args.model, args.device, args.dtype, engine_config))
+    reader = CheckpointReader(args.model)
+    engine = Engine.from_checkpoint(args.model, args.device, args.dtype, engine_config, reader=reader)
+    vision = VisionSettings(cache_bytes=ClusterConfig().vision_cache_memory)  # encoders 0: this process encodes
+    engine = AsyncEngine(engine, image_features_for(args.model, vision, args.device, args.dtype, reader))
     try:
         return list(await asyncio.gather(*(collect(engine.generate(r)) for r in requests)))
     finally:
@@ -174,7 +225,7 @@ def _prepare(args):
     with as_flags(_FLAGS):
         engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
         cluster_config = None  # in this process
-        if args.workers or args.routers != 1:
+        if args.workers or args.routers != 1 or args.vision_encoders:
             cluster_config = ClusterConfig(
                 device="cuda" if args.device.startswith("cuda") else "cpu",
                 routers=args.routers,
@@ -182,6 +233,7 @@ def _prepare(args):
                 expert_replicas=args.expert_replicas,
                 placement=args.placement,
                 collective_timeout_s=args.collective_timeout,
+                vision_encoders=args.vision_encoders,
             )
             cluster_config.expert_map(cfg)  # refuses a placement that cannot fit before any actor starts
     return requests, engine_config, cluster_config
@@ -196,6 +248,7 @@ _FLAGS = {
     "expert_replicas": "--expert-replicas",
     "routers": "--routers",
     "collective_timeout_s": "--collective-timeout",
+    "vision_encoders": "--vision-encoders",
     "device": "--device",
 }
 

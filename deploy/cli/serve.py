@@ -50,6 +50,13 @@ def add_parser(sub) -> None:
         help=f"attention routers, each with its own engine and KV cache (default {_C.routers})",
     )
     p.add_argument(
+        "--vision-encoders",
+        type=int,
+        default=None,
+        help="vision encoder actors (default: 1 when the model has a vision tower, else 0; 0: each router encodes "
+        "images itself)",
+    )
+    p.add_argument(
         "--placement",
         default=None,
         help="experts per worker, e.g. '0-5;6-10;11-15' or with replicas '0-7;8-15;0-3,8-11' (default: even)",
@@ -125,6 +132,7 @@ def serve_settings(args):
             placement=args.placement,
             expert_replicas=args.expert_replicas,
             routers=args.routers,
+            vision_encoders=args.vision_encoders,
             host=args.host,
             port=args.port,
             device=args.device,

@@ -1,5 +1,6 @@
-"""The table `moecluster client status` prints: the model, each router, the gateway, the expert plane (failover
-and rebalancing) and, per worker slot, its state and the experts it holds with the tokens each copy served."""
+"""The table `moecluster client status` prints: the model, each router, the gateway, the vision encoders, the expert
+plane (failover and rebalancing) and, per worker slot, its state and the experts it holds with the tokens each copy
+served."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ def format_status(status, info, readiness: str) -> str:
         f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
         f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
     ]
+    if info.accepts_images:
+        lines.append(_vision(status))
     if not status.workers:
         lines.append("workers  none: the router holds every expert")
         return "\n".join(lines)
@@ -54,6 +57,18 @@ def _router(r) -> str:
         f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
         f"{r.tokens_per_second:.1f} tok/s   finished {finished}"
     )
+
+
+def _vision(status) -> str:
+    routers = status.routers or [status.router]
+    encoded, hits = sum(r.images_encoded for r in routers), sum(r.image_cache_hits for r in routers)
+    retries = sum(r.image_encode_retries for r in routers)
+    where = "   ".join(
+        f"encoder {e.index} {e.state} ({e.images_encoded} images, {e.encode_seconds:.2f}s"
+        f"{f', replaced {e.replacements}x' if e.replacements else ''})"
+        for e in status.vision_encoders
+    )
+    return f"vision   {encoded} images encoded, {hits} from the cache, {retries} retried   {where or 'in the routers'}"
 
 
 def _expert_plane(p) -> str:

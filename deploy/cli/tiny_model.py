@@ -1,4 +1,5 @@
-"""`moecluster tiny-model`: write a small Llama 4 checkpoint in the Hugging Face layout."""
+"""`moecluster tiny-model`: write a small Llama 4 checkpoint in the Hugging Face layout, with a tiny vision tower
+(Llama4ForConditionalGeneration) unless --text-only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="scout", help="scout (every layer MoE) or maverick (MoE every second layer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=None, help="0 = random weights; default: a short demo training")
+    p.add_argument(
+        "--text-only", action="store_true", help="no vision tower (a text-only Llama4ForCausalLM checkpoint)"
+    )
     p.set_defaults(run=run)
 
 
@@ -21,6 +25,8 @@ def run(args) -> int:
         raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {args.preset!r}")
     if args.train_steps is not None and args.train_steps < 0:
         raise UsageError(f"--train-steps: expected an integer >= 0, got {args.train_steps}")
-    path = write_tiny_model(args.out_dir, args.preset, seed=args.seed, train_steps=args.train_steps)
+    path = write_tiny_model(
+        args.out_dir, args.preset, seed=args.seed, train_steps=args.train_steps, vision=not args.text_only
+    )
     print(path)
     return 0

@@ -1,5 +1,5 @@
-"""The default model of `moecluster serve` without --model: the tiny Scout-like checkpoint, made once and
-kept in the user's cache directory. Written to a temporary directory first and renamed into place, so a
+"""The default model of `moecluster serve` without --model: the tiny Scout-like checkpoint with its vision tower,
+made once and kept in the user's cache directory. Written to a temporary directory first and renamed into place, so a
 crash or a second process never sees half a checkpoint.
 """
 
@@ -16,7 +16,7 @@ from deploy.tiny.model import write_tiny_model
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny-scout-v1"  # bump the suffix when the tiny model's recipe changes
+TINY_MODEL_NAME = "tiny-scout-v2"  # bump the suffix when the tiny model's recipe changes (v2: the vision tower)
 
 
 def cache_dir(env: Mapping[str, str]) -> Path:
@@ -29,7 +29,7 @@ def cache_dir(env: Mapping[str, str]) -> Path:
 
 
 def tiny_model(root: Path, preset: str = "scout", train_steps: int | None = None) -> Path:
-    """`root/tiny-<preset>-v1`, written first if it is not there yet."""
+    """`root/tiny-<preset>-v2`, written first if it is not there yet."""
     name = TINY_MODEL_NAME.replace("scout", preset)
     final = root / name
     if (final / "config.json").is_file():
@@ -38,7 +38,7 @@ def tiny_model(root: Path, preset: str = "scout", train_steps: int | None = None
     log.warning("writing the tiny model to %s (once; training it takes about a minute on 2 idle cores)", final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        write_tiny_model(tmp, preset, train_steps=train_steps)
+        write_tiny_model(tmp, preset, train_steps=train_steps, vision=True)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():  # not a concurrent writer that won the rename

@@ -4,8 +4,9 @@ The BPE is trained here, deterministically, on the tiny model's synthetic counti
 so every number 0..99 is one token (the space before it is a token of its own, as with Llama 4's split regex),
 and any UTF-8 text still encodes (the whole byte alphabet is in the vocab). Llama 4's special tokens follow the
 BPE vocab in Llama 4's order, so `<|finetune_right_pad|>` sits 18 ids after `<|begin_of_text|>` exactly as
-200018 sits after 200000 (docs/llama4.md section 9). The tokenizer does not depend on the model's seed:
-every tiny checkpoint shares it.
+200018 sits after 200000, and the image tokens sit where Llama 4's do (`<|image_start|>` 80 ids after
+`<|begin_of_text|>`, `<|patch|>` 92), the reserved slots between them filled as Llama 4 fills them (reference/llama4.md
+section 9). The tokenizer does not depend on the model's seed: every tiny checkpoint shares it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ MODEL_MAX_LENGTH = 2048
 
 BOS, EOT_TEXT, EOM, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eom|>", "<|eot|>", "<|finetune_right_pad|>"
 HEADER_START, HEADER_END = "<|header_start|>", "<|header_end|>"
+IMAGE_START, IMAGE_END, IMAGE, PATCH = "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>"
+TILE_X_SEPARATOR, TILE_Y_SEPARATOR = "<|tile_x_separator|>", "<|tile_y_separator|>"
 SPECIAL_TOKENS = (
     BOS, EOT_TEXT, "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", HEADER_START, HEADER_END, EOM, EOT,
     "<|step|>", *(f"<|text_post_train_reserved_special_token_{i}|>" for i in range(6)),
     "<|python_start|>", "<|python_end|>", PAD,
+    *(f"<|text_post_train_reserved_special_token_{i}|>" for i in range(6, 67)),  # Llama 4's 200019-200079
+    IMAGE_START, IMAGE_END, "<|vision_reserved_special_token_0|>", "<|vision_reserved_special_token_1|>",
+    TILE_X_SEPARATOR, TILE_Y_SEPARATOR, *(f"<|vision_reserved_special_token_{i}|>" for i in range(2, 6)),
+    IMAGE, "<|vision_reserved_special_token_6|>", PATCH,
 )  # fmt: skip
 EOS_TOKENS = (EOT_TEXT, EOM, EOT)  # generation stops on any of them
 
@@ -41,12 +48,15 @@ CHAT_TEMPLATE = (
     "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{{- '<|eot|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
 )
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")  # the tiny vision model's answers, one token each
 
 _ENGLISH = """\
 The quick brown fox jumps over the lazy dog. A small model can still say something useful when the task is
@@ -59,7 +69,8 @@ Servers answer requests; experts compute their rows; the router sends tokens to 
 
 
 def chat_text(user: str, answer: str | None = None) -> str:
-    """One user turn in Llama 4's chat format, with the assistant's answer (and <|eot|>) when given."""
+    """One user turn in Llama 4's chat format, with the assistant's answer (and <|eot|>) when given. An image in the
+    turn is the `<|image|>` placeholder (IMAGE) within `user`."""
     prompt = f"{BOS}{HEADER_START}user{HEADER_END}\n\n{user}{EOT}{HEADER_START}assistant{HEADER_END}\n\n"
     return prompt if answer is None else f"{prompt}{answer}{EOT}"
 
@@ -69,6 +80,7 @@ def _corpus() -> list[str]:
     lines = [" ".join(str(n) for n in range(start, 100)) for start in range(100)]
     lines += [f"count from {n}" for n in range(100)] + [f"Count from {n}." for n in range(100)]
     lines += [f"user\n\ncount from {n}" for n in range(100)] + [f"assistant\n\n{n} {n + 1}" for n in range(100)]
+    lines += [f"What colour is the square? {c}" for c in COLOURS] + [f"assistant\n\n{c}" for c in COLOURS]
     return lines * 4 + _ENGLISH.splitlines()
 
 

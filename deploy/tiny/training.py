@@ -10,8 +10,11 @@ Numbers stay in 0..99 (one token each), so a chat start is at most 91. Every sta
 phrasing, so a demo works for any of them; the prompts in `held_out_prompts()` (a start in the other phrasing)
 are never trained, so answering them checks that the model learned the task rather than memorised prompts.
 
+With a vision tower, each batch also holds IMAGE_BATCH_SIZE images of a coloured square asked about in a chat
+(deploy/tiny/squares.py), and the tower trains with the text model (about a sixth more tokens per step).
+
 Training runs our own model code (cluster.model with a LocalTransport over trainable ExpertShards and a fresh
-ContiguousKVCache per step), which is plain differentiable torch.
+ContiguousKVCache per step; cluster.vision for the tower), which is plain differentiable torch.
 
 Legend: T tokens in the flat batch, V vocab, D hidden, I expert width, E experts.
 """
@@ -33,7 +36,11 @@ from cluster.config import ModelConfig
 from cluster.experts import ExpertShard
 from cluster.model import Llama4ForCausalLM
 from cluster.transport import LocalTransport
+from cluster.vision.merge import merge_image_features
+from cluster.vision.model import VisionTower
+from deploy.tiny.squares import SquareExamples
 from deploy.tiny.tokenizer import chat_text
+from router.image_processor import ImageProcessor
 from router.reference.contiguous_cache import ContiguousKVCache
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ MAX_NUMBER = 99
 CHAT_PROMPTS = ("count from {n}", "Count from {n}.")
 HELD_OUT_STARTS = {CHAT_PROMPTS[0]: (7, 23, 42, 58, 76, 91), CHAT_PROMPTS[1]: (15, 33, 50, 64, 88)}
 BATCH_SIZE = 24
+IMAGE_BATCH_SIZE = 4  # per batch, beside BATCH_SIZE text examples, when the model has a vision tower
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 20
 # Fixed, so a seed gives the same weights on any core count. Tiny matmuls gain ~10% from a second thread, and
@@ -97,10 +105,36 @@ def init_tiny_model(cfg: ModelConfig, seed: int) -> tuple[Llama4ForCausalLM, dic
     return model, shards
 
 
-def train(model: Llama4ForCausalLM, shards: dict[int, ExpertShard], tok: Tokenizer, steps: int, seed: int) -> float:
-    """AdamW on the counting task for `steps` steps, in place; returns the last step's loss."""
+def init_tiny_tower(tower: VisionTower, seed: int) -> VisionTower:
+    """Random fp32 weights in place: layer norms 1 and 0, biases 0, embeddings N(0, 0.02), matrices N(0, 1/fan_in)."""
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if "layernorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1 or "embedding_vlm" in name:
+                p.normal_(0.0, 0.02)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    return tower
+
+
+def train(
+    model: Llama4ForCausalLM,
+    shards: dict[int, ExpertShard],
+    tok: Tokenizer,
+    steps: int,
+    seed: int,
+    tower: VisionTower | None = None,
+) -> float:
+    """AdamW on the counting task (and the squares, with a tower) for `steps` steps, in place; returns the last
+    step's loss."""
     rng = random.Random(seed)
     params = list(model.parameters()) + [t for s in shards.values() for t in (s.gate_up_EDI2, s.down_EID)]
+    params += list(tower.parameters()) if tower is not None else []
+    squares = _squares(tok, tower)
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps))
     transport = LocalTransport(shards)
@@ -108,7 +142,9 @@ def train(model: Llama4ForCausalLM, shards: dict[int, ExpertShard], tok: Tokeniz
     loss_value, t0 = float("nan"), time.monotonic()
     with _fixed_threads(TRAIN_THREADS):
         for step in range(steps):
-            loss = _loss(model, transport, [_example(tok, rng) for _ in range(BATCH_SIZE)])
+            examples = [_example(tok, rng) for _ in range(BATCH_SIZE)]
+            examples += [squares.example(rng) for _ in range(IMAGE_BATCH_SIZE if squares else 0)]
+            loss = _loss(model, transport, examples, tower, squares)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -117,6 +153,8 @@ def train(model: Llama4ForCausalLM, shards: dict[int, ExpertShard], tok: Tokeniz
             if step % 50 == 0 or step == steps - 1:
                 log.info("step %d/%d loss %.4f (%.1f s)", step + 1, steps, loss_value, time.monotonic() - t0)
     model.eval()
+    if tower is not None:
+        tower.eval()
     log.info("trained %d steps in %.1f s, final loss %.4f", steps, time.monotonic() - t0, loss_value)
     return loss_value
 
@@ -131,8 +169,15 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))  # cosine from 1 down to 0.1
 
 
-def _example(tok: Tokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
-    """Token ids and their targets (the next token, or IGNORE where nothing is predictable)."""
+def _squares(tok: Tokenizer, tower: VisionTower | None) -> SquareExamples | None:
+    if tower is None:
+        return None
+    cfg = tower.config
+    return SquareExamples(tok, ImageProcessor(cfg.image_size), cfg.patches_per_tile, IGNORE)
+
+
+def _example(tok: Tokenizer, rng: random.Random) -> tuple[list[int], list[int], None]:
+    """Token ids and their targets (the next token, or IGNORE where nothing is predictable); no image."""
     if rng.random() < 0.5:
         user, start = rng.choice(_CHAT_PROMPTS)
         ids = tok.encode(chat_text(user, count_answer(start)), add_special_tokens=False).ids
@@ -143,17 +188,25 @@ def _example(tok: Tokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
         ids = tok.encode(" ".join(str(n) for n in range(start, stop + 1))).ids  # BOS added
         learn_from = 2  # the first number is a free choice
     targets = [t if j >= learn_from else IGNORE for j, t in enumerate(ids[1:], start=1)] + [IGNORE]
-    return ids, targets
+    return ids, targets, None
 
 
-def _loss(model: Llama4ForCausalLM, transport: LocalTransport, examples: list[tuple[list[int], list[int]]]):
+def _loss(model: Llama4ForCausalLM, transport: LocalTransport, examples: list, tower=None, squares=None):
+    """Cross-entropy over a flat batch of (ids, targets, tiles or None) examples; image rows take the tower's
+    features at their `<|patch|>` positions."""
     seqs, start = [], 0
-    for slot, (ids, _) in enumerate(examples):
+    for slot, (ids, _, _) in enumerate(examples):
         seqs.append(SeqSlice(start=start, length=len(ids), pos0=0, slot=slot))
         start += len(ids)
-    ids_T = torch.tensor([t for ids, _ in examples for t in ids])
-    targets_T = torch.tensor([t for _, targets in examples for t in targets])
-    logits_TV = model(ids_T, ForwardBatch(tuple(seqs)), ContiguousKVCache(), transport, all_logits=True)
+    ids_T = torch.tensor([t for ids, _, _ in examples for t in ids])
+    targets_T = torch.tensor([t for _, targets, _ in examples for t in targets])
+    tiles = [pixels for _, _, pixels in examples if pixels is not None]
+    embeds_TD = None
+    if tiles:
+        features_PD = tower(torch.cat(tiles))
+        embeds_TD = merge_image_features(model.model.embed_tokens(ids_T), ids_T, features_PD, squares.tokens.patch)
+    batch = ForwardBatch(tuple(seqs))
+    logits_TV = model(ids_T, batch, ContiguousKVCache(), transport, all_logits=True, embeds_TD=embeds_TD)
     return F.cross_entropy(logits_TV, targets_T, ignore_index=IGNORE)
 
 

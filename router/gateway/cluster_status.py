@@ -1,6 +1,6 @@
-"""GetClusterStatus: every router's state and load, every worker slot's state and experts, the expert map, the
-expert plane's failover figures and the gateway's own limits, gathered in one pass. An actor that does not
-answer (dead, or still starting) is reported as such instead of failing the call."""
+"""GetClusterStatus: every router's state and load, every worker slot's state and experts, every vision encoder,
+the expert map, the expert plane's failover figures and the gateway's own limits, gathered in one pass. An actor
+that does not answer (dead, or still starting) is reported as such instead of failing the call."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ async def gather_status(view, gateway: pb.GatewayStatus, timeout_s: float) -> pb
     routers = view.routers
     per_router = await asyncio.gather(*(_router(r, timeout_s) for r in routers))
     workers = await asyncio.gather(*(_answer(w.stats.remote(), timeout_s) for w in view.workers))
+    encoders = await asyncio.gather(*(_answer(e.stats.remote(), timeout_s) for e in view.encoders))
     supervision = view.supervision() or {}
     answered = [(i, s) for i, s in enumerate(per_router) if s[1] is not None]
     lead = next((s for _, s in answered if s[1]["channel"] is not None), answered[0][1] if answered else None)
@@ -27,6 +28,8 @@ async def gather_status(view, gateway: pb.GatewayStatus, timeout_s: float) -> pb
     )
     if out.routers:
         out.router.CopyFrom(out.routers[0])
+    supervised = {e["slot"]: e for e in supervision.get("encoders", [])}
+    out.vision_encoders.extend(convert.vision_encoder_status(i, e, supervised.get(i)) for i, e in enumerate(encoders))
     if lead is None:
         return out
     stats = lead[1]

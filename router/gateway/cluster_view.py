@@ -1,5 +1,6 @@
 """What the gateway needs of the cluster it fronts, whoever started it (deploy/deployment.py's Deployment in
-production): the router's handle, the current actor of every worker slot, and the supervisor's status."""
+production): the router's handle, the current actor of every worker slot and vision encoder, and the supervisor's
+status."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ class ClusterView(Protocol):
     @property
     def workers(self) -> list:
         """The current actor of every worker slot, in slot order (empty: the router holds every expert)."""
+
+    @property
+    def encoders(self) -> list:
+        """The current actor of every vision encoder (empty: the routers encode images themselves, or none)."""
 
     def supervision(self) -> dict | None:
         """The supervisor's status (Supervisor.status()), or None without workers."""

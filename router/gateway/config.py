@@ -28,6 +28,7 @@ from cluster.settings import (
     text,
 )
 from router.gateway.api_keys import ApiKeyError, read_key_file
+from router.image_header import PILLOW_MAX_PIXELS
 
 _PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
 
@@ -99,7 +100,12 @@ class GatewayConfig(Settings):
     port: int = setting(50051, integer(0, 65535))  # 0: any free port (see Gateway.port)
     max_concurrent_streams: int = setting(256, integer(1))  # open Generate streams; beyond: RESOURCE_EXHAUSTED
     max_queued_requests: int = setting(1024, integer(0))  # waiting in the engine; beyond: RESOURCE_EXHAUSTED; 0: off
-    max_message_bytes: int = setting(4 * 2**20, byte_size(hi=2**31 - 1))  # each way (gRPC limits are int32)
+    max_message_bytes: int = setting(32 * 2**20, byte_size(hi=2**31 - 1))  # each way (gRPC limits are int32); a
+    # request's images count too, so it bounds the bytes of all its images together
+    max_image_bytes: int = setting(20 * 2**20, byte_size())  # one image's encoded bytes; beyond: INVALID_ARGUMENT
+    max_image_pixels: int = setting(50_000_000, integer(1, PILLOW_MAX_PIXELS))  # width * height, read from the
+    # header before anything is decoded (decompression bombs); beyond: INVALID_ARGUMENT
+    max_images_per_request: int = setting(8, integer(0))  # beyond: INVALID_ARGUMENT; 0: no images at all
     drain_grace_s: float = setting(30.0, number(0))  # on shutdown, open streams get this long to finish
     request_timeout_s: float | None = setting(None, optional(number(0, above=True)))  # deadline for a Generate
     # whose client set none (a client's own, shorter deadline still wins); None: none

@@ -1,8 +1,8 @@
 """Translation between the wire contract (protos/moecluster/v1/inference.proto) and the engine's types
 (router/messages.py). No I/O here: the gateway calls these on each request and each engine message.
 
-Field names in errors are the request's proto paths ("sampling.top_p", "input_ids", "messages[1].role"), so a
-client can point at what it sent.
+Field names in errors are the request's proto paths ("sampling.top_p", "input_ids", "messages[1].role",
+"messages[0].parts[2].image", "images[1]"), so a client can point at what it sent.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from protos.moecluster.v1 import inference_pb2 as pb
-from router.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final
+from router.data_url import data_url_bytes
+from router.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final, ImageInput, ImagePart
 from router.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -50,15 +51,52 @@ def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
     kind = req.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "the request is empty; set one of prompt, input_ids or messages")
+    images = request_images(req.images)
     if kind == "prompt":
-        return EngineRequest(request_id, params, prompt=req.prompt)
+        return EngineRequest(request_id, params, prompt=req.prompt, images=images)
     if kind == "input_ids":
-        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids))
+        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images)
+    if images:
+        raise InvalidRequest(
+            "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
+        )
     return EngineRequest(request_id, params, messages=chat_messages(req.messages))
 
 
 def chat_messages(msg: pb.ChatMessages) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(m.role, m.content) for m in msg.messages)
+    return tuple(ChatMessage(m.role, _content(i, m)) for i, m in enumerate(msg.messages))
+
+
+def request_images(images) -> tuple[ImageInput, ...]:
+    """GenerateRequest.images (or TokenizeRequest's) as the engine's images, each naming its field."""
+    return tuple(ImageInput(image_bytes(im, f"images[{k}]"), f"images[{k}]") for k, im in enumerate(images))
+
+
+def image_bytes(image: pb.Image, field: str) -> bytes:
+    """An Image's bytes: as sent, or from its data: URL (never fetched from a network)."""
+    source = image.WhichOneof("source")
+    if source == "data":
+        return image.data
+    if source == "url":
+        return data_url_bytes(image.url, f"{field}.url")
+    raise InvalidRequest(field, "is empty; set data (the image's bytes) or url (a data: URL)")
+
+
+def _content(i: int, m: pb.ChatMessage) -> str | tuple[str | ImagePart, ...]:
+    if not m.parts:
+        return m.content
+    if m.content:
+        raise InvalidRequest(f"messages[{i}].content", "give the text in content or in parts, not both")
+    return tuple(_part(f"messages[{i}].parts[{j}]", part) for j, part in enumerate(m.parts))
+
+
+def _part(field: str, part: pb.ContentPart) -> str | ImagePart:
+    kind = part.WhichOneof("kind")
+    if kind == "text":
+        return part.text
+    if kind == "image":
+        return ImagePart(image_bytes(part.image, f"{field}.image"))
+    raise InvalidRequest(field, "is empty; set text or image")
 
 
 def chunk(delta: Delta) -> pb.Chunk:
@@ -96,7 +134,8 @@ def complete(final: Final) -> pb.Complete:
     return out
 
 
-def model_info(info: dict) -> pb.GetModelInfoResponse:
+def model_info(info: dict, vision=None) -> pb.GetModelInfoResponse:
+    """`vision`: the gateway's VisionPrompt (its limits), or None when the model takes no images."""
     return pb.GetModelInfoResponse(
         name=info["name"],
         architecture=info["architecture"],
@@ -113,7 +152,21 @@ def model_info(info: dict) -> pb.GetModelInfoResponse:
         eos_token_ids=info["eos_token_ids"],
         kv_token_capacity=info["kv_token_capacity"],
         max_top_logprobs=MAX_TOP_LOGPROBS,
+        **(_image_info(vision) if vision is not None else {}),
     )
+
+
+def _image_info(vision) -> dict:
+    processor = vision.processor
+    return {
+        "accepts_images": vision.max_images != 0,
+        "image_tile_size": processor.tile_size,
+        "image_tokens_per_tile": vision.patches_per_tile,
+        "max_image_tiles": processor.max_tiles,
+        "max_images_per_request": vision.max_images,
+        "max_image_bytes": processor.limits.max_bytes,
+        "max_image_pixels": processor.limits.max_pixels,
+    }
 
 
 def router_status(
@@ -148,6 +201,24 @@ def router_status(
             finished=engine.finished,
         )
     )
+    vision = router.get("vision") or {}
+    out.images_encoded = vision.get("encodes", 0)
+    out.image_cache_hits = vision.get("cache_hits", 0)
+    out.image_encode_retries = vision.get("encoder_retries", 0)
+    return out
+
+
+def vision_encoder_status(index: int, stats: dict | None, supervised: dict | None) -> pb.VisionEncoderStatus:
+    """One vision encoder: its actor's stats() (None when it does not answer) and the supervisor's view of it."""
+    supervised = supervised or {}
+    out = pb.VisionEncoderStatus(
+        index=index,
+        state=supervised.get("state") or ("serving" if stats else "dead"),
+        replacements=supervised.get("replacements", 0),
+        last_error=supervised.get("last_error", ""),
+    )
+    if stats is not None:
+        out.images_encoded, out.encode_seconds, out.pid = stats["encoded"], stats["seconds"], stats["pid"]
     return out
 
 

@@ -34,6 +34,8 @@ from router.gateway.health import ClusterPoller, GatewayHealth, resolve
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterPool
 from router.gateway.service import AdmissionLimits, Backend, InferenceService
+from router.image_decode import ImageLimits
+from router.image_request import VisionPrompt
 from router.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,8 @@ class Gateway:
             self.config.expert_stats_interval_s,
             self.config.ray_timeout_s,
         )
-        self.service.backend = Backend(pool, view, info, Tokenizer.from_dir(model_dir), poller)
+        vision = gateway_vision(info["vision"], self.config)
+        self.service.backend = Backend(pool, view, info, Tokenizer.from_dir(model_dir), poller, vision)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
 
@@ -160,6 +163,15 @@ class Gateway:
             await self._server.stop(grace_s)
             self._server = None
         self.metrics.close()
+
+
+def gateway_vision(vision: VisionPrompt | None, c: GatewayConfig) -> VisionPrompt | None:
+    """The model's image tokens (from the router) with this gateway's image limits."""
+    if vision is None:
+        return None
+    limits = ImageLimits(max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels)
+    processor = dataclasses.replace(vision.processor, limits=limits)
+    return dataclasses.replace(vision, processor=processor, max_images=c.max_images_per_request)
 
 
 def _loopback(host: str) -> bool:

@@ -2,13 +2,14 @@
 handles. The life of a Generate call:
 
   admit:  draining / no router ready -> UNAVAILABLE; other model -> NOT_FOUND; tokenize + validate
-          (prepare_request, with the routers' limits and defaults) -> INVALID_ARGUMENT naming the field; the
+          (prepare_request, with the routers' limits and defaults; each image's header checked against the gateway's
+          image limits and its tokens expanded, so they count) -> INVALID_ARGUMENT naming the field; the
           engines' queues (waiting, as of the last poll) or open streams at their limits -> RESOURCE_EXHAUSTED;
           request_id in flight -> ALREADY_EXISTS; a sampled request without a seed gets one (so a failover can
           continue it exactly)
   route:  the least-loaded ready router (router_pool.py); the request stays on it
   stream: its Deltas, then one Final -> Chunks, then Complete. If the router dies or its step raises, the relay
-          continues the request on another router (stream_relay.py): the client sees only a pause
+          continues the request on another router (stream_relay.py), images and all: the client sees only a pause
   end:    client cancel or deadline (the handler task is cancelled) -> abort on the request's router frees its
           KV blocks; the expert side gave up, or no router is left -> Error message, then UNAVAILABLE
 """
@@ -25,7 +26,6 @@ import grpc
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
-from router.chat import render_chat
 from router.gateway import convert
 from router.gateway.cluster_status import gather_status
 from router.gateway.cluster_view import ClusterView
@@ -33,8 +33,9 @@ from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterEntry, RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
-from router.messages import Delta, Final
-from router.request_prep import prepare_request
+from router.image_request import VisionPrompt
+from router.messages import Delta, EngineRequest, Final
+from router.request_prep import prepare_request, prompt_with_images
 from router.sampler import resolve_seed
 from router.sampling_params import InvalidRequest
 from router.tokenizer import Tokenizer
@@ -75,6 +76,7 @@ class Backend:
     info: dict  # RouterActor.model_info() of the first router
     tokenizer: Tokenizer | None
     poller: ClusterPoller
+    vision: VisionPrompt | None = None  # the model's image tokens with the gateway's image limits; None: no images
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -115,10 +117,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                 backend.tokenizer,
                 backend.info["generation_defaults"],
                 backend.info["limits"],
+                backend.vision,
             )
         except InvalidRequest as e:
             path = convert.field_path(e.field)
-            raise GatewayError(Code.INVALID_ARGUMENT, f"{path}: {str(e).split(': ', 1)[1]}", path) from None
+            raise GatewayError(Code.INVALID_ARGUMENT, f"{path}: {e.problem}", path) from None
         waiting = backend.pool.waiting  # as of the last poll
         if self.limits.max_queued_requests and waiting >= self.limits.max_queued_requests:
             raise GatewayError(
@@ -228,7 +231,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         """An engine-side error after admission: a bad request the engine caught (INVALID_ARGUMENT), or an expert
         side that gave up (UNAVAILABLE). A router whose step raised is not one: the relay moved the request."""
         if final.error_kind == "request":
-            return GatewayError(Code.INVALID_ARGUMENT, final.error or "invalid request")
+            return GatewayError(Code.INVALID_ARGUMENT, final.error or "invalid request", final.error_field or "")
         return GatewayError(Code.UNAVAILABLE, f"the cluster failed: {final.error}")
 
     # ---- the other RPCs ----------------------------------------------------------------------------------
@@ -245,17 +248,23 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise GatewayError(Code.INVALID_ARGUMENT, "input: the request is empty; set prompt or messages", "input")
         if backend.tokenizer is None:
             raise GatewayError(Code.FAILED_PRECONDITION, f"{kind}: this model has no tokenizer.json", kind)
-        if kind == "prompt":
-            return backend.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         try:
-            text = render_chat(convert.chat_messages(request.messages))
+            if kind == "prompt":
+                images = convert.request_images(request.images)
+                ids = backend.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+                req = EngineRequest("tokenize", None, prompt_ids=tuple(ids), images=images)
+            else:
+                if request.images:
+                    raise InvalidRequest("images", "a chat's images go in its messages' parts")
+                req = EngineRequest("tokenize", None, messages=convert.chat_messages(request.messages))
+            return prompt_with_images(req, backend.tokenizer, backend.vision, kind)[0]
         except InvalidRequest as e:
             raise GatewayError(Code.INVALID_ARGUMENT, str(e), e.field) from None
-        return backend.tokenizer.encode(text, add_special_tokens=False)
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         try:
-            return convert.model_info(self._backend(need_ready=False).info)
+            backend = self._backend(need_ready=False)
+            return convert.model_info(backend.info, backend.vision)
         except GatewayError as e:
             await context.abort(e.code, e.message)
 

@@ -3,7 +3,8 @@
 The relay keeps what the client has been sent: the tokens and the number of characters of their text. When the
 router dies (its Ray streaming call fails) or its step raises (a Final with error_kind "internal"), the relay
 re-admits the request on another ready router (or waits, within `failover_timeout_s`, for one: with a single
-router, for its replacement) with the prompt plus the tokens already streamed (`Resume`). The new router
+router, for its replacement) with the prompt plus the tokens already streamed (`Resume`). A request's images stay
+with the relay (their bytes and grids: the prompt ids already hold their tokens) and go along each time. The new router
 recomputes their KV, rebuilds the text stream, and samples on: sampling is a pure function of (seed, position)
 and the gateway gave every sampled request a seed at admission, so the client sees a pause, no error, and no
 token twice or missing. Cancel, deadline and Abort reach whichever router holds the request now.
@@ -97,7 +98,7 @@ class StreamRelay:
     def _request(self) -> EngineRequest:
         p = self.prepared
         resume = Resume(tuple(self.tokens), self.text_chars) if self.failovers else None
-        return EngineRequest(p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume)
+        return EngineRequest(p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume, images=p.images)
 
     def abort(self) -> None:
         """Abort it on the router holding it now (frees its KV blocks; a no-op if it already ended)."""

@@ -68,6 +68,10 @@ DEFAULTS = {
     "cluster.collective_timeout_s": 60,
     "cluster.startup_timeout_s": 600,
     "cluster.ray_address": None,
+    "cluster.vision_encoders": None,
+    "cluster.vision_encoder_resources.num_cpus": None,
+    "cluster.vision_encoder_resources.num_gpus": None,
+    "cluster.vision_cache_memory": 256 * 2**20,
     "scheduler.max_num_seqs": 64,
     "scheduler.max_num_batched_tokens": 2048,
     "scheduler.max_model_len": None,
@@ -78,7 +82,10 @@ DEFAULTS = {
     "gateway.port": 50051,
     "gateway.max_concurrent_streams": 256,
     "gateway.max_queued_requests": 1024,
-    "gateway.max_message_bytes": 4 * 2**20,
+    "gateway.max_message_bytes": 32 * 2**20,
+    "gateway.max_image_bytes": 20 * 2**20,
+    "gateway.max_image_pixels": 50_000_000,
+    "gateway.max_images_per_request": 8,
     "gateway.drain_grace_s": 30,
     "gateway.request_timeout_s": None,
     "gateway.api_keys_file": None,
@@ -165,6 +172,13 @@ BAD_VALUES = [  # (raw config, key path named, fragments of what is allowed / wh
     ({"cluster": {"collective_timeout_s": 0}}, "cluster.collective_timeout_s", ["number > 0", "got 0"]),
     ({"cluster": {"startup_timeout_s": float("inf")}}, "cluster.startup_timeout_s", ["number > 0"]),
     ({"cluster": {"ray_address": 5}}, "cluster.ray_address", ["non-empty string"]),
+    ({"cluster": {"vision_encoders": -1}}, "cluster.vision_encoders", ["integer >= 0", "got -1"]),
+    ({"cluster": {"vision_cache_memory": "big"}}, "cluster.vision_cache_memory", ["'512MiB'", "'big'"]),
+    (
+        {"cluster": {"vision_encoder_resources": {"num_cpus": -0.5}}},
+        "cluster.vision_encoder_resources.num_cpus",
+        ["number >= 0"],
+    ),
     ({"scheduler": {"max_num_seqs": 0}}, "scheduler.max_num_seqs", ["integer >= 1", "got 0"]),
     ({"scheduler": {"max_model_len": -5}}, "scheduler.max_model_len", ["integer >= 1"]),
     ({"scheduler": {"block_size": "16"}}, "scheduler.block_size", ["integer >= 1", "'16'"]),
@@ -175,6 +189,9 @@ BAD_VALUES = [  # (raw config, key path named, fragments of what is allowed / wh
     ({"gateway": {"host": ""}}, "gateway.host", ["non-empty string"]),
     ({"gateway": {"max_message_bytes": "4GiB"}}, "gateway.max_message_bytes", ["at most 2147483647 bytes"]),
     ({"gateway": {"drain_grace_s": -1}}, "gateway.drain_grace_s", ["number >= 0"]),
+    ({"gateway": {"max_image_bytes": 0}}, "gateway.max_image_bytes", ["integer >= 1"]),
+    ({"gateway": {"max_image_pixels": 10**9}}, "gateway.max_image_pixels", ["integer in 1..89478485"]),
+    ({"gateway": {"max_images_per_request": -1}}, "gateway.max_images_per_request", ["integer >= 0"]),
     ({"gateway": {"request_timeout_s": 0}}, "gateway.request_timeout_s", ["number > 0"]),
     ({"gateway": {"api_keys_file": "/no/such/keys"}}, "gateway.api_keys_file", ["cannot read the key file"]),
     ({"gateway": {"tls": {"cert_file": "/no/cert.pem"}}}, "gateway.tls.cert_file", ["cannot read '/no/cert.pem'"]),
@@ -227,6 +244,18 @@ CROSS_FIELD = [
 def test_rules_across_keys_name_the_key_to_change(raw, key, fragment):
     error = error_of(raw)
     assert error.key == key and fragment in error.problem
+
+
+def test_vision_encoders_default_to_one_with_a_vision_tower_and_zero_without():
+    cluster = load_serve_config(None).cluster
+    assert (cluster.with_vision(True).vision_encoders, cluster.with_vision(False).vision_encoders) == (1, 0)
+    assert parse_serve_config({"cluster": {"vision_encoders": 0}}).cluster.with_vision(True).vision_encoders == 0
+
+
+def test_vision_encoders_for_a_checkpoint_without_a_vision_tower_are_refused_naming_the_key():
+    with pytest.raises(SettingError) as info:
+        parse_serve_config({"cluster": {"vision_encoders": 2}}).cluster.with_vision(False)
+    assert info.value.key == "vision_encoders" and "no vision tower" in info.value.problem
 
 
 def test_cuda_without_workers_needs_no_worker_gpus():

@@ -15,14 +15,18 @@ import yaml
 
 from cluster.settings import to_mapping
 from deploy import ray_runtime
-from deploy.actor_specs import router_spec, supervisor_settings, worker_spec
+from deploy.actor_specs import encoder_spec, router_spec, supervisor_settings, worker_spec
 from deploy.config import ServeConfig, load_serve_config
 from deploy.deployment import DeploymentSpec
 from deploy.tiny.cache import TINY_MODEL_NAME, model_dir_for
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
 from router.engine import Engine
-from router.gateway.server import Gateway
+from router.gateway.server import Gateway, gateway_vision
+from router.image_decode import ImageLimits
+from router.image_processor import ImageProcessor
+from router.image_prompt import ImageTokens
+from router.image_request import VisionPrompt
 from tests.certs import make_certs
 from tests.conftest import free_port, make_hf_model
 
@@ -65,6 +69,9 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "replacement_window_s": 44,
             "rebalance_interval_s": 99,
             "redundant_experts_per_worker": 3,
+            "vision_encoders": 2,
+            "vision_encoder_resources": {"num_cpus": 0.375, "num_gpus": 0.5, "memory": "16MiB", "resources": {"vz": 3}},
+            "vision_cache_memory": "3MiB",
         },
         "scheduler": {
             "max_num_seqs": 5,
@@ -80,6 +87,9 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "max_concurrent_streams": 9,
             "max_queued_requests": 11,
             "max_message_bytes": 123456,
+            "max_image_bytes": 54321,
+            "max_image_pixels": 4_000_000,
+            "max_images_per_request": 3,
             "drain_grace_s": 3.5,
             "request_timeout_s": 77,
             "poll_interval_s": 0.2,
@@ -128,27 +138,39 @@ def test_model_and_cluster_keys_reach_the_actors_and_the_supervisor(config, mode
     expert_map = config.cluster.expert_map(_model_cfg(model_dir))
     router = router_spec(spec, 1, expert_map, None)
     worker = worker_spec(spec, 3, expert_map, None)
+    encoder = encoder_spec(spec, 1)
+    vision = router.kwargs["vision"]
     c = config.cluster
     reached = {
-        "model.path": spec.model_dir == str(model_dir) == router.kwargs["model_dir"] == worker.kwargs["model_dir"],
-        "model.dtype": router.kwargs["dtype"] == worker.kwargs["dtype"] == "float32",
+        "model.path": spec.model_dir
+        == str(model_dir)
+        == router.kwargs["model_dir"]
+        == worker.kwargs["model_dir"]
+        == encoder.kwargs["model_dir"],
+        "model.dtype": router.kwargs["dtype"] == worker.kwargs["dtype"] == encoder.kwargs["dtype"] == "float32",
         "model.name": router.kwargs["model_name"] == "renamed",
-        "cluster.device": router.kwargs["device"] == worker.kwargs["device"] == "cuda",
-        "cluster.routers": (router.bundle, worker.bundle) == (1, 2 + 3) and len(ray_runtime.bundles(c)) == 6,
-        "cluster.workers": len(ray_runtime.bundles(c)) - c.routers == 4 and expert_map.num_workers == 4,
+        "cluster.device": router.kwargs["device"] == worker.kwargs["device"] == encoder.kwargs["device"] == "cuda",
+        "cluster.routers": (router.bundle, worker.bundle, encoder.bundle) == (1, 2 + 3, 2 + 4 + 1)
+        and len(ray_runtime.bundles(c)) == 2 + 4 + 2,
+        "cluster.workers": len(ray_runtime.bundles(c)) - c.routers - c.encoders == 4 and expert_map.num_workers == 4,
         "cluster.expert_replicas": expert_map.replicas() == 2 and supervisor_settings(c)["min_copies"] == 2,
         "cluster.router_resources": router.resources == {"num_cpus": 0.25, "num_gpus": 1.0, "memory": 64 * 2**20}
         and ray_runtime.bundles(c)[0]["rt"] == 1,
         "cluster.worker_resources": worker.resources == {"num_cpus": 0.125, "num_gpus": 1.0, "memory": 32 * 2**20}
-        and ray_runtime.bundles(c)[-1]["ex"] == 2,
+        and ray_runtime.bundles(c)[c.routers + c.workers - 1]["ex"] == 2,
+        "cluster.vision_encoders": vision.encoders == 2 and encoder.kwargs["index"] == 1,
+        "cluster.vision_encoder_resources": encoder.resources
+        == {"num_cpus": 0.375, "num_gpus": 0.5, "memory": 16 * 2**20}
+        and ray_runtime.bundles(c)[-1]["vz"] == 3,
+        "cluster.vision_cache_memory": vision.cache_bytes == 3 * 2**20,
         "cluster.collective_timeout_s": router.kwargs["collective_timeout_s"] == 17,
-        "cluster.hang_timeout_s": router.kwargs["channel"].hang_timeout_s == 2.5,
-        "cluster.startup_timeout_s": supervisor_settings(c)["load_timeout_s"] == 123,
+        "cluster.hang_timeout_s": router.kwargs["channel"].hang_timeout_s == vision.hang_timeout_s == 2.5,
+        "cluster.startup_timeout_s": supervisor_settings(c)["load_timeout_s"] == vision.wait_s == 123,
         "cluster.max_replacement_failures": supervisor_settings(c)["policy"].max_failures == 7,
         "cluster.replacement_window_s": supervisor_settings(c)["policy"].window_s == 44,
         "cluster.rebalance_interval_s": supervisor_settings(c)["rebalance_interval_s"] == 99,
         "cluster.redundant_experts_per_worker": supervisor_settings(c)["extra_copies_per_worker"] == 3,
-        "logging": router.kwargs["log"] == worker.kwargs["log"] == ("DEBUG", "json"),
+        "logging": router.kwargs["log"] == worker.kwargs["log"] == encoder.kwargs["log"] == ("DEBUG", "json"),
         "scheduler": router.kwargs["engine_config"] is config.scheduler,
     }
     assert [k for k, ok in reached.items() if not ok] == []
@@ -195,6 +217,13 @@ def test_gateway_and_metrics_keys_reach_the_running_gateway(config, certs):
         0.2,
         1.5,
     )  # read by drain() and by the poller attach() starts
+    model_vision = VisionPrompt(ImageTokens(1, 2, 3, 4, 5, 6), 4, ImageProcessor(56, 16, ImageLimits(1, 1)))
+    vision = gateway_vision(model_vision, gateway.config)  # what attach() gives the service for the router's model
+    assert (vision.processor.limits.max_bytes, vision.processor.limits.max_pixels, vision.max_images) == (
+        54321,
+        4_000_000,
+        3,
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

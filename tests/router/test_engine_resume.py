@@ -53,12 +53,19 @@ def test_a_resumed_request_continues_with_the_undisturbed_tokens_and_text(engine
 def test_a_stop_string_spanning_the_failover_point_still_matches(engine):
     tokens, _, _ = run(engine, EngineRequest("probe", params(), prompt_ids=PROMPT))
     decoded = [engine.tokenizer.decode(tokens[: i + 1]) for i in range(len(tokens))]
-    # a stop string made of the end of token 19's text and the start of token 20's, found nowhere earlier
+
+    def spanning(i: int) -> str:  # the last character of token i's text and the first of token i + 1's
+        return decoded[i + 1][len(decoded[i]) - 1 : len(decoded[i]) + 1]
+
+    # a stop string spanning tokens cut and cut + 1 (from token 19 on), found nowhere earlier, of whole characters
+    # (U+FFFD stands for the bytes of a character that a later token completes)
     cut = next(
-        i for i in range(19, 35) if len(decoded[i]) > len(decoded[i - 1]) and len(decoded[i + 1]) > len(decoded[i])
+        i
+        for i in range(19, 35)
+        if len(decoded[i]) > len(decoded[i - 1]) and len(decoded[i + 1]) > len(decoded[i])
+        if spanning(i) not in decoded[i][:-1] and "\ufffd" not in spanning(i)
     )
-    stop = decoded[cut + 1][len(decoded[cut]) - 1 : len(decoded[cut]) + 1]
-    assert stop not in decoded[cut][:-1]
+    stop = spanning(cut)
     stopped, texts, final = run(engine, EngineRequest("stopped", params(stop=(stop,)), prompt_ids=PROMPT))
     assert final.finish_reason == "stop" and final.matched_stop == stop and len(stopped) == cut + 2
     resume = Resume(tuple(stopped[: cut + 1]), len("".join(texts[: cut + 1])))  # fails over inside the stop string

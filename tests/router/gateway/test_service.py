@@ -312,6 +312,9 @@ INVALID = [  # (generate kwargs, the field the message must start with)
     (dict(messages=[("robot", "hi")]), "messages[0].role"),
     (dict(messages=[("user", "a"), ("system", "b")]), "messages[1].role"),
     (dict(), "input"),  # the empty request
+    # this checkpoint is text-only: an image is refused naming it
+    (dict(messages=[("user", ["look", b"\x89PNG\r\n\x1a\n"])]), "messages[0].parts[1].image: this model does not take"),
+    (dict(prompt="<|image|>hi", images=[b"GIF89a"]), "images[0]: this model does not take images"),
 ]
 
 
@@ -389,7 +392,7 @@ def test_more_queued_requests_than_the_limit_are_refused_with_resource_exhausted
 
 def test_model_info_describes_the_served_model(client, model_dir):
     info = client.model_info()
-    assert (info.name, info.architecture) == (Path(model_dir).name, "Llama4ForCausalLM")
+    assert (info.name, info.architecture, info.accepts_images) == (Path(model_dir).name, "Llama4ForCausalLM", False)
     assert (info.num_experts, info.experts_per_token, list(info.moe_layers)) == (16, 1, [0, 1, 2, 3])
     assert (info.num_workers, info.context_length, info.max_top_logprobs) == (2, 2048, 20)
 
