@@ -131,6 +131,13 @@ def test_a_prefill_chunk_that_splits_an_image_changes_nothing(vlm_dir, encoder):
     assert sum(pieces) == rows and max(pieces) <= 8  # the grid image's 20 rows were spread over several steps
 
 
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_images_in_micro_batches_give_the_tokens_of_one_batch(vlm_dir, encoder, micro_batches):
+    """Ping-pong micro-batches slice the step's input embeddings, image features included, by rows."""
+    whole = run(engine_for(vlm_dir), encoder, requests())
+    assert run(engine_for(vlm_dir, micro_batches=micro_batches), encoder, requests()) == whole
+
+
 def _recording(forward, pieces: list[int]):
     def record(ids_T, batch, cache, all_logits=False, micro_batches=1, embeds_TD=None):
         if embeds_TD is not None:
