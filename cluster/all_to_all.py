@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from cluster.collective import CollectiveError, Pending, post, wait
+from cluster.collective import SEND_WAIT, CollectiveError, Pending, post, wait, wait_best_effort
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.fixed_exchange import FENCE_WAIT, Blocks, FixedExchange
@@ -99,6 +99,7 @@ class AllToAllTransport:
         a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
         self.split = SplitExchange(groups.data, self.world, hidden, device, dtype, a2a_opts)
         self.fixed = FixedExchange(groups.data, self.world, hidden, device, dtype, a2a_opts.timeout)
+        self._send_wait = min(SEND_WAIT, a2a_opts.timeout)  # see cluster/collective.py
         self.generation = 0
         self.steps = 0
         self.plan = (1, 0)  # this step's (exchanges per MoE layer, capacity)
@@ -143,6 +144,8 @@ class AllToAllTransport:
     def combine(self, pending: Pending) -> torch.Tensor:
         started = time.perf_counter()
         with self._fence_on_failure():
+            for work in pending.sends:
+                wait(work, self._send_wait)
             for work in pending.works:
                 wait(work, pending.timeout)
         self.waited_s += time.perf_counter() - started
@@ -170,11 +173,7 @@ class AllToAllTransport:
                 works.append(post(lambda rank=rank: self.groups.control.send([fence], rank, 0)))
             except CollectiveError:
                 pass  # that one is gone
-        for work in works:
-            try:
-                wait(work, FENCE_WAIT)
-            except CollectiveError:
-                pass
+        wait_best_effort(works, FENCE_WAIT)
 
     def _broadcast(self, command: int, step: int, plan: tuple[int, int]) -> None:
         """The header to every member, each its own message: one that is dead does not keep it from the others
@@ -189,7 +188,7 @@ class AllToAllTransport:
                 failure = failure or e
         for work in works:
             try:
-                wait(work, self.fixed.timeout)
+                wait(work, self._send_wait)
             except CollectiveError as e:
                 failure = failure or e
         if failure is not None:

@@ -7,8 +7,9 @@ router's channel recovers from; any other exception is a bug and propagates.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 
 class CollectiveError(RuntimeError):
@@ -23,6 +24,15 @@ class Pending:
     works: list
     finish: Callable[[], object]
     timeout: datetime.timedelta | None = None  # for works that carry none of their own (point-to-point)
+    sends: list = field(default_factory=list)  # point-to-point sends, waited first, each within SEND_WAIT
+
+
+# A gloo send to a peer that was just SIGKILLed can neither complete nor fail until the group's timeout (seen on
+# torch 2.13: the write is accepted, the completion never comes), and neither shutdown() nor abort() wakes it. A
+# send to a live peer completes as soon as its bytes are in the socket, so the router bounds each of its sends
+# with this: a dead member costs a failover at most this long rather than the collective timeout, and a false
+# alarm costs only a regroup with the same members and a replayed step.
+SEND_WAIT = datetime.timedelta(seconds=5)
 
 
 def post(start: Callable[[], object]):
@@ -38,6 +48,18 @@ def wait(work, timeout: datetime.timedelta | None = None) -> None:
         work.wait() if timeout is None else work.wait(timeout)
     except RuntimeError as e:
         raise CollectiveError(_first_line(e)) from e
+
+
+def wait_best_effort(works: Iterable, within: datetime.timedelta) -> None:
+    """Wait for `works` (fence messages) until one shared deadline, ignoring failures: a message to a dead peer
+    never completes, and must cost the failover no more than `within` in all."""
+    deadline = time.monotonic() + within.total_seconds()
+    for work in works:
+        left = max(deadline - time.monotonic(), 0.001)
+        try:
+            wait(work, datetime.timedelta(seconds=left))
+        except CollectiveError:
+            pass
 
 
 def _first_line(error: BaseException) -> str:

@@ -32,10 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.collective import CollectiveError, Pending, post, wait
+from cluster.collective import CollectiveError, Pending, post, wait, wait_best_effort
 from cluster.experts import ExpertShard
 
-FENCE_WAIT = datetime.timedelta(seconds=1)  # the router's best effort to deliver fence blocks
+# the router's best effort to deliver fence blocks and headers, shared by all members: a live member waiting on the
+# router takes the message at once; the dead one never does, and this is what it costs the failover (a survivor the
+# fence misses still fails when the router closes the epoch's group)
+FENCE_WAIT = datetime.timedelta(seconds=0.1)
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,13 @@ class FixedExchange:
         _words(send_WBD, hc)[:, 1 : 1 + emax] = counts_K.view(self.world, emax)[1:]
         send_WBD.view(-1, self.hidden).index_copy_(0, (dest_R - 1) * block + hc + pos_R, x_RD)
         reply_WCD = torch.empty(workers, capacity, self.hidden, device=self.device, dtype=self.dtype)
-        works = []
+        sends, works = [], []
         for w in range(workers):  # worker w is rank w + 1
-            works.append(post(lambda w=w: self.data.send([send_WBD[w]], w + 1, 0)))
+            sends.append(post(lambda w=w: self.data.send([send_WBD[w]], w + 1, 0)))
             works.append(post(lambda w=w: self.data.recv([reply_WCD[w]], w + 1, 0)))
         rows_R = (dest_R - 1) * capacity + pos_R
-        return Pending(works, lambda: reply_WCD.view(-1, self.hidden).index_select(0, rows_R), self.timeout)
+        finish = lambda: reply_WCD.view(-1, self.hidden).index_select(0, rows_R)  # noqa: E731
+        return Pending(works, finish, self.timeout, sends)
 
     def fence(self, blocks: Blocks) -> None:
         """The step failed: tell every worker, best effort (the dead one's send fails, a busy one's may time out)."""
@@ -93,11 +97,7 @@ class FixedExchange:
                 works.append(post(lambda rank=rank: self.data.send([fence_BD], rank, 0)))
             except CollectiveError:
                 pass
-        for work in works:
-            try:
-                wait(work, FENCE_WAIT)
-            except CollectiveError:
-                pass
+        wait_best_effort(works, FENCE_WAIT)
 
     # ---- worker half -------------------------------------------------------------------------------------
     def serve(self, layer: int, emax: int, shard: ExpertShard, on_counts, blocks: Blocks) -> None:

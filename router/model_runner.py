@@ -4,9 +4,12 @@
 A replayed pass recomputes everything from the router's own state: KV writes land in the same slots with the same
 values, and the routed-token counters are restored first so a replay does not count twice.
 
-Micro-batches (ping-pong, cluster/model.py) pay only when the experts are remote: then the router's attention for
-one micro-batch overlaps the workers' experts for another. `micro_batches=None` picks: 2 for a step of at least
-AUTO_MIN_SEQS sequences with remote experts, else 1 (`moecluster bench engine` and `bench exchange` measure it).
+Micro-batches (ping-pong, cluster/model.py) pay only when the experts are remote and the router and the workers
+compute on hardware of their own: then the router's attention for one micro-batch overlaps the workers' experts
+for another. `micro_batches=None` picks: 2 for a step of at least AUTO_MIN_SEQS sequences with remote experts and a
+CUDA router, else 1. On CPU the router and the workers share the host's cores, and two micro-batches measured 5-10%
+slower at 32 streams on 2 cores (`moecluster bench engine --micro-batches auto,1,2` measures it on any host;
+`scheduler.micro_batches: 2` forces it).
 Before each remote pass the runner tells the transport its plan (exchanges per MoE layer, the largest exchange),
 which picks the fixed-capacity path for decode-sized steps.
 """
@@ -42,7 +45,8 @@ class ModelRunner:
     def micro_batches_for(self, batch: ForwardBatch, wanted: int | None) -> int:
         """`wanted`, or the automatic choice (module docstring); never more than the batch has sequences."""
         if wanted is None:
-            wanted = 2 if self.remote and len(batch.seqs) >= AUTO_MIN_SEQS else 1
+            overlap = self.remote and self.model.device.type == "cuda"
+            wanted = 2 if overlap and len(batch.seqs) >= AUTO_MIN_SEQS else 1
         return min(wanted, len(batch.seqs))
 
     @torch.inference_mode()
