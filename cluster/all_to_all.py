@@ -98,8 +98,13 @@ class AllToAllTransport:
         a2a_opts = dist.AllToAllOptions()  # a stuck exchange fails after the collective timeout
         a2a_opts.timeout = datetime.timedelta(seconds=groups.address.timeout_s)
         self.split = SplitExchange(groups.data, self.world, hidden, device, dtype, a2a_opts)
-        self.fixed = FixedExchange(groups.data, self.world, hidden, device, dtype, a2a_opts.timeout)
-        self._send_wait = min(SEND_WAIT, a2a_opts.timeout)  # see cluster/collective.py
+        # gloo: each point-to-point message is waited for within a bound (see cluster/collective.py). NCCL: a bounded
+        # wait would block the host until the GPU finishes, so the data group's waits stay stream-ordered; its own
+        # timeout and the router's monitor, which aborts the communicator when a member dies, bound them instead
+        nccl = groups.address.backend == "nccl"
+        self.fixed = FixedExchange(groups.data, self.world, hidden, device, dtype, None if nccl else a2a_opts.timeout)
+        self._header_wait = min(SEND_WAIT, a2a_opts.timeout)  # the control group is gloo on every backend
+        self._send_wait = None if nccl else self._header_wait
         self.generation = 0
         self.steps = 0
         self.plan = (1, 0)  # this step's (exchanges per MoE layer, capacity)
@@ -188,7 +193,7 @@ class AllToAllTransport:
                 failure = failure or e
         for work in works:
             try:
-                wait(work, self._send_wait)
+                wait(work, self._header_wait)
             except CollectiveError as e:
                 failure = failure or e
         if failure is not None:

@@ -57,7 +57,7 @@ class FixedExchange:
     def __init__(self, data, world: int, hidden: int, device: torch.device, dtype: torch.dtype, timeout):
         assert hidden * torch.finfo(dtype).bits % 32 == 0, f"rows of {hidden} x {dtype} cannot carry int32 counts"
         self.data, self.world, self.hidden, self.device, self.dtype = data, world, hidden, device, dtype
-        self.timeout = timeout  # timedelta: a message that does not arrive within it fails the step
+        self.timeout = timeout  # timedelta: a message that does not arrive within it fails the step (None: NCCL)
         self.fence_on_host = device.type == "cpu"  # gloo: the fence word is read (host memory, no device sync)
 
     def blocks(self, num_experts: int, capacity: int) -> Blocks:

@@ -6,6 +6,7 @@ blocked on it at once; and a new epoch forms from the survivors of a broken one.
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import time
@@ -15,9 +16,10 @@ import torch
 import torch.multiprocessing as mp
 
 from cluster.all_to_all import FIXED_MAX_ROWS, RUN, STOP, AllToAllTransport, CollectiveError, RouteTables
+from cluster.collective import SEND_WAIT
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
-from cluster.process_group import ChannelGroups, Rendezvous
+from cluster.process_group import ChannelGroups, GroupAddress, Rendezvous
 from cluster.transport import LocalTransport
 
 D, I, E, WORKERS = 16, 24, 16, 3
@@ -294,3 +296,53 @@ def test_collectives_and_host_syncs_per_moe_layer(plan, on_router, on_worker, re
         assert all(n == reads[1] * len(LAYERS) for _, _, n in workers)
     else:
         assert syncs.calls >= len(LAYERS) and all(n >= 2 * len(LAYERS) for _, _, n in workers)
+
+
+class _Work:
+    def __init__(self, waits: list, what: tuple[str, str]):
+        self.waits, self.what = waits, what
+
+    def wait(self, timeout=None):
+        self.waits.append((*self.what, timeout))
+        return True
+
+
+class _Group:
+    """Records how the transport waits for each message it posts (nothing is sent)."""
+
+    def __init__(self, name: str, waits: list):
+        self.name, self.waits = name, waits
+
+    def send(self, tensors, rank, tag):
+        return _Work(self.waits, (self.name, "send"))
+
+    def recv(self, tensors, rank, tag):
+        return _Work(self.waits, (self.name, "recv"))
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_routers_waits_are_bounded_on_gloo_and_stream_ordered_on_nccl(backend):
+    """A gloo send to a just-killed peer may never complete, so on gloo the router bounds every message: sends by
+    SEND_WAIT, replies by the collective timeout. On NCCL a bounded wait would block the host until the GPU is done
+    (a host sync per exchange), so data waits carry no timeout there (the communicator's own timeout and the
+    monitor's abort bound them); the step headers travel on the gloo control group and stay bounded."""
+    waits: list = []
+    address = GroupAddress("127.0.0.1", 1, WORKERS + 1, backend, 60.0, "r0/e1")
+    groups = ChannelGroups(address, 0, _Group("control", waits), _Group("data", waits))
+    transport = AllToAllTransport(groups, D, torch.device("cpu"), torch.float32)
+    transport.set_routes(ExpertMap.from_spec(UNEVEN, E, LAYERS), tuple(range(WORKERS)))
+    x, ids = steps()[2][0]
+    transport.send_header(RUN)
+    transport.plan_step(1, len(ids))
+    for layer in LAYERS:
+        transport.combine(transport.dispatch(layer, x, ids))
+    bounds = {
+        (group, kind): {timeout for g, k, timeout in waits if (g, k) == (group, kind)} for group, kind, _ in waits
+    }
+    assert bounds[("control", "send")] == {SEND_WAIT}
+    data_sends, data_recvs = bounds[("data", "send")], bounds[("data", "recv")]
+    if backend == "gloo":
+        assert (data_sends, data_recvs) == ({SEND_WAIT}, {datetime.timedelta(seconds=60)})
+    else:
+        assert (data_sends, data_recvs) == ({None}, {None})
+    assert len(waits) == WORKERS + 2 * WORKERS * len(LAYERS)  # a header per member; per layer a block each way
