@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from cluster.collective import SEND_WAIT, CollectiveError, Pending, post, wait, wait_best_effort
+from cluster.collective import SEND_WAIT, CollectiveError, Pending, post, send_to_members, wait, wait_best_effort
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.fixed_exchange import FENCE_WAIT, Blocks, FixedExchange
@@ -125,7 +125,7 @@ class AllToAllTransport:
             self.steps += 1
             return
         self._run_due = False
-        self._broadcast(command, self.steps, (0, 0))
+        self._send_headers(command, self.steps, (0, 0))
 
     def plan_step(self, exchanges_per_layer: int, max_rows: int, path: str | None = None) -> None:
         """Before the step's first dispatch: each MoE layer makes `exchanges_per_layer` exchanges of at most
@@ -141,7 +141,7 @@ class AllToAllTransport:
         with self._fence_on_failure():
             if self._run_due:
                 self._run_due = False
-                self._broadcast(RUN, self.steps - 1, self.plan)
+                self._send_headers(RUN, self.steps - 1, self.plan)
             dest_E, local_E = self.routes.for_step(layer, self.steps - 1)
             exchange = self.fixed if self._blocks else self.split
             return exchange.dispatch(dest_E, local_E, self.routes.emax[layer], x_RD, expert_R, self._blocks)
@@ -172,25 +172,15 @@ class AllToAllTransport:
 
     def _fence_headers(self) -> None:
         fence = torch.tensor([FENCE, self.steps - 1, self.generation, 0, 0])
-        works = []
-        for rank in range(1, self.world):
-            try:
-                works.append(post(lambda rank=rank: self.groups.control.send([fence], rank, 0)))
-            except CollectiveError:
-                pass  # that one is gone
+        works, _ = send_to_members(self.groups.control, fence, self.world)  # a member gone already needs none
         wait_best_effort(works, FENCE_WAIT)
 
-    def _broadcast(self, command: int, step: int, plan: tuple[int, int]) -> None:
-        """The header to every member, each its own message: one that is dead does not keep it from the others
-        (a gloo broadcast is a tree, and a dead inner node or a failed first send would), so every survivor of a
-        failed step is where a fence reaches it."""
+    def _send_headers(self, command: int, step: int, plan: tuple[int, int]) -> None:
+        """The header to every member, each its own message rather than a broadcast: one that is dead does not
+        keep it from the others (a gloo broadcast is a tree, and a dead inner node or a failed first send would),
+        so every survivor of a failed step is where a fence reaches it."""
         self._header.copy_(torch.tensor([command, step, self.generation, *plan]))
-        control, failure, works = self.groups.control, None, []
-        for rank in range(1, self.world):
-            try:
-                works.append(post(lambda rank=rank: control.send([self._header], rank, 0)))
-            except CollectiveError as e:
-                failure = failure or e
+        works, failure = send_to_members(self.groups.control, self._header, self.world)
         for work in works:
             try:
                 wait(work, self._header_wait)

@@ -50,6 +50,18 @@ def wait(work, timeout: datetime.timedelta | None = None) -> None:
         raise CollectiveError(_first_line(e)) from e
 
 
+def send_to_members(group, tensor, world: int) -> tuple[list, CollectiveError | None]:
+    """Post one send of `tensor` to each member (ranks 1..world-1), each its own message, so that one dead member
+    keeps it from no other: the works posted, and the first failure to post (that member is gone)."""
+    works, failure = [], None
+    for rank in range(1, world):
+        try:
+            works.append(post(lambda rank=rank: group.send([tensor], rank, 0)))
+        except CollectiveError as e:
+            failure = failure or e
+    return works, failure
+
+
 def wait_best_effort(works: Iterable, within: datetime.timedelta) -> None:
     """Wait for `works` (fence messages) until one shared deadline, ignoring failures: a message to a dead peer
     never completes, and must cost the failover no more than `within` in all."""

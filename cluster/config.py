@@ -90,6 +90,11 @@ _DEFAULTS: dict[str, Any] = {
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read `<model_dir>/config.json`; raises ConfigError (never KeyError) on anything unusable."""
+    return parse_model_config(*read_config_json(model_dir))
+
+
+def read_config_json(model_dir: str | Path) -> tuple[dict[str, Any], str]:
+    """`<model_dir>/config.json` as a JSON object, and its path (for messages); raises ConfigError."""
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise ConfigError(f"model directory {str(model_dir)!r} does not exist")
@@ -101,7 +106,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return parse_model_config(raw, source=str(path))
+    return raw, str(path)
 
 
 def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.collective import CollectiveError, Pending, post, wait, wait_best_effort
+from cluster.collective import CollectiveError, Pending, post, send_to_members, wait, wait_best_effort
 from cluster.experts import ExpertShard
 
 # the router's best effort to deliver fence blocks and headers, shared by all members: a live member waiting on the
@@ -91,12 +91,7 @@ class FixedExchange:
         """The step failed: tell every worker, best effort (the dead one's send fails, a busy one's may time out)."""
         fence_BD = torch.zeros(blocks.rows, self.hidden, device=self.device, dtype=self.dtype)
         _words(fence_BD[None], blocks.header)[0, 0] = 1
-        works = []
-        for rank in range(1, self.world):
-            try:
-                works.append(post(lambda rank=rank: self.data.send([fence_BD], rank, 0)))
-            except CollectiveError:
-                pass
+        works, _ = send_to_members(self.data, fence_BD, self.world)  # a member gone already needs none
         wait_best_effort(works, FENCE_WAIT)
 
     # ---- worker half -------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from deploy.tiny.model import write_tiny_model
+from tests.procs import ray_gone, ray_processes
+
 BASE_CONFIG = dict(
     vocab_size=320,
     hidden_size=64,
@@ -87,3 +90,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random (untrained) tiny Scout written by the project's own writer: the end-to-end tests' checkpoint."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0))
+
+
+@pytest.fixture
+def no_ray_left():
+    """The test starts with no Ray process on the machine and leaves none behind (tests kill only their own)."""
+    assert ray_gone(), f"another Ray is running: {ray_processes()}"
+    yield
+    assert ray_gone(), ray_processes()

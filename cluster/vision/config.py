@@ -10,13 +10,12 @@ neither (reference/llama4-vision.md, "Config").
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, parse_model_config
+from cluster.config import ConfigError, parse_model_config, read_config_json
 
 _REQUIRED = object()
 _FIELDS: dict[str, Any] = {  # vision_config fields; _REQUIRED marks the shape-defining ones
@@ -79,16 +78,7 @@ class VisionConfig:
 
 def load_vision_config(model_dir: str | Path) -> VisionConfig | None:
     """Read `<model_dir>/config.json`; None when it describes no vision tower. Raises ConfigError."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no config.json in the model directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return parse_vision_config(raw, source=str(path))
+    return parse_vision_config(*read_config_json(model_dir))
 
 
 def parse_vision_config(raw: dict[str, Any], source: str = "config.json") -> VisionConfig | None:

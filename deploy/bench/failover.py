@@ -14,28 +14,17 @@ import uuid
 
 import ray
 
-from deploy.bench.models import bench_checkpoint
+from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from router.messages import Delta, EngineRequest
 from router.sampling_params import SamplingParams
 
-# hidden 256, 8 MoE layers, 16 experts, top-1: the checkpoint the fast-path measurements used
-WIDER = {
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 8,
-    "moe_layers": list(range(8)),
-    "no_rope_layers": [1, 1, 1, 0] * 2,
-    "head_dim": 64,
-}
-MODELS = {"tiny": None, "h256-l8": WIDER}
-
 
 def run_failover_bench(args) -> int:
     rows = []
     for name in args.models:
-        with bench_checkpoint(None, overrides=MODELS[name]) as model_dir:
+        with bench_checkpoint(None, overrides=BENCH_MODELS[name]) as model_dir:
             for replicas in args.replicas:
                 rows.append((name, replicas, _measure(model_dir, replicas, args)))
     _print(rows, args)

@@ -9,8 +9,7 @@ import threading
 import time
 import uuid
 
-from deploy.bench.failover import MODELS
-from deploy.bench.models import bench_checkpoint, skew_gates
+from deploy.bench.models import BENCH_MODELS, bench_checkpoint, skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from router.messages import EngineRequest
@@ -20,7 +19,7 @@ from router.sampling_params import SamplingParams
 def run_rebalance_bench(args) -> int:
     rows = []
     for name in args.models:
-        with bench_checkpoint(None, overrides=MODELS[name]) as model_dir:
+        with bench_checkpoint(None, overrides=BENCH_MODELS[name]) as model_dir:
             skew_gates(model_dir, hot=(0, 1))
             rows.append((name, _measure(model_dir, args)))
     _print(rows, args)

@@ -14,8 +14,7 @@ import time
 
 import ray
 
-from deploy.bench.failover import MODELS
-from deploy.bench.models import bench_checkpoint
+from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.async_client import AsyncInferenceClient
@@ -23,7 +22,7 @@ from protos.async_client import AsyncInferenceClient
 
 def run_routers_bench(args) -> int:
     rows, stalls = [], []
-    with bench_checkpoint(None, overrides=MODELS[args.model]) as model_dir:
+    with bench_checkpoint(None, overrides=BENCH_MODELS[args.model]) as model_dir:
         for m in args.routers:
             server = _serve(model_dir, m, args)
             try:

@@ -107,7 +107,7 @@ def add_parser(sub) -> None:
     v.add_argument("--rounds", type=int, default=3, help="itl: runs with and without images, interleaved")
     v.set_defaults(run=_run_vision)
 
-    models = ("tiny", "h256-l8")  # deploy/bench/failover.py: the tiny Scout, and hidden 256 x 8 MoE layers
+    models = tuple(BENCH_MODELS)  # deploy/bench/presets.py: the tiny Scout, and hidden 256 x 8 MoE layers
     f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
     f.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
     f.add_argument("--replicas", type=positive_ints, default=[1, 2])

@@ -19,9 +19,8 @@ from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
 from router.messages import EngineRequest
 from router.sampling_params import SamplingParams
-from tests.procs import ray_gone, ray_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 TOKENS = 160
 GREEDY = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
 
@@ -39,22 +38,10 @@ def requests() -> list[EngineRequest]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(write_tiny_model(tmp_path_factory.mktemp("tiny"), "scout", train_steps=0))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
+def reference(tiny_model_dir):
     """The tokens of an undisturbed run, from a cluster of the same shape."""
-    with Deployment.start(DeploymentSpec(model_dir, ClusterConfig(workers=2), show_progress=False)) as d:
+    with Deployment.start(DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), show_progress=False)) as d:
         return [r["token_ids"] for r in d.generate_batch(requests())]
-
-
-@pytest.fixture(autouse=True)
-def no_ray_left():
-    assert ray_gone(), f"another Ray is running: {ray_processes()}"
-    yield
-    assert ray_gone(), ray_processes()
 
 
 def pid_of(worker) -> int:
@@ -88,8 +75,8 @@ def assert_complete_and_identical(results, reference):
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_a_killed_worker_costs_no_request_and_no_token(model_dir, reference, replicas):
-    spec = DeploymentSpec(model_dir, ClusterConfig(workers=2, expert_replicas=replicas), show_progress=False)
+def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference, replicas):
+    spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2, expert_replicas=replicas), show_progress=False)
     with Deployment.start(spec) as d:
         victim = pid_of(d.workers[1])
         results = run_while(d, lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
@@ -103,8 +90,8 @@ def test_a_killed_worker_costs_no_request_and_no_token(model_dir, reference, rep
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference  # full strength again
 
 
-def test_two_workers_killed_one_after_the_other(model_dir, reference):
-    spec = DeploymentSpec(model_dir, ClusterConfig(workers=3, expert_replicas=2), show_progress=False)
+def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
+    spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=3, expert_replicas=2), show_progress=False)
     with Deployment.start(spec) as d:
         first, second = pid_of(d.workers[0]), pid_of(d.workers[2])
 
@@ -119,8 +106,8 @@ def test_two_workers_killed_one_after_the_other(model_dir, reference):
         assert d.supervision()["counters"]["replacements_succeeded"] == 2
 
 
-def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(model_dir, reference):
-    spec = DeploymentSpec(model_dir, ClusterConfig(workers=2), show_progress=False, replacement_load_delay_s=3.0)
+def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_model_dir, reference):
+    spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), show_progress=False, replacement_load_delay_s=3.0)
     with Deployment.start(spec) as d:
         first = pid_of(d.workers[1])
 
@@ -138,8 +125,8 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(model_di
         assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
 
 
-def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(model_dir, reference):
-    spec = DeploymentSpec(model_dir, ClusterConfig(workers=2, hang_timeout_s=1.0), show_progress=False)
+def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_model_dir, reference):
+    spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2, hang_timeout_s=1.0), show_progress=False)
     with Deployment.start(spec) as d:
         victim = pid_of(d.workers[0])
         stopped_at = []

@@ -20,28 +20,15 @@ from ray.experimental import internal_kv
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.errors import ClusterStartError
-from deploy.tiny.model import write_tiny_model
 from protos.client import InferenceClient
 from router.reference.decode import Generator
 from router.sampling_params import SamplingParams
 from tests.conftest import free_port
-from tests.procs import descendants_running, ray_gone, ray_processes
+from tests.procs import descendants_running
 from tests.ray_nodes import RayNode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 PROMPT = [1, 5, 9, 13, 40]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-
-
-@pytest.fixture(autouse=True)
-def no_ray_left():
-    assert ray_gone(), f"another Ray is running: {ray_processes()}"
-    yield
-    assert ray_gone(), ray_processes()
 
 
 def pose_as_an_autoscaler() -> None:
@@ -66,9 +53,9 @@ def read_line(stream, timeout_s: float) -> str:
     raise TimeoutError("no line from serve")
 
 
-def test_router_on_the_head_and_workers_on_a_second_node_serve_the_one_node_tokens(model_dir, tmp_path):
+def test_router_on_the_head_and_workers_on_a_second_node_serve_the_one_node_tokens(tiny_model_dir, tmp_path):
     expected = (
-        Generator.from_checkpoint(model_dir)
+        Generator.from_checkpoint(tiny_model_dir)
         .generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True).with_defaults({}).validate())
         .token_ids
     )
@@ -83,7 +70,7 @@ def test_router_on_the_head_and_workers_on_a_second_node_serve_the_one_node_toke
         config.write_text(
             yaml.safe_dump(
                 {
-                    "model": {"path": str(model_dir)},
+                    "model": {"path": str(tiny_model_dir)},
                     "cluster": {
                         "workers": 2,
                         "ray_address": f"127.0.0.1:{gcs}",
@@ -124,13 +111,13 @@ def test_router_on_the_head_and_workers_on_a_second_node_serve_the_one_node_toke
                 n.stop()
 
 
-def test_a_head_too_small_for_the_actors_is_refused_at_once_naming_what_to_change(model_dir):
+def test_a_head_too_small_for_the_actors_is_refused_at_once_naming_what_to_change(tiny_model_dir):
     gcs = free_port()
     head = RayNode("--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false")
     try:
         ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         spec = DeploymentSpec(
-            str(model_dir), ClusterConfig(workers=2, ray_address=f"127.0.0.1:{gcs}"), show_progress=False
+            str(tiny_model_dir), ClusterConfig(workers=2, ray_address=f"127.0.0.1:{gcs}"), show_progress=False
         )
         started = time.monotonic()
         with pytest.raises(ClusterStartError, match=r"need 1\.5 CPU in all, but the Ray cluster has 1.*num_cpus"):
@@ -141,7 +128,7 @@ def test_a_head_too_small_for_the_actors_is_refused_at_once_naming_what_to_chang
         head.stop()
 
 
-def test_with_an_autoscaler_a_pending_placement_is_reported_and_served_once_a_node_joins(model_dir):
+def test_with_an_autoscaler_a_pending_placement_is_reported_and_served_once_a_node_joins(tiny_model_dir):
     gcs = free_port()
     head = RayNode("--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false")
     node = None
@@ -150,7 +137,7 @@ def test_with_an_autoscaler_a_pending_placement_is_reported_and_served_once_a_no
         pose_as_an_autoscaler()
         heard: list[str] = []
         spec = DeploymentSpec(
-            str(model_dir), ClusterConfig(workers=2, ray_address=f"127.0.0.1:{gcs}"), show_progress=False
+            str(tiny_model_dir), ClusterConfig(workers=2, ray_address=f"127.0.0.1:{gcs}"), show_progress=False
         )
         result = {}
 

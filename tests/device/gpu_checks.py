@@ -1,4 +1,4 @@
-"""Checks and benchmarks for the lent GPU machine, in one call (see ../shared/device/README.md):
+"""Checks and benchmarks for a GPU machine, in one call (the README's "GPU checks" line):
 
     bash tests/device/run_gpu_checks.sh        (on the device; writes logs under $OUT)
 

@@ -18,12 +18,10 @@ import ray
 
 from deploy.config import parse_serve_config
 from deploy.server import Server
-from deploy.tiny.model import write_tiny_model
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
-from tests.procs import ray_gone, ray_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
 
 
@@ -64,20 +62,8 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-
-
-@pytest.fixture(autouse=True)
-def no_ray_left():
-    assert ray_gone(), f"another Ray is running: {ray_processes()}"
-    yield
-    assert ray_gone(), ray_processes()
-
-
-def test_a_worker_killed_mid_stream_costs_the_client_nothing(model_dir):
-    server = serve(model_dir)
+def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
+    server = serve(tiny_model_dir)
     try:
         undisturbed, errors = {}, []
         for t in run_streams(server.target, undisturbed, errors):
@@ -111,9 +97,9 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(model_dir):
         server.stop(grace_s=2.0)
 
 
-def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fails(model_dir, tmp_path):
+def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fails(tiny_model_dir, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(model_dir, copy)
+    shutil.copytree(tiny_model_dir, copy)
     server = serve(copy, max_replacement_failures=2)
     try:
         with InferenceClient(server.target) as client:

@@ -17,12 +17,10 @@ import ray
 
 from deploy.config import parse_serve_config
 from deploy.server import Server
-from deploy.tiny.model import write_tiny_model
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
-from tests.procs import ray_gone, ray_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
 
 def serve(model_dir, routers: int, workers: int = 2) -> Server:
@@ -70,24 +68,12 @@ def collect(target: str, n: int, tokens: int, during=None) -> dict[int, list[int
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-
-
-@pytest.fixture(scope="module")
-def one_router_tokens(model_dir):
-    server = serve(model_dir, routers=1)
+def one_router_tokens(tiny_model_dir):
+    server = serve(tiny_model_dir, routers=1)
     try:
         return collect(server.target, 16, 48)
     finally:
         server.stop(grace_s=2.0)
-
-
-@pytest.fixture(autouse=True)
-def no_ray_left():
-    assert ray_gone(), f"another Ray is running: {ray_processes()}"
-    yield
-    assert ray_gone(), ray_processes()
 
 
 def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
@@ -105,8 +91,8 @@ def router_pid(server, index: int) -> int:
     return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
 
 
-def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(model_dir, one_router_tokens):
-    server = serve(model_dir, routers=2)
+def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(tiny_model_dir, one_router_tokens):
+    server = serve(tiny_model_dir, routers=2)
     try:
         assert collect(server.target, 16, 48) == one_router_tokens
         with InferenceClient(server.target) as client:
@@ -119,8 +105,8 @@ def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(mode
 
 
 @pytest.mark.parametrize("routers", [2, 1])
-def test_a_killed_router_costs_no_stream_a_token(model_dir, one_router_tokens, routers):
-    server = serve(model_dir, routers=routers)
+def test_a_killed_router_costs_no_stream_a_token(tiny_model_dir, one_router_tokens, routers):
+    server = serve(tiny_model_dir, routers=routers)
     try:
         undisturbed = {i: one_router_tokens[i] for i in range(8)}
         victim = router_pid(server, 0)
@@ -139,8 +125,8 @@ def test_a_killed_router_costs_no_stream_a_token(model_dir, one_router_tokens, r
         server.stop(grace_s=2.0)
 
 
-def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(model_dir):
-    server = serve(model_dir, routers=2)
+def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(tiny_model_dir):
+    server = serve(tiny_model_dir, routers=2)
     try:
         with InferenceClient(server.target) as client:
             gens = [
@@ -169,8 +155,8 @@ def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(model
         server.stop(grace_s=2.0)
 
 
-def test_a_worker_killed_under_two_routers_costs_nothing(model_dir, one_router_tokens):
-    server = serve(model_dir, routers=2)
+def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_router_tokens):
+    server = serve(tiny_model_dir, routers=2)
     try:
         victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
         got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim))
