@@ -10,8 +10,8 @@ from cluster.expert_map import ExpertMap
 from deploy.cluster_config import ClusterConfig
 from deploy.ray_runtime import bundles
 from deploy.replacement_policy import ReplacementPolicy
-from router.expert_channel import ChannelSettings
-from router.image_features import VisionSettings
+from router.experts.channel import ChannelSettings
+from router.images.features import VisionSettings
 
 WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading
 ROUTER_CONCURRENCY = 10_000  # an async actor: one call per open stream

@@ -20,7 +20,7 @@ import yaml
 from cluster.settings import SettingError, Settings, build, choice, optional, section, setting, text, to_mapping
 from deploy.cluster_config import ClusterConfig
 from deploy.logging_setup import LoggingConfig
-from router.engine_config import EngineConfig
+from router.engine.config import EngineConfig
 from router.gateway.config import GatewayConfig, MetricsConfig
 
 TINY_PRESETS = ("scout", "maverick")  # the presets of deploy/tiny/model.py, named here so loading needs no torch

@@ -36,10 +36,10 @@ from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
 from deploy.ray_runtime import bundles, check_fits, fit_problem, init_ray, local_ray_alive
 from deploy.supervisor import Supervisor
-from router.engine_config import EngineConfig
-from router.messages import EngineRequest
+from router.encoder.actor import VisionEncoderActor
+from router.engine.config import EngineConfig
+from router.request.messages import EngineRequest
 from router.router_actor import RouterActor
-from router.vision_encoder import VisionEncoderActor
 from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ placement-group bundle:
   worker:  loading -> joining (admitted by every router at a step boundary) -> serving
   router:  loading -> connecting (it forms its group with the live workers, takes the live encoders) -> serving
   encoder: loading -> serving (handed to every router; images waiting for an encoder go to it)
-A worker reads only its slot's experts. The routers fail over on their own meanwhile (router/expert_channel.py),
+A worker reads only its slot's experts. The routers fail over on their own meanwhile (router/experts/channel.py),
 and the gateway moves a dead router's streams to the others (router/gateway/stream_relay.py).
 
 ReplacementPolicy says when to stop trying. Then, if some expert has no live copy left (or no router is left),

@@ -30,15 +30,15 @@ from cluster.log_format import setup_logging
 from cluster.process_group import ChannelGroups, Rendezvous, backend_for
 from cluster.vision.weights import vision_config_of, vision_tower_bytes
 from cluster.weights import experts_bytes, resolve_dtype, router_bytes
-from router.async_engine import AsyncEngine, collect
-from router.encoder_pool import EncoderPool, RayEncoderLink
-from router.engine import Engine
-from router.engine_config import EngineConfig
-from router.expert_channel import ChannelSettings, ExpertChannel
-from router.image_features import VisionSettings, image_features_for
-from router.messages import EngineRequest
+from router.engine.async_engine import AsyncEngine, collect
+from router.engine.config import EngineConfig
+from router.engine.engine import Engine
+from router.experts.channel import ChannelSettings, ExpertChannel
+from router.experts.worker_link import RayWorkerLink
+from router.images.encoder_pool import EncoderPool, RayEncoderLink
+from router.images.features import VisionSettings, image_features_for
 from router.reference.contiguous_cache import ContiguousKVCache
-from router.worker_link import RayWorkerLink
+from router.request.messages import EngineRequest
 
 log = logging.getLogger(__name__)
 

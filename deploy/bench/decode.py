@@ -9,7 +9,7 @@ import torch
 
 from deploy.bench.models import bench_checkpoint, load_transformers
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 
 
 def run_decode_bench(args) -> int:

@@ -21,11 +21,11 @@ from deploy.bench.exchange_timer import ExchangeBenchRouter
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint, load_transformers
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
-from router.async_engine import AsyncEngine
-from router.engine import Engine
-from router.engine_config import EngineConfig
-from router.messages import Delta, EngineRequest, Final
-from router.sampling_params import SamplingParams
+from router.engine.async_engine import AsyncEngine
+from router.engine.config import EngineConfig
+from router.engine.engine import Engine
+from router.request.messages import Delta, EngineRequest, Final
+from router.request.sampling_params import SamplingParams
 
 
 def run_engine_bench(args) -> int:

@@ -17,8 +17,8 @@ import ray
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
-from router.messages import Delta, EngineRequest
-from router.sampling_params import SamplingParams
+from router.request.messages import Delta, EngineRequest
+from router.request.sampling_params import SamplingParams
 
 
 def run_failover_bench(args) -> int:

@@ -18,8 +18,8 @@ from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.config import apply_overrides, load_serve_config
 from deploy.server import Server
 from protos.async_client import AsyncInferenceClient
-from router.messages import Delta, EngineRequest
-from router.sampling_params import SamplingParams
+from router.request.messages import Delta, EngineRequest
+from router.request.sampling_params import SamplingParams
 
 
 def run_grpc_bench(args) -> int:

@@ -12,8 +12,8 @@ import uuid
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint, skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
-from router.messages import EngineRequest
-from router.sampling_params import SamplingParams
+from router.request.messages import EngineRequest
+from router.request.sampling_params import SamplingParams
 
 
 def run_rebalance_bench(args) -> int:

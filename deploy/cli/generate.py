@@ -20,12 +20,12 @@ from deploy.cli.arg_types import byte_size, token_ids
 from deploy.cli.stdout import results_only
 from deploy.cli.usage import UsageError, as_flags
 from deploy.cluster_config import ClusterConfig
-from router.data_url import data_url_bytes
-from router.engine_config import EngineConfig
-from router.generation_config import load_generation_config
-from router.messages import ChatMessage, EngineRequest, ImagePart
-from router.request_prep import check_prompt
-from router.sampling_params import InvalidRequest, SamplingParams
+from router.engine.config import EngineConfig
+from router.images.data_url import data_url_bytes
+from router.request.generation_config import load_generation_config
+from router.request.messages import ChatMessage, EngineRequest, ImagePart
+from router.request.prepare import check_prompt
+from router.request.sampling_params import InvalidRequest, SamplingParams
 
 
 class _Inputs(argparse.Action):
@@ -164,9 +164,9 @@ def run(args) -> int:
 
 async def _in_process(args, requests, engine_config) -> list[dict]:
     from cluster.checkpoint import CheckpointReader
-    from router.async_engine import AsyncEngine, collect
-    from router.engine import Engine
-    from router.image_features import VisionSettings, image_features_for
+    from router.engine.async_engine import AsyncEngine, collect
+    from router.engine.engine import Engine
+    from router.images.features import VisionSettings, image_features_for
 
     reader = CheckpointReader(args.model)
     engine = Engine.from_checkpoint(args.model, args.device, args.dtype, engine_config, reader=reader)

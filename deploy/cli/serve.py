@@ -16,7 +16,7 @@ from deploy.cli.usage import UsageError
 from deploy.cluster_config import ClusterConfig
 from deploy.config import apply_overrides, load_serve_config
 from deploy.logging_setup import setup_logging
-from router.engine_config import EngineConfig
+from router.engine.config import EngineConfig
 from router.gateway.config import GatewayConfig
 
 # The defaults shown in --help are the settings' own (cluster/settings.py: one default per key, in one place).

@@ -4,7 +4,7 @@ answered with the colour's name, so a demo's image answer is something a person 
     <|begin_of_text|><|header_start|>user<|header_end|>\\n\\n<|image|>What colour is the square?<|eot|>
     <|header_start|>assistant<|header_end|>\\n\\nred<|eot|>
 
-with `<|image|>` expanded to the image's tokens as the server expands it (router/image_prompt.py). Images are
+with `<|image|>` expanded to the image's tokens as the server expands it (router/images/tokens.py). Images are
 20-100 pixels a side, so they take 1 to 5 of the tiny tower's 56-pixel tiles (grids up to 2 x 2, plus the global
 tile); the square covers 50-80% of the shorter side, anywhere, in a jittered shade of its colour.
 
@@ -21,8 +21,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from deploy.tiny.tokenizer import COLOURS, IMAGE, chat_text
-from router.image_processor import ImageProcessor
-from router.image_prompt import ImageTokens, image_token_ids
+from router.images.processor import ImageProcessor
+from router.images.tokens import ImageTokens, image_token_ids
 
 QUESTION = "What colour is the square?"
 RGB = {  # far apart, so that a shade jittered by up to 20 per channel stays nearest its own colour

@@ -40,7 +40,7 @@ from cluster.vision.merge import merge_image_features
 from cluster.vision.model import VisionTower
 from deploy.tiny.squares import SquareExamples
 from deploy.tiny.tokenizer import chat_text
-from router.image_processor import ImageProcessor
+from router.images.processor import ImageProcessor
 from router.reference.contiguous_cache import ContiguousKVCache
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from cluster.settings import (
     text,
 )
 from router.gateway.api_keys import ApiKeyError, read_key_file
-from router.image_header import PILLOW_MAX_PIXELS
+from router.images.header import PILLOW_MAX_PIXELS
 
 _PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
 

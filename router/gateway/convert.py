@@ -1,5 +1,5 @@
 """Translation between the wire contract (protos/moecluster/v1/inference.proto) and the engine's types
-(router/messages.py). No I/O here: the gateway calls these on each request and each engine message.
+(router/request/messages.py). No I/O here: the gateway calls these on each request and each engine message.
 
 Field names in errors are the request's proto paths ("sampling.top_p", "input_ids", "messages[1].role",
 "messages[0].parts[2].image", "images[1]"), so a client can point at what it sent.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 from protos.moecluster.v1 import inference_pb2 as pb
-from router.data_url import data_url_bytes
-from router.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final, ImageInput, ImagePart
-from router.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+from router.images.data_url import data_url_bytes
+from router.request.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final, ImageInput, ImagePart
+from router.request.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _OPTIONAL_SCALARS = (
@@ -30,7 +30,7 @@ _OPTIONAL_SCALARS = (
     "logprobs",
     "top_logprobs",
 )
-# the engine's finish reasons (router/messages.py) -> the wire enum, FINISH_REASON_<NAME>
+# the engine's finish reasons (router/request/messages.py) -> the wire enum, FINISH_REASON_<NAME>
 FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.upper()}") for reason in FINISH_REASONS}
 
 

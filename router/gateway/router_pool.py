@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from router.gateway.cluster_view import ClusterView
-from router.messages import EngineStats
+from router.request.messages import EngineStats
 
 WAIT_POLL_S = 0.05
 

@@ -34,9 +34,9 @@ from router.gateway.health import ClusterPoller, GatewayHealth, resolve
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterPool
 from router.gateway.service import AdmissionLimits, Backend, InferenceService
-from router.image_decode import ImageLimits
-from router.image_request import VisionPrompt
-from router.tokenizer import Tokenizer
+from router.images.decode import ImageLimits
+from router.images.request import VisionPrompt
+from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name

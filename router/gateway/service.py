@@ -26,6 +26,7 @@ import grpc
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from router.engine.sampler import resolve_seed
 from router.gateway import convert
 from router.gateway.cluster_status import gather_status
 from router.gateway.cluster_view import ClusterView
@@ -33,12 +34,11 @@ from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterEntry, RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
-from router.image_request import VisionPrompt
-from router.messages import Delta, EngineRequest, Final
-from router.request_prep import prepare_request, prompt_with_images
-from router.sampler import resolve_seed
-from router.sampling_params import InvalidRequest
-from router.tokenizer import Tokenizer
+from router.images.request import VisionPrompt
+from router.request.messages import Delta, EngineRequest, Final
+from router.request.prepare import prepare_request, prompt_with_images
+from router.request.sampling_params import InvalidRequest
+from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode

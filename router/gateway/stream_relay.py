@@ -20,8 +20,8 @@ import ray
 
 from router.gateway.health import first_line
 from router.gateway.router_pool import RouterEntry, RouterPool
-from router.messages import Delta, EngineRequest, Final, Resume
-from router.request_prep import PreparedRequest
+from router.request.messages import Delta, EngineRequest, Final, Resume
+from router.request.prepare import PreparedRequest
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 3  # per request: a request that fails on every router it meets is not retried forever

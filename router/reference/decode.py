@@ -15,12 +15,12 @@ from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
 from cluster.weights import load_in_process, resolve_dtype
-from router.generation_config import eos_token_ids
-from router.model_runner import ModelRunner
+from router.engine.model_runner import ModelRunner
+from router.engine.sampler import SamplingState, resolve_seed, sample_batch
 from router.reference.contiguous_cache import ContiguousKVCache
-from router.request_prep import check_prompt
-from router.sampler import SamplingState, resolve_seed, sample_batch
-from router.sampling_params import SamplingParams
+from router.request.generation_config import eos_token_ids
+from router.request.prepare import check_prompt
+from router.request.sampling_params import SamplingParams
 
 
 @dataclass

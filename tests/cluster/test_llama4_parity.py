@@ -12,7 +12,7 @@ from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.conftest import LLAMA3_ROPE
 
 CPU = torch.device("cpu")

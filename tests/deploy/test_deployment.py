@@ -11,7 +11,7 @@ import ray
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.cluster.test_llama4_parity import full_logits, load_ours
 from tests.conftest import LLAMA3_ROPE, make_hf_model
 

@@ -17,8 +17,8 @@ from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
-from router.messages import EngineRequest
-from router.sampling_params import SamplingParams
+from router.request.messages import EngineRequest
+from router.request.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 TOKENS = 160

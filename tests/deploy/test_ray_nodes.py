@@ -22,7 +22,7 @@ from deploy.deployment import Deployment, DeploymentSpec
 from deploy.errors import ClusterStartError
 from protos.client import InferenceClient
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.conftest import free_port
 from tests.procs import descendants_running
 from tests.ray_nodes import RayNode

@@ -21,12 +21,12 @@ from deploy.deployment import DeploymentSpec
 from deploy.tiny.cache import TINY_MODEL_NAME, model_dir_for
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
-from router.engine import Engine
+from router.engine.engine import Engine
 from router.gateway.server import Gateway, gateway_vision
-from router.image_decode import ImageLimits
-from router.image_processor import ImageProcessor
-from router.image_prompt import ImageTokens
-from router.image_request import VisionPrompt
+from router.images.decode import ImageLimits
+from router.images.processor import ImageProcessor
+from router.images.request import VisionPrompt
+from router.images.tokens import ImageTokens
 from tests.certs import make_certs
 from tests.conftest import free_port, make_hf_model
 

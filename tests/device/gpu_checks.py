@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.batch import ForwardBatch, SeqSlice
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.conftest import LLAMA3_ROPE, make_hf_model
 
 DEVICE = os.environ.get("MOECLUSTER_CHECK_DEVICE", "cuda")  # "cpu" to dry-run this script here

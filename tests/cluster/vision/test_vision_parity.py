@@ -12,8 +12,8 @@ from cluster.checkpoint import CheckpointError, CheckpointReader
 from cluster.vision.config import load_vision_config
 from cluster.vision.merge import embed_with_images
 from cluster.vision.weights import has_vision_tower, load_vision_tower
-from router.image_processor import ImageProcessor
-from router.image_prompt import expand_image_placeholders
+from router.images.processor import ImageProcessor
+from router.images.tokens import expand_image_placeholders
 from router.reference.contiguous_cache import ContiguousKVCache
 from tests.cluster.test_llama4_parity import load_ours
 from tests.cluster.vision.tiny_vlm import (

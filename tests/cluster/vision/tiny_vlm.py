@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from router.image_prompt import ImageTokens
+from router.images.tokens import ImageTokens
 from tests.conftest import BASE_CONFIG
 
 # 56-pixel tiles of 14-pixel patches: 16 patches, shuffled to 4 `<|patch|>` tokens per tile

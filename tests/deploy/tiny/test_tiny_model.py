@@ -257,7 +257,7 @@ def test_trained_vision_model_names_the_colour_of_unseen_squares(trained_dir):
     from cluster.vision.weights import load_vision_tower
     from deploy.tiny.squares import HELD_OUT_SEED, SIDES, SquareExamples, square_image
     from deploy.tiny.tokenizer import COLOURS
-    from router.image_processor import ImageProcessor
+    from router.images.processor import ImageProcessor
 
     model_dir = trained_dir
     model, transport = ours(model_dir)

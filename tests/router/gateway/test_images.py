@@ -94,10 +94,10 @@ def client(server):
 def reference(model_dir):
     """Tokens of each REQUESTS entry from the in-process engine, as `moecluster generate --workers 0` runs it."""
     from cluster.checkpoint import CheckpointReader
-    from router.async_engine import AsyncEngine, collect
-    from router.engine import Engine
+    from router.engine.async_engine import AsyncEngine, collect
+    from router.engine.engine import Engine
     from router.gateway import convert
-    from router.image_features import VisionSettings, image_features_for
+    from router.images.features import VisionSettings, image_features_for
 
     reader = CheckpointReader(model_dir)
     images = image_features_for(model_dir, VisionSettings(encoders=0), "cpu", "auto", reader)

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from router.gateway.router_pool import RouterPool
-from router.messages import EngineStats
+from router.request.messages import EngineStats
 
 
 class View:

@@ -27,8 +27,8 @@ from protos.async_client import AsyncInferenceClient
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
-from router.tokenizer import Tokenizer
+from router.request.sampling_params import SamplingParams
+from router.request.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,307 @@
+"""The serving engine's synchronous core: one `step()` = schedule, one forward pass over the batch, sample,
+update, then turn new tokens into deltas and finals. The life of a request:
+
+  add() -> waiting -> (scheduled pieces: prompt catch-up, then one token per step) -> finished
+  every accepted request ends with exactly one `Final`: length, stop (token or string), abort, or error.
+A request with images arrives with their features (router/images/features.py encodes them before `add`); each
+piece of its prompt takes the features of the `<|patch|>` positions it covers (router/images/positions.py).
+
+Not thread-safe: `AsyncEngine` drives it from one thread. Legend: T tokens in the step, N sampling rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.batch import ForwardBatch, SeqSlice
+from cluster.checkpoint import CheckpointReader
+from cluster.config import load_model_config
+from cluster.vision.merge import scatter_rows
+from cluster.weights import load_in_process, load_router_model, resolve_dtype
+from router.engine.config import EngineConfig
+from router.engine.model_runner import ModelRunner
+from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
+from router.engine.sampler import SamplingState, resolve_seed, sample_batch
+from router.engine.scheduler import SchedRequest, Scheduler
+from router.experts.channel import ClusterFailure
+from router.images.positions import PromptImages
+from router.images.request import VisionPrompt, checkpoint_vision
+from router.request.detokenizer import TextStream
+from router.request.generation_config import eos_token_ids, load_generation_config
+from router.request.messages import Delta, EngineRequest, EngineStats, Final
+from router.request.prepare import Limits, PreparedRequest, prepare_request
+from router.request.sampling_params import InvalidRequest
+from router.request.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def kv_budget(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 256 * 2**20
+
+
+@dataclass
+class _Live:
+    prepared: PreparedRequest
+    slot: int
+    sampling: SamplingState
+    text: TextStream
+    images: PromptImages | None = None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer | None,
+        eos_ids: tuple[int, ...],
+        generation_defaults: dict[str, Any],
+        config: EngineConfig = EngineConfig(),
+        vision: VisionPrompt | None = None,
+    ):
+        """`vision`: how images enter prompts (None: the model takes no images)."""
+        model_cfg = runner.model.config
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, frozenset(eos_ids)
+        self.defaults, self.config, self.vision = generation_defaults, config, vision
+        budget = kv_budget(config, runner.model.device)
+        self.kv: KVLayout = plan_kv_layout(
+            model_cfg, budget, config.block_size, config.max_num_seqs, runner.model.dtype
+        )
+        if self.kv.token_capacity < config.block_size or (self.kv.chunk_layers and self.kv.chunk_blocks == 0):
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no usable block; raise it")
+        self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size)
+        self.cache = PagedKVCache(model_cfg, self.kv, runner.model.device, runner.model.dtype)
+        max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        self.limits = Limits(model_cfg.vocab_size, max_len, self.blocks.max_tokens_alone())
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            max_len,
+            model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
+        )
+        self.live: dict[str, _Live] = {}
+        self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
+        self.failure: str | None = None
+        self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
+        self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of the steps of the last 10 s
+        self._window_tokens = 0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        config: EngineConfig = EngineConfig(),
+        *,
+        local_experts: bool = True,
+        reader: CheckpointReader | None = None,
+    ) -> Engine:
+        """The one way an engine is built: the router-side model read from `model_dir` (with every routed expert
+        when `local_experts`; otherwise the caller attaches its expert channel as `runner.experts` before the
+        first step), the tokenizer, and generation_config.json's defaults and EOS set. `reader` lets the caller watch
+        the bytes read while this loads."""
+        cfg = load_model_config(model_dir)
+        reader = reader or CheckpointReader(model_dir)
+        dev = torch.device(device)
+        dt = resolve_dtype(dtype, cfg, dev)
+        if local_experts:
+            model, transport = load_in_process(cfg, reader, dev, dt)
+        else:
+            model, transport = load_router_model(cfg, reader, dev, dt), None
+        tokenizer = Tokenizer.from_dir(model_dir)
+        return cls(
+            ModelRunner(model, transport),
+            tokenizer,
+            eos_token_ids(model_dir, cfg),
+            load_generation_config(model_dir),
+            config,
+            checkpoint_vision(model_dir, reader, tokenizer),
+        )
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add(self, req: EngineRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
+        """Accept a request or raise InvalidRequest (nothing else is disturbed). `features`: one [P, D] tensor per
+        image of the request, in prompt order."""
+        if self.failure:
+            raise ClusterFailure(self.failure)
+        if req.request_id in self.live:
+            raise InvalidRequest("request_id", f"{req.request_id!r} is already in flight")
+        self.add_prepared(self.prepare(req), features)
+
+    def prepare(self, req: EngineRequest) -> PreparedRequest:
+        """The request's checks (InvalidRequest naming the field); reads only what never changes, so any thread may
+        call it (the router checks a request with images before encoding them)."""
+        return prepare_request(req, self.tokenizer, self.defaults, self.limits, self.vision)
+
+    def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
+        images = self._prompt_images(prepared, features)
+        p = prepared.params
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        resume = prepared.resume
+        outputs = list(resume.output_ids) if resume else []
+        sampling = SamplingState(p, list(prepared.prompt_ids), outputs, stop_ids, resolve_seed(p))
+        text = TextStream(self.tokenizer, p.stop)
+        if resume:
+            text.restore(resume.output_ids, resume.text_chars)
+        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text, images)
+        self.scheduler.add(
+            SchedRequest(
+                prepared.request_id,
+                list(prepared.prompt_ids),
+                p.max_tokens,
+                stop_ids,
+                p.min_tokens,
+                output_ids=sampling.output_ids,
+            )
+        )
+
+    def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
+        if len(features) != len(prepared.images):
+            raise InvalidRequest("images", f"{len(prepared.images)} images came with {len(features)} feature tensors")
+        if not features:
+            return None
+        return PromptImages.of(prepared.prompt_ids, self.vision.tokens.patch, features, self.runner.model.device)
+
+    def abort(self, request_id: str) -> Final | None:
+        live = self.live.get(request_id)
+        if live is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._final(request_id, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def maintain(self) -> list[Final]:
+        """Between steps (and while idle): the expert channel admits replacements, switches maps and recovers
+        from a death seen while idle. If the cluster gave up, every request ends with its error."""
+        try:
+            self.runner.maintain()
+        except ClusterFailure as e:
+            return self.fail_all(str(e)) if self.failure is None else []
+        return []
+
+    def step(self) -> list[Delta | Final]:
+        plan = self.scheduler.schedule()
+        if not plan.pieces:
+            return []
+        try:
+            logits_NV = self._forward(plan)
+        except ClusterFailure as e:
+            return self.fail_all(str(e))
+        sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
+        states = [self.live[p.request_id].sampling for _, p in sampling_pieces]
+        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], states) if states else ([], [])
+        sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
+        finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
+        self._count(len(tokens))
+        out: list[Delta | Final] = []
+        for (_, piece), token, lp in zip(sampling_pieces, tokens, logprobs):
+            out += self._emit(piece.request_id, token, lp, finished.get(piece.request_id))
+        return out
+
+    def _forward(self, plan) -> torch.Tensor:
+        pieces = plan.pieces
+        slots = [self.live[p.request_id].slot for p in pieces]
+        starts = itertools.accumulate((len(p.token_ids) for p in pieces), initial=0)
+        seqs = tuple(SeqSlice(a, len(p.token_ids), p.pos0, slot) for p, slot, a in zip(pieces, slots, starts))
+        self.cache.begin_step({slot: self.blocks.tables(p.request_id) for p, slot in zip(pieces, slots)})
+        ids = list(itertools.chain.from_iterable(p.token_ids for p in pieces))
+        ids_T = torch.tensor(ids, dtype=torch.int64, device=self.runner.model.device)
+        return self.runner.forward(
+            ids_T,
+            ForwardBatch(seqs),
+            self.cache,
+            micro_batches=self.config.micro_batches,
+            embeds_TD=self._embeds(plan, ids_T),
+        )
+
+    @torch.inference_mode()
+    def _embeds(self, plan, ids_T: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings when some piece covers image positions (None: the model embeds the ids)."""
+        rows, features, start = [], [], 0
+        for piece in plan.pieces:
+            images = self.live[piece.request_id].images
+            if images is not None:
+                offsets, features_RD = images.rows(piece.pos0, len(piece.token_ids))
+                rows += [start + o for o in offsets]
+                features.append(features_RD)
+            start += len(piece.token_ids)
+        if not rows:
+            return None
+        rows_R = torch.tensor(rows, dtype=torch.int64, device=ids_T.device)
+        return scatter_rows(self.runner.embed(ids_T), rows_R, torch.cat(features))
+
+    def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
+        live = self.live[request_id]
+        text = live.text.push(token)
+        if live.text.matched is not None:  # a stop string wins over whatever else ended this step
+            self.scheduler.finish(request_id)
+            done_reason, matched = "stop", live.text.matched
+        elif done is not None:
+            done_reason, matched = done.reason, done.stop_token
+        else:
+            return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
+        text += live.text.flush() if live.text.matched is None else ""
+        return [
+            Delta(request_id, (token,), text, (logprob,) if logprob else ()),
+            self._final(request_id, done_reason, matched),
+        ]
+
+    def _final(
+        self, request_id: str, reason: str, matched=None, error: str | None = None, error_kind: str | None = None
+    ) -> Final:
+        live = self.live.pop(request_id)
+        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
+        return Final(
+            request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error, error_kind
+        )
+
+    def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:
+        """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
+        the engine then refuses new requests."""
+        self.failure = reason
+        log.error("engine failed: %s", reason)
+        finals = []
+        for request_id in list(self.live):
+            self.scheduler.abort(request_id)
+            finals.append(self._final(request_id, "error", error=reason, error_kind=kind))
+        return finals
+
+    # ---- stats -------------------------------------------------------------------------------------------
+    def _count(self, n: int) -> None:
+        now = time.monotonic()
+        self._window.append((now, n))
+        self._window_tokens += n
+        while now - self._window[0][0] >= 10.0:
+            self._window_tokens -= self._window.popleft()[1]
+
+    def stats(self) -> EngineStats:
+        span = time.monotonic() - self._window[0][0] if len(self._window) > 1 else 0.0
+        rate = (self._window_tokens - self._window[0][1]) / span if span > 0 else 0.0
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.blocks_used,
+            kv_blocks_total=self.blocks.blocks_total,
+            kv_bytes_per_token=self.kv.full_bytes_per_token + self.kv.chunk_bytes_per_token,
+            kv_token_capacity=self.kv.token_capacity,
+            tokens_per_s=rate,
+            finished=dict(self.finish_counts),
+        )

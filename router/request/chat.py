@@ -1,0 +1,60 @@
+"""Llama 4's chat format for a list of messages (Meta's prompt_format.md; the Hugging Face chat template):
+
+<|begin_of_text|><|header_start|>system<|header_end|>\\n\\n{system}<|eot|><|header_start|>user<|header_end|>
+\\n\\n{user}<|eot|><|header_start|>assistant<|header_end|>\\n\\n
+The system block appears only when given; the prompt ends with an open assistant header. A message's content is
+text, or a list of text and image parts: each image renders as `<|image|>` where it stands (then expanded to the
+image's tokens, router/images/request.py), and the joined content is trimmed like a plain string. Encode the rendered
+text without adding special tokens: it already starts with <|begin_of_text|>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router.request.messages import ChatMessage, ImageInput, ImagePart
+from router.request.sampling_params import InvalidRequest
+
+ROLES = ("system", "user", "assistant", "ipython")
+IMAGE_PLACEHOLDER = "<|image|>"
+
+
+def render_chat(messages: Sequence[ChatMessage]) -> str:
+    if not messages:
+        raise InvalidRequest("messages", "is empty; give at least one message")
+    parts = ["<|begin_of_text|>"]
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role", f"must be one of {list(ROLES)}, got {m.role!r}")
+        if m.role == "system" and i != 0:
+            raise InvalidRequest(f"messages[{i}].role", "a system message may only come first")
+        parts.append(f"<|header_start|>{m.role}<|header_end|>\n\n{_content(i, m.content)}<|eot|>")
+    parts.append("<|header_start|>assistant<|header_end|>\n\n")
+    return "".join(parts)
+
+
+def chat_images(messages: Sequence[ChatMessage]) -> list[ImageInput]:
+    """Every image part, in prompt order, with its field (`messages[i].parts[j].image`)."""
+    return [
+        ImageInput(part.data, f"messages[{i}].parts[{j}].image")
+        for i, m in enumerate(messages)
+        if not isinstance(m.content, str)
+        for j, part in enumerate(m.content)
+        if isinstance(part, ImagePart)
+    ]
+
+
+def _content(i: int, content) -> str:
+    if isinstance(content, str):
+        return content.strip()
+    if not isinstance(content, tuple) or not content:
+        raise InvalidRequest(f"messages[{i}].content", "must be a string or a non-empty list of text and image parts")
+    out = []
+    for j, part in enumerate(content):
+        if isinstance(part, ImagePart):
+            out.append(IMAGE_PLACEHOLDER)
+        elif isinstance(part, str):
+            out.append(part)
+        else:
+            raise InvalidRequest(f"messages[{i}].parts[{j}]", f"must be text or an image, got {type(part).__name__}")
+    return "".join(out).strip()

@@ -1,0 +1,103 @@
+"""What crosses the gateway <-> engine boundary. The gateway (or the CLI) creates `EngineRequest`s; the
+engine answers each with a stream of `Delta`s and exactly one `Final`. Deltas carry only what is new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.request.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image inside a chat message: the encoded file's bytes as the client sent them (PNG, JPEG, WebP or GIF; a
+    data: URL is decoded to bytes at the edge). Rendered as `<|image|>`, then expanded to the image's tokens."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant | ipython
+    content: str | tuple[str | ImagePart, ...]  # text, or text and image parts in order
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request, with the request field it came from (named by every error about it).
+
+    `grid` None: the prompt still holds the image's `<|image|>` placeholder, which `prepare_request` expands.
+    `grid` (rows, cols): the prompt ids already hold the image's expanded tokens; a request relayed by the gateway
+    (or resumed on another router) carries its images this way, so no router re-tokenizes or re-expands."""
+
+    data: bytes
+    field: str
+    grid: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A request continued on another router after its first one died: the tokens already streamed to the client
+    (generated, not part of the prompt) and how many characters of their text the client already has. The
+    engine recomputes their KV, rebuilds the text stream (so a stop string spanning the failover still matches)
+    and samples on from there; sampling is a pure function of (seed, position), so with the same seed the
+    continuation is the undisturbed run's."""
+
+    output_ids: tuple[int, ...]
+    text_chars: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """Exactly one of prompt / prompt_ids / messages is set (checked by `prepare_request`)."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    resume: Resume | None = None
+    images: tuple[ImageInput, ...] = ()  # with prompt / prompt_ids (a chat's images are parts of its messages)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the top-n alternatives (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class Delta:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+FINISH_REASONS = ("length", "stop", "abort", "error")
+
+
+@dataclass(frozen=True)
+class Final:
+    request_id: str
+    finish_reason: str  # one of FINISH_REASONS
+    matched_stop: str | int | None = None  # the stop string or stop token id that ended it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # for finish_reason "error": what went wrong, naming the field if it was the request
+    error_kind: str | None = None  # for "error": "request" (bad input), "cluster" (workers/router gone), "internal"
+    error_field: str | None = None  # for error_kind "request": the request field at fault
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_bytes_per_token: int = 0
+    kv_token_capacity: int = 0
+    tokens_per_s: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)
