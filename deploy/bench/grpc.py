@@ -34,6 +34,7 @@ def run_grpc_bench(args) -> int:
                 dtype=args.dtype,
                 model_name=None if args.model else f"{args.bench_model} (random weights)",
                 port=0,
+                http_port=0,
                 max_concurrent_streams=max(args.concurrency) + 8,
             )
             with Server(config) as server:

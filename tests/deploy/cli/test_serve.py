@@ -124,6 +124,8 @@ def test_serve_prints_one_line_serves_clients_drains_on_sigterm_and_leaves_no_ra
         "2",
         "--port",
         str(port),
+        "--http-port",
+        "0",
         "--drain-grace-s",
         str(GRACE_S),
     ]
