@@ -167,7 +167,7 @@ def test_a_client_that_disconnects_before_a_whole_answer_frees_its_kv_blocks(url
     with InferenceClient(server.target) as c:
         aborted = c.cluster_status().router.finished.get("abort", 0)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
         sock.sendall(head.encode() + b"\r\n\r\n" + body)
         wait_running(server)
     assert engine_idle(server)
