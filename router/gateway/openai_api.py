@@ -97,7 +97,9 @@ class OpenAIApi:
             if problem is not None:
                 log.info("refused %s: %s", request.url.path, problem)
                 self.generations.count(FRONT, "unauthenticated")
-                return _error(401, problem.replace("metadata", "header"), code="invalid_api_key")
+                return _error(
+                    401, problem.replace("metadata 'authorization", "header 'Authorization"), code="invalid_api_key"
+                )
         return None
 
     def _model_cards(self) -> list[dict]:
