@@ -170,8 +170,8 @@ class Generations:
         if len(self.streams) >= self.limits.max_concurrent_streams:
             raise GatewayError(
                 Code.RESOURCE_EXHAUSTED,
-                f"{len(self.streams)} Generate streams are open (limit {self.limits.max_concurrent_streams}, "
-                "all fronts together); retry later",
+                f"{len(self.streams)} Generate streams are open (limit {self.limits.max_concurrent_streams}) on "
+                "all fronts together; retry later",
             )
         router = backend.pool.choose()
         if router is None:
