@@ -71,6 +71,9 @@ class HttpServer:
             self._server.force_exit = True
             self._task.cancel()
         self._server = self._task = None
+        for task in asyncio.all_tasks():  # sse-starlette's watcher of this loop (one per loop), ended with the server
+            if getattr(task.get_coro(), "__name__", "") == "_shutdown_watcher":
+                task.cancel()
 
 
 def _bind(host: str, port: int) -> socket.socket:
