@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import time
+import urllib.request
 
 import numpy as np
 import openai
@@ -18,12 +19,14 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def serve(model_dir, routers: int = 1, workers: int = 2, **gateway) -> Server:
+    """A started server (Prometheus metrics on a free port), serving."""
     config = parse_serve_config(
         {
             "model": {"path": str(model_dir)},
             "cluster": {"routers": routers, "workers": workers, "vision_encoders": 0},
             "scheduler": {"max_num_seqs": 16},
             "gateway": {"port": 0, "http_port": 0, "poll_interval_s": 0.1, **gateway},
+            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
         }
     )
     server = Server(config, show_progress=False).start()
@@ -48,6 +51,13 @@ def engine_idle(server, timeout_s: float = 20.0) -> list:
                 return seen
             assert time.monotonic() < deadline, f"the engines still hold requests: {seen}"
             time.sleep(0.1)
+
+
+def scrape(server) -> dict[str, float]:
+    """The metrics endpoint's samples, by name and labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.gateway.metrics_port}/metrics", timeout=10).read()
+    lines = [line for line in text.decode().splitlines() if line and not line.startswith("#")]
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
 
 
 def running(server) -> int:

@@ -27,6 +27,7 @@ from tests.router.gateway.fronts import (
     images_input,
     kserve_infer,
     openai_client,
+    scrape,
     serve,
     text_input,
 )
@@ -184,6 +185,19 @@ def test_bad_input_on_each_front_gets_its_own_error_while_two_streams_go_on(serv
         v1.generate_text(prompt="a", max_tokens=2, temperature=-1)
     assert e.value.code.name == "INVALID_ARGUMENT" and "sampling.temperature" in str(e.value)
     assert streams.join() == {"v1": 300, "openai": 300}
+
+
+def test_prometheus_counts_requests_errors_and_latency_per_front(server):
+    samples = scrape(server)  # after the tests above: every front finished requests and refused bad ones
+
+    def count(front, outcome):
+        return samples.get(f'moecluster_front_requests_total{{front="{front}",outcome="{outcome}"}}', 0)
+
+    for front in ("moecluster", "kserve", "openai"):
+        assert count(front, "length") >= 2 and count(front, "invalid_argument") >= 1, front
+        assert samples[f'moecluster_front_request_seconds_count{{front="{front}"}}'] >= 2
+        assert samples[f'moecluster_front_time_to_first_token_seconds_count{{front="{front}"}}'] >= 2
+    assert count("openai", "not_found") >= 1
 
 
 def test_a_router_killed_mid_stream_costs_the_http_and_kserve_streams_nothing(server, oa, kserve):
