@@ -29,16 +29,16 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from router.engine.sampler import resolve_seed
 from router.gateway.cluster_view import ClusterView
 from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterEntry, RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
-from router.request.messages import Delta, EngineRequest, Final
+from router.request.errors import InvalidRequest
+from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
 from router.request.prepare import prepare_request
-from router.request.sampling_params import InvalidRequest
+from router.request.sampling_params import resolve_seed
 from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class Generations:
                 relay.abort()  # frees its KV blocks on the router holding it; a no-op if it already ended
         if final is None:
             self._fail(admitted, GatewayError(Code.UNAVAILABLE, "the engine stream ended without a final message"))
-        if final.finish_reason == "error":
+        if final.finish_reason is FinishReason.ERROR:
             self._fail(admitted, _engine_error(final))
         self._finished(admitted, final)
         yield final
@@ -247,7 +247,7 @@ class Generations:
         raise error
 
     def _finished(self, admitted: Admitted, final: Final) -> None:
-        self.count(admitted.front, final.finish_reason)
+        self.count(admitted.front, final.finish_reason.value)
         self.metrics.prompt_tokens.inc(final.prompt_tokens)
         self.metrics.completion_tokens.inc(final.completion_tokens)
         elapsed = time.monotonic() - admitted.arrived
@@ -255,7 +255,7 @@ class Generations:
         relay = admitted.relay
         log.info(
             "finished (%s): %d prompt + %d completion tokens in %.3fs%s",
-            final.finish_reason,
+            final.finish_reason.value,
             final.prompt_tokens,
             final.completion_tokens,
             elapsed,
@@ -290,6 +290,6 @@ class Generations:
 def _engine_error(final: Final) -> GatewayError:
     """An engine-side error after admission: a bad request the engine caught (INVALID_ARGUMENT), or an expert side
     that gave up (UNAVAILABLE). A router whose step raised is not one: the relay moved the request."""
-    if final.error_kind == "request":
+    if final.error_kind is ErrorKind.REQUEST:
         return GatewayError(Code.INVALID_ARGUMENT, final.error or "invalid request", final.error_field or "")
     return GatewayError(Code.UNAVAILABLE, f"the cluster failed: {final.error}")

@@ -28,8 +28,9 @@ import numpy as np
 
 from protos.kserve.v2 import grpc_predict_v2_pb2 as kpb
 from router.images.data_url import data_url_bytes
+from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, Final, ImageInput
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 OUTPUTS = {"text_output": "BYTES", "output_ids": "INT64"}
@@ -98,7 +99,7 @@ def response(
         out.outputs.add(name=name, datatype=OUTPUTS[name], shape=shape)
         out.raw_output_contents.append(raw)
     if final is not None:
-        out.parameters["finish_reason"].string_param = final.finish_reason
+        out.parameters["finish_reason"].string_param = final.finish_reason.value
         out.parameters["prompt_tokens"].int64_param = final.prompt_tokens
         out.parameters["completion_tokens"].int64_param = final.completion_tokens
     if last:

@@ -33,8 +33,8 @@ from router.gateway.auth import HEADER, ApiKeyInterceptor
 from router.gateway.generations import Admitted, Code, GatewayError, Generations
 from router.gateway.openai_request import OpenAIRequest, chat_request, completion_request, field_name
 from router.gateway.openai_response import HTTP_STATUS, Reply, error_body
+from router.request.errors import InvalidRequest
 from router.request.messages import Final
-from router.request.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 FRONT = "openai"

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from router.images.data_url import data_url_bytes
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest, ImagePart
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 
 # body key -> SamplingParams field, shared by both endpoints (completions' `logprobs` is read on its own)
 SAMPLING = {

@@ -78,7 +78,7 @@ class Reply:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs}
-        choice["finish_reason"] = final.finish_reason
+        choice["finish_reason"] = final.finish_reason.value
         return {**self._head(self.object), "choices": [choice], "usage": usage(final)}
 
     def chunk(self, delta: Delta) -> dict:
@@ -88,7 +88,7 @@ class Reply:
 
     def last_chunks(self, final: Final, include_usage: bool) -> list[dict]:
         """The chunk with the finish_reason, then (include_usage) the usage chunk."""
-        last = self._chunk_with("", None, final.finish_reason)
+        last = self._chunk_with("", None, final.finish_reason.value)
         if not include_usage:  # usage on the last chunk itself: every final response carries it
             last["usage"] = usage(final)
             return [last]

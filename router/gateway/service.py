@@ -14,14 +14,15 @@ import logging
 import math
 import uuid
 
+from cluster.errors import RebalanceRefused, error_summary
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from router.gateway import convert
 from router.gateway.cluster_status import gather_status
 from router.gateway.generations import Code, GatewayError, Generations
+from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, Final
 from router.request.prepare import prompt_with_images
-from router.request.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 FRONT = "moecluster"
@@ -118,8 +119,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             plan = await asyncio.to_thread(backend.view.rebalance)
         except GatewayError as e:
             await context.abort(e.code, e.message)
-        except RuntimeError as e:
-            await context.abort(Code.FAILED_PRECONDITION, str(e))
+        except RebalanceRefused as e:
+            await context.abort(Code.FAILED_PRECONDITION, error_summary(e))
         generation = backend.view.supervision()["generation"]
         if plan is None:
             return pb.RebalanceResponse(
