@@ -19,7 +19,6 @@ prompt_tokens and completion_tokens as response parameters of the last response.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos.kserve.v2 import grpc_predict_v2_pb2 as kpb
+from protos.vocabulary import SAMPLING_NAMES
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, Final, ImageInput
 from router.request.sampling_params import SamplingParams
 
-SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+SAMPLING_FIELDS = frozenset(SAMPLING_NAMES)  # the wire contract's sampling parameters (protos/vocabulary.py)
 OUTPUTS = {"text_output": "BYTES", "output_ids": "INT64"}
 INPUTS = {  # name -> allowed datatypes
     "text_input": ("BYTES",),

@@ -1,36 +1,30 @@
 """OpenAI request bodies (POST /v1/completions, /v1/chat/completions) -> the engine's `EngineRequest`. No I/O.
 
 Every body key this server reads is in one of the tables below, so accepting a new one is one line: a sampling
-setting goes in `SAMPLING` (body key -> SamplingParams field; SamplingParams.validate checks its value and the error
-names the body key), a key this server refuses in `REFUSED`. Keys in neither are ignored, as OpenAI-compatible
-servers do (`user`, `metadata`, `store`, ...). Our extras (top_k, min_p, min_tokens, repetition_penalty, ignore_eos,
-stop_token_ids) are accepted at the top level of the body, as vLLM accepts them (the openai SDK's `extra_body`).
+setting is in `SAMPLING` (body key -> SamplingParams field; SamplingParams.validate checks its value and the error
+names the body key), a key this server refuses in `REFUSED`. `SAMPLING` holds every scalar sampling parameter of the
+wire contract (protos/vocabulary.py) under its own name, so one added to the proto is taken here too; our extras
+(top_k, min_p, min_tokens, repetition_penalty, ignore_eos, stop_token_ids) go at the top level of the body, as vLLM
+takes them (the openai SDK's `extra_body`). Keys in neither table are ignored, as OpenAI-compatible servers do
+(`user`, `metadata`, `store`, ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protos.vocabulary import SAMPLING_FIELDS
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest, ImagePart
 from router.request.sampling_params import SamplingParams
 
-# body key -> SamplingParams field, shared by both endpoints (completions' `logprobs` is read on its own)
+# body key -> SamplingParams field, shared by both endpoints; `stop` and the logprobs keys are read on their own
+# (their OpenAI shapes differ from ours: a string or a list; completions' `logprobs` is a count)
+OWN_SHAPE = ("stop", "logprobs", "top_logprobs")
 SAMPLING = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "max_tokens": "max_tokens",
+    **{f.name: f.name for f in SAMPLING_FIELDS if f.name not in OWN_SHAPE},
     "max_completion_tokens": "max_tokens",  # the chat API's newer name; wins over max_tokens
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "min_tokens": "min_tokens",
-    "repetition_penalty": "repetition_penalty",
-    "ignore_eos": "ignore_eos",
-    "stop_token_ids": "stop_token_ids",
 }
 CHAT_ONLY = {"top_logprobs": "top_logprobs"}
 # body key -> why it is refused (a later issue brings tools and structured output to the sampler)
