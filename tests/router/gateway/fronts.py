@@ -85,6 +85,12 @@ def ids_input(ids: list[int], datatype: str = "INT64") -> triton.InferInput:
     return t
 
 
+def tensor(name: str, datatype: str, data) -> triton.InferInput:
+    t = triton.InferInput(name, list(data.shape), datatype)
+    t.set_data_from_numpy(data)
+    return t
+
+
 def images_input(images: list[bytes]) -> triton.InferInput:
     t = triton.InferInput("image", [len(images)], "BYTES")
     t.set_data_from_numpy(np.array(images, dtype=object))

@@ -29,6 +29,7 @@ from tests.router.gateway.fronts import (
     openai_client,
     scrape,
     serve,
+    tensor,
     text_input,
 )
 from tests.router.gateway.test_routers import kill_mid_stream
@@ -175,7 +176,7 @@ def test_bad_input_on_each_front_gets_its_own_error_while_two_streams_go_on(serv
         assert r.status_code == status and r.json()["error"]["param"].startswith(param), r.text
     for inputs, words in [
         ([], "text_input"),
-        ([_tensor("text_input", "INT64", np.array([3]))], "inputs[0].datatype"),
+        ([tensor("text_input", "INT64", np.array([3]))], "inputs[0].datatype"),
         ([text_input("<|image|>" * 3), images_input([RED, BLUE, RED])], "image"),
     ]:
         with pytest.raises(InferenceServerException) as e:
@@ -235,9 +236,3 @@ def _both(server, oa, kserve, prompts) -> dict:
     for p in prompts:
         out[p] = (oa_text.get(p), *kserve_out[p])
     return out
-
-
-def _tensor(name: str, datatype: str, data) -> triton.InferInput:
-    t = triton.InferInput(name, list(data.shape), datatype)
-    t.set_data_from_numpy(data)
-    return t

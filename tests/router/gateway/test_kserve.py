@@ -24,6 +24,7 @@ from tests.router.gateway.fronts import (
     ids_input,
     kserve_infer,
     serve,
+    tensor,
     text_input,
     wait_running,
 )
@@ -107,8 +108,8 @@ def test_stream_false_gives_one_whole_response(client):
     [
         (lambda: [], {}, ["text_input"]),
         (lambda: [ids_input([1, 2], "INT64")], {"temperature": -1.0}, ["parameters.temperature"]),
-        (lambda: [_tensor("text_input", "INT32", np.array([1], dtype=np.int32))], {}, ["inputs[0].datatype", "BYTES"]),
-        (lambda: [_tensor("prompt", "BYTES", np.array([b"x"], dtype=object))], {}, ["inputs[0].name", "text_input"]),
+        (lambda: [tensor("text_input", "INT32", np.array([1], dtype=np.int32))], {}, ["inputs[0].datatype", "BYTES"]),
+        (lambda: [tensor("prompt", "BYTES", np.array([b"x"], dtype=object))], {}, ["inputs[0].name", "text_input"]),
         (lambda: [text_input("x"), ids_input([1])], {}, ["not both"]),
     ],
 )
@@ -164,9 +165,3 @@ def test_a_cancelled_stream_aborts_its_requests_and_frees_their_kv_blocks(server
     with InferenceClient(server.target) as v1:  # the stream's requests were aborted, and the server serves on
         assert v1.cluster_status().router.finished.get("abort", 0) == aborted + 3
         assert len(v1.generate_text(prompt="x", max_tokens=3, **GREEDY).token_ids) == 3
-
-
-def _tensor(name: str, datatype: str, data) -> triton.InferInput:
-    t = triton.InferInput(name, list(data.shape), datatype)
-    t.set_data_from_numpy(data)
-    return t
