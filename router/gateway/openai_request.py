@@ -52,9 +52,10 @@ class OpenAIRequest:
 def completion_request(body: dict, request_id: str) -> OpenAIRequest:
     """POST /v1/completions: `prompt` (a string, a list of one string, or token ids)."""
     _check_common(body)
-    for key in ("echo", "best_of"):
-        if body.get(key) not in (None, False, 1):
-            raise InvalidRequest(key, f"is not supported by this server (got {body[key]!r})")
+    if body.get("echo"):
+        raise InvalidRequest("echo", "is not supported by this server (the prompt is never repeated)")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("best_of", f"only 1 is supported, got {body['best_of']!r}")
     extra = {}
     logprobs = body.get("logprobs")
     if logprobs is not None:
