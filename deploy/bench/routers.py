@@ -42,7 +42,7 @@ def _serve(model_dir: str, routers: int, args) -> Server:
             "model": {"path": model_dir},
             "cluster": {"routers": routers, "workers": args.workers},
             "scheduler": {"max_num_seqs": max(args.concurrency)},
-            "gateway": {"port": 0, "max_concurrent_streams": 4 * max(args.concurrency)},
+            "gateway": {"port": 0, "http_port": 0, "max_concurrent_streams": 4 * max(args.concurrency)},
         }
     )
     return Server(config, show_progress=False).start()

@@ -30,7 +30,7 @@ def serve(model_dir, **cluster) -> Server:
         {
             "model": {"path": str(model_dir)},
             "cluster": {"workers": 2, **cluster},
-            "gateway": {"port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
+            "gateway": {"port": 0, "http_port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
             "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
         }
     )

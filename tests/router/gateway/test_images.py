@@ -72,6 +72,7 @@ def server(model_dir):
             "scheduler": {"max_num_seqs": 16},
             "gateway": {
                 "port": 0,
+                "http_port": 0,
                 "poll_interval_s": 0.1,
                 "max_images_per_request": 2,
                 "max_image_bytes": 64 * 1024,

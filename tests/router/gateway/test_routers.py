@@ -29,7 +29,7 @@ def serve(model_dir, routers: int, workers: int = 2) -> Server:
             "model": {"path": str(model_dir)},
             "cluster": {"routers": routers, "workers": workers},
             "scheduler": {"max_num_seqs": 16},
-            "gateway": {"port": 0, "poll_interval_s": 0.1},
+            "gateway": {"port": 0, "http_port": 0, "poll_interval_s": 0.1},
         }
     )
     return Server(config, show_progress=False).start()

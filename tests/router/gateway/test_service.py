@@ -55,6 +55,7 @@ def server(model_dir):
             "scheduler": {"max_num_seqs": 4},
             "gateway": {
                 "port": 0,
+                "http_port": 0,
                 "max_concurrent_streams": 20,
                 "max_queued_requests": 64,
                 "max_message_bytes": MAX_MESSAGE,
