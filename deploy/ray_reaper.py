@@ -111,9 +111,11 @@ class Tree:
         pending = {pid: stat[0] for pid, stat in current.items() if self.seen.get(pid) != stat[1]}
         self.seen = {pid: stat[1] for pid, stat in current.items()}
         marked = {pid for pid in pending if self._marked(pid)}
-        while joined := [pid for pid, ppid in pending.items() if ppid in self.members or pid in marked]:
+        parents = {pid for pid, start in self.members.items() if pid in current and current[pid][1] == start}
+        while joined := [pid for pid, ppid in pending.items() if ppid in parents or pid in marked]:
             for pid in joined:
                 self.members[pid] = current[pid][1]
+                parents.add(pid)
                 del pending[pid]
 
     def alive(self) -> list[int]:
