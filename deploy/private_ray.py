@@ -3,8 +3,10 @@ only, and only by processes that hold its token. Anyone who can reach a Ray clus
 embedded default must not listen on the network ("ShadowRay").
 
   start(num_cpus)   a new local Ray (never an existing one), every server on 127.0.0.1, RAY_AUTH_MODE=token with
-                    a fresh random token in a 0600 file (never on a command line)
-  shutdown()        ray.shutdown(); if start() made the Ray: delete the token, restore the environment
+                    a fresh random token in a 0600 file (never on a command line), and a reaper that stops this
+                    Ray once this process is gone, however it died (deploy/ray_reaper.py)
+  shutdown()        ray.shutdown(); if start() made the Ray: restore the environment, let the reaper stop what
+                    is left of the Ray, delete the token
 
 How, in Ray 2.60 (measured with the sockets in /proc; tests/deploy/test_private_ray.py checks it):
   * Loopback. Ray has no bind-address option. Its servers (GCS, raylet, object manager, core workers, the agents)
