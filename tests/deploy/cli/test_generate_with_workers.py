@@ -1,5 +1,6 @@
 """`moecluster generate --workers N` as a user runs it: same output as in-process, also when a worker is killed
-mid-generation (it is replaced and the step replayed), with no Ray process left behind."""
+mid-generation (it is replaced and the step replayed), with no Ray process left behind. The kill comes once the
+worker is computing steps (its CPU time grows), not after a fixed delay, and the log shows it interrupted a step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import LLAMA3_ROPE, make_hf_model
-from tests.procs import descendants_running, ray_gone, ray_processes
+from tests.procs import cpu_seconds, descendants_running, ray_gone, ray_processes
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +65,14 @@ def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoin
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     assert victims, "the workers never started serving"  # wait_stopped is called once a worker serves
-    time.sleep(1.0)  # well into the generation
+    busy = cpu_seconds(victims[-1]) + 0.3  # a third of a second of expert work: decode steps are running
+    while cpu_seconds(victims[-1]) < busy:
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never computed"
+        time.sleep(0.02)
     os.kill(victims[-1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
+    assert "failed over" in stderr  # the kill interrupted a step (one between steps would cost no failover)
     assert stdout == local.stdout
     assert "Traceback" not in stderr
     assert ray_gone(), ray_processes()

@@ -1,7 +1,8 @@
 """What a gRPC client sees when an expert worker dies: nothing but a pause (every stream completes with the
 tokens of an undisturbed run, readiness stays SERVING, status and metrics show the failover); and when its
 replacements keep failing and an expert has no live copy left: UNAVAILABLE naming why, and liveness
-NOT_SERVING so the orchestrator restarts the pod."""
+NOT_SERVING so the orchestrator restarts the pod. The kill comes once every stream generates with tokens left, and
+the test checks that every stream got tokens before and after it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import grpc
 import pytest
 import ray
 
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
@@ -23,6 +25,7 @@ from protos.client_types import GenerationError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
+TOKENS = 120
 
 
 def serve(model_dir, **cluster) -> Server:
@@ -37,16 +40,22 @@ def serve(model_dir, **cluster) -> Server:
     return Server(config, show_progress=False).start()
 
 
-def run_streams(target: str, results: dict, errors: list) -> list[threading.Thread]:
+def run_streams(target: str, results: dict, errors: list, logs: list[StreamLog] | None = None):
+    """STREAMS streaming requests on threads; their tokens in `results`, arrival times in `logs` (when given)."""
+    logs = logs if logs is not None else [StreamLog(TOKENS) for _ in range(STREAMS)]
+
     def one(i):
         sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
         try:
             with InferenceClient(target) as client:
-                results[i] = client.generate_text(
-                    input_ids=[1, 7 + i, 3], max_tokens=120, ignore_eos=True, **sampling
-                ).token_ids
+                gen = client.generate(input_ids=[1, 7 + i, 3], max_tokens=TOKENS, ignore_eos=True, **sampling)
+                for chunk in gen:
+                    logs[i].add(len(chunk.token_ids))
+                results[i] = gen.result.token_ids
         except GenerationError as e:
             errors.append(e)
+        finally:
+            logs[i].done = True
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
     for t in threads:
@@ -70,16 +79,18 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
             t.join(timeout=120)
         assert not errors and len(undisturbed) == STREAMS
         victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
-        results, readiness = {}, []
+        results, readiness, logs = {}, [], [StreamLog(TOKENS) for _ in range(STREAMS)]
         with InferenceClient(server.target) as client:
-            threads = run_streams(server.target, results, errors)
-            time.sleep(1.0)
-            os.kill(victim, signal.SIGKILL)
+            threads = run_streams(server.target, results, errors, logs)
+            killed = kill_when_ready(
+                lambda: ready_to_kill(logs), lambda: too_late(logs), lambda: os.kill(victim, signal.SIGKILL)
+            )
             while any(t.is_alive() for t in threads):
                 readiness.append(client.health_status())
                 time.sleep(0.05)
             assert not errors, errors
             assert results == undisturbed
+            assert interrupted([log.times for log in logs], killed)
             assert set(readiness) == {"SERVING"}  # a failover holds requests; it never refuses them
             deadline = time.monotonic() + 60
             while client.cluster_status().workers[1].state != "serving":
