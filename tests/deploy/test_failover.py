@@ -11,7 +11,6 @@ import time
 import uuid
 
 import pytest
-import ray
 
 from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
@@ -19,6 +18,8 @@ from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
 from router.request.messages import EngineRequest
 from router.request.sampling_params import SamplingParams
+from tests.procs import pid_of
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 TOKENS = 160
@@ -44,10 +45,6 @@ def reference(tiny_model_dir):
         return [r["token_ids"] for r in d.generate_batch(requests())]
 
 
-def pid_of(worker) -> int:
-    return ray.get(worker.ping.remote(), timeout=30)["pid"]
-
-
 def run_while(deployment, action) -> list[dict]:
     """Run the 8 requests as one batch while `action()` runs on a thread of its own."""
     actor = threading.Thread(target=action)
@@ -58,15 +55,11 @@ def run_while(deployment, action) -> list[dict]:
         actor.join(timeout=120)
 
 
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "the cluster to recover"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def all_serving(deployment) -> bool:
-    return all(s["state"] == "serving" for s in deployment.supervision()["slots"])
+def wait_all_serving(deployment) -> None:
+    """Wait until every slot serves again (a replacement loaded for each one that died)."""
+    wait_for(
+        lambda: all(s["state"] == "serving" for s in deployment.supervision()["slots"]), what="the cluster to recover"
+    )
 
 
 def assert_complete_and_identical(results, reference):
@@ -81,7 +74,7 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         victim = pid_of(d.workers[1])
         results = run_while(d, lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
         assert_complete_and_identical(results, reference)
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         channel = d.stats()["router"]["channel"]
         assert channel["failovers"] >= 1 and channel["members"] == (0, 1)
         assert d.supervision()["counters"]["replacements_succeeded"] == 1
@@ -102,7 +95,7 @@ def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
             os.kill(second, signal.SIGKILL)
 
         assert_complete_and_identical(run_while(d, kill_twice), reference)
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         assert d.supervision()["counters"]["replacements_succeeded"] == 2
 
 
@@ -120,7 +113,7 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
             os.kill(pid_of(d.workers[0]), signal.SIGKILL)  # and slot 0 dies while the next one loads
 
         assert_complete_and_identical(run_while(d, faults), reference)
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         counters = d.supervision()["counters"]
         assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
 
@@ -144,7 +137,7 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_mode
             except ProcessLookupError:
                 pass
         assert_complete_and_identical(results, reference)
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         assert d.supervision()["counters"]["worker_deaths"] == 1
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed, not just waited out

@@ -14,44 +14,35 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import serve_config, start_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
 
 
 def serve(model_dir, **cluster) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"workers": 2, **cluster},
-            "gateway": {"port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
-            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
-        }
+    config = serve_config(
+        model_dir,
+        cluster={"workers": 2, **cluster},
+        gateway={"expert_stats_interval_s": 0.2},
+        metrics={"enabled": True, "port": 0, "host": "127.0.0.1"},
     )
     return Server(config, show_progress=False).start()
 
 
-def run_streams(target: str, results: dict, errors: list) -> list[threading.Thread]:
-    def one(i):
-        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
-        try:
-            with InferenceClient(target) as client:
-                results[i] = client.generate_text(
-                    input_ids=[1, 7 + i, 3], max_tokens=120, ignore_eos=True, **sampling
-                ).token_ids
-        except GenerationError as e:
-            errors.append(e)
+def sampling(i: int) -> dict:
+    return {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
-    for t in threads:
-        t.start()
-    return threads
+
+def run_streams(target: str, results: dict, errors: list) -> list[threading.Thread]:
+    """STREAMS requests of 120 tokens, greedy and seeded, with different prompts, each on a thread of its own."""
+    requests = [dict(input_ids=[1, 7 + i, 3], max_tokens=120, ignore_eos=True, **sampling(i)) for i in range(STREAMS)]
+    return start_streams(target, requests, results, errors)
 
 
 def metric(server, name: str) -> float:
@@ -69,7 +60,7 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
         for t in run_streams(server.target, undisturbed, errors):
             t.join(timeout=120)
         assert not errors and len(undisturbed) == STREAMS
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = pid_of(server.cluster.workers[1])
         results, readiness = {}, []
         with InferenceClient(server.target) as client:
             threads = run_streams(server.target, results, errors)
@@ -104,7 +95,7 @@ def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fa
     try:
         with InferenceClient(server.target) as client:
             client.wait_until_serving(timeout=30)
-            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30)["pid"]
+            victim = pid_of(server.cluster.workers[0])
             shutil.move(copy, tmp_path / "gone")  # running actors keep their weights; a replacement cannot load
             gen = client.generate(input_ids=[1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True)
             got, errors = [], []

@@ -13,25 +13,18 @@ import time
 
 import grpc
 import pytest
-import ray
 
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import router_pid, serve_config, start_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
 
 def serve(model_dir, routers: int, workers: int = 2) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"routers": routers, "workers": workers},
-            "scheduler": {"max_num_seqs": 16},
-            "gateway": {"port": 0, "poll_interval_s": 0.1},
-        }
-    )
+    config = serve_config(model_dir, cluster={"routers": routers, "workers": workers}, scheduler={"max_num_seqs": 16})
     return Server(config, show_progress=False).start()
 
 
@@ -40,19 +33,11 @@ def sampling(i: int) -> dict:
 
 
 def run_streams(target: str, n: int, tokens: int, results: dict, errors: list) -> list[threading.Thread]:
-    def one(i):
-        try:
-            with InferenceClient(target) as client:
-                results[i] = client.generate_text(
-                    input_ids=[1, 9 + i, 3, 50 + i], max_tokens=tokens, ignore_eos=True, **sampling(i)
-                ).token_ids
-        except GenerationError as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    return threads
+    """n requests of `tokens` tokens, greedy and seeded, with different prompts, each on a thread of its own."""
+    requests = [
+        dict(input_ids=[1, 9 + i, 3, 50 + i], max_tokens=tokens, ignore_eos=True, **sampling(i)) for i in range(n)
+    ]
+    return start_streams(target, requests, results, errors)
 
 
 def collect(target: str, n: int, tokens: int, during=None) -> dict[int, list[int]]:
@@ -85,10 +70,6 @@ def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
             assert time.monotonic() < deadline, "no stream started"
             time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
-
-
-def router_pid(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
 
 
 def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(tiny_model_dir, one_router_tokens):
@@ -158,7 +139,7 @@ def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(tiny_
 def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_router_tokens):
     server = serve(tiny_model_dir, routers=2)
     try:
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = pid_of(server.cluster.workers[1])
         got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim))
         assert got == {i: one_router_tokens[i] for i in range(8)}
         with InferenceClient(server.target) as client:
