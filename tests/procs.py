@@ -1,4 +1,5 @@
-"""Processes a test started, found by ancestry (never by name alone), and a check that no Ray is left behind."""
+"""Processes a test started, found by ancestry (never by name alone) or asked of a Ray actor, and a check that no
+Ray is left behind."""
 
 from __future__ import annotations
 
@@ -65,3 +66,10 @@ def ray_gone(timeout_s: float = 20.0) -> bool:
             return False
         time.sleep(0.25)
     return True
+
+
+def pid_of(actor) -> int:
+    """The process id of a Ray actor that answers `ping()` (an expert worker, a vision encoder)."""
+    import ray
+
+    return ray.get(actor.ping.remote(), timeout=30)["pid"]

@@ -23,6 +23,8 @@ from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
 from router.request.messages import Delta, EngineRequest
 from router.request.sampling_params import SamplingParams
+from tests.procs import pid_of
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 TOKENS = 160
@@ -46,10 +48,6 @@ def reference(tiny_model_dir):
     """The tokens of an undisturbed run, from a cluster of the same shape."""
     with Deployment.start(DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), show_progress=False)) as d:
         return [r["token_ids"] for r in d.generate_batch(requests())]
-
-
-def pid_of(worker) -> int:
-    return ray.get(worker.ping.remote(), timeout=30)["pid"]
 
 
 class Streams:
@@ -111,15 +109,11 @@ def sigkill(pid: int):
     return lambda: os.kill(pid, signal.SIGKILL)
 
 
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "the cluster to recover"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def all_serving(deployment) -> bool:
-    return all(s["state"] == "serving" for s in deployment.supervision()["slots"])
+def wait_all_serving(deployment) -> None:
+    """Wait until every slot serves again (a replacement loaded for each one that died)."""
+    wait_for(
+        lambda: all(s["state"] == "serving" for s in deployment.supervision()["slots"]), what="the cluster to recover"
+    )
 
 
 def assert_complete_and_identical(results, reference):
@@ -135,7 +129,7 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         results, times = run_while(d, lambda s: killed.append(s.when_generating(sigkill(victim))))
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0])
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         channel = d.stats()["router"]["channel"]
         assert channel["failovers"] >= 1 and channel["members"] == (0, 1)
         assert d.supervision()["counters"]["replacements_succeeded"] == 1
@@ -156,7 +150,7 @@ def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
         results, times = run_while(d, kill_twice)
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0], until=killed[1]) and interrupted(times, killed[1])
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         assert d.supervision()["counters"]["replacements_succeeded"] == 2
 
 
@@ -175,7 +169,7 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
         results, times = run_while(d, faults)
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0])  # the streams were held through all three, then went on
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         counters = d.supervision()["counters"]
         assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
 
@@ -198,7 +192,7 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_mode
                 pass
         assert_complete_and_identical(results, reference)
         assert interrupted(times, stopped_at[0])
-        wait_for(lambda: all_serving(d))
+        wait_all_serving(d)
         assert d.supervision()["counters"]["worker_deaths"] == 1
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed, not just waited out

@@ -32,24 +32,16 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+def generate_command(model, *flags: str) -> list[str]:
+    """`moecluster generate --model MODEL FLAGS --json` as a command line; the tests add `--workers N`."""
+    return [sys.executable, "-m", "deploy.cli", "generate", "--model", str(model), *flags, "--json"]
+
+
 def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoints):
     assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        str(checkpoints["scout-like"]),
-        "--prompt-ids",
-        "1,2,3",
-        "--max-tokens",
-        "600",
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--json",
-    ]
+    base = generate_command(
+        checkpoints["scout-like"], "--prompt-ids", "1,2,3", "--max-tokens", "600", "--ignore-eos", "--temperature", "0"
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr
     proc = subprocess.Popen(
@@ -79,22 +71,9 @@ def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoin
 
 
 def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
-    path = str(checkpoints["maverick-like-top2"])
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        path,
-        "--prompt-ids",
-        "1,40,41,42",
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0",
-        "--json",
-    ]
+    base = generate_command(
+        checkpoints["maverick-like-top2"], "--prompt-ids", "1,40,41,42", "--max-tokens", "12", "--temperature", "0"
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
     remote = subprocess.run(
         [*base, "--workers", "3"],
@@ -109,23 +88,10 @@ def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
 
 
 def test_generate_cli_with_two_routers_prints_the_tokens_of_one(checkpoints):
-    path = str(checkpoints["scout-like"])
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        path,
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-        "--json",
-        *[a for i in range(6) for a in ("--prompt-ids", f"1,{40 + i},41,42")],
-    ]
+    prompts = [a for i in range(6) for a in ("--prompt-ids", f"1,{40 + i},41,42")]
+    base = generate_command(
+        checkpoints["scout-like"], "--max-tokens", "12", "--temperature", "0.8", "--seed", "3", *prompts
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
     spread = subprocess.run([*base, "--workers", "2", "--routers", "2"], capture_output=True, text=True, timeout=300)
     assert local.returncode == 0 and spread.returncode == 0, (local.stderr, spread.stderr)

@@ -15,13 +15,13 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 
 from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
@@ -29,13 +29,11 @@ TOKENS = 120
 
 
 def serve(model_dir, **cluster) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"workers": 2, **cluster},
-            "gateway": {"port": 0, "http_port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
-            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
-        }
+    config = serve_config(
+        model_dir,
+        cluster={"workers": 2, **cluster},
+        gateway={"expert_stats_interval_s": 0.2},
+        metrics={"enabled": True, "port": 0, "host": "127.0.0.1"},
     )
     return Server(config, show_progress=False).start()
 
@@ -78,7 +76,7 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
         for t in run_streams(server.target, undisturbed, errors):
             t.join(timeout=120)
         assert not errors and len(undisturbed) == STREAMS
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = pid_of(server.cluster.workers[1])
         results, readiness, logs = {}, [], [StreamLog(TOKENS) for _ in range(STREAMS)]
         with InferenceClient(server.target) as client:
             threads = run_streams(server.target, results, errors, logs)
@@ -115,7 +113,7 @@ def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fa
     try:
         with InferenceClient(server.target) as client:
             client.wait_until_serving(timeout=30)
-            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30)["pid"]
+            victim = pid_of(server.cluster.workers[0])
             shutil.move(copy, tmp_path / "gone")  # running actors keep their weights; a replacement cannot load
             gen = client.generate(input_ids=[1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True)
             got, errors = [], []

@@ -14,26 +14,19 @@ import time
 
 import grpc
 import pytest
-import ray
 
 from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import router_pid, serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
 
 def serve(model_dir, routers: int, workers: int = 2) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"routers": routers, "workers": workers},
-            "scheduler": {"max_num_seqs": 16},
-            "gateway": {"port": 0, "http_port": 0, "poll_interval_s": 0.1},
-        }
-    )
+    config = serve_config(model_dir, cluster={"routers": routers, "workers": workers}, scheduler={"max_num_seqs": 16})
     return Server(config, show_progress=False).start()
 
 
@@ -87,10 +80,6 @@ def one_router_tokens(tiny_model_dir):
         return collect(server.target, 16, 48)
     finally:
         server.stop(grace_s=2.0)
-
-
-def router_pid(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
 
 
 def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(tiny_model_dir, one_router_tokens):
@@ -160,7 +149,7 @@ def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(tiny_
 def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_router_tokens):
     server = serve(tiny_model_dir, routers=2)
     try:
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = pid_of(server.cluster.workers[1])
         got = collect(server.target, 8, 48, kill=victim)
         assert got == {i: one_router_tokens[i] for i in range(8)}
         with InferenceClient(server.target) as client:
