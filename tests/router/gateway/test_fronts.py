@@ -32,7 +32,7 @@ from tests.router.gateway.fronts import (
     tensor,
     text_input,
 )
-from tests.router.gateway.test_routers import kill_mid_stream
+from tests.router.gateway.harness import kill_mid_stream
 
 pytestmark = pytest.mark.slow
 PROMPT = "count from 7"
