@@ -84,6 +84,20 @@ class BlockHashes:
         return [s.digest for s in self.images if s.start < hi and s.end > lo]
 
 
+def request_hashes(
+    block_size: int,
+    cache_salt: str | None,
+    prompt_ids: Sequence[int],
+    patch_id: int | None = None,
+    image_rows: Sequence[int] = (),
+    image_data: Sequence[bytes] = (),
+) -> BlockHashes:
+    """A request's block hashes, empty so far: its images' spans (each image's `<|patch|>` rows, in prompt order)
+    and content hashes taken from its prompt. The gateway and the router build them alike."""
+    spans = image_spans(prompt_ids, patch_id, image_rows, [image_digest(d) for d in image_data]) if image_rows else ()
+    return BlockHashes(block_size, cache_salt, spans)
+
+
 def prompt_block_hashes(
     prompt_ids: Sequence[int], block_size: int, cache_salt: str | None, images: Sequence[ImageSpan] = (), limit=None
 ) -> list[bytes]:

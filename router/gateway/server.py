@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from router.gateway import tls
+from router.gateway.affinity import Affinity
 from router.gateway.api_keys import ApiKeys
 from router.gateway.auth import ApiKeyInterceptor
 from router.gateway.cluster_view import ClusterView
@@ -108,7 +109,7 @@ class Gateway:
         """Serve through this cluster: readiness follows its routers' health from now on (SERVING while at least
         one takes requests)."""
         info = await resolve(view.routers[0].model_info.remote(), self.config.ray_timeout_s)
-        pool = RouterPool(view)
+        pool = router_pool(view, info, self.config.routing)
         poller = ClusterPoller(
             view,
             pool,
@@ -163,6 +164,13 @@ class Gateway:
             await self._server.stop(grace_s)
             self._server = None
         self.metrics.close()
+
+
+def router_pool(view: ClusterView, info: dict, routing: str) -> RouterPool:
+    """The routers to spread requests over: by cache affinity when `routing` asks for it and the routers cache
+    prefixes (RouterActor.model_info()), else by load alone."""
+    affinity = routing == "cache_aware" and info.get("prefix_caching", False)
+    return RouterPool(view, Affinity() if affinity else None)
 
 
 def gateway_vision(vision: VisionPrompt | None, c: GatewayConfig) -> VisionPrompt | None:

@@ -7,7 +7,8 @@ handles. The life of a Generate call:
           engines' queues (waiting, as of the last poll) or open streams at their limits -> RESOURCE_EXHAUSTED;
           request_id in flight -> ALREADY_EXISTS; a sampled request without a seed gets one (so a failover can
           continue it exactly)
-  route:  the least-loaded ready router (router_pool.py); the request stays on it
+  route:  by cache affinity (the prompt's leading block hashes, router/gateway/affinity.py), balanced against load; or
+          the least-loaded ready router (router_pool.py); the request stays on it
   stream: its Deltas, then one Final -> Chunks, then Complete. If the router dies or its step raises, the relay
           continues the request on another router (stream_relay.py), images and all: the client sees only a pause
   end:    client cancel or deadline (the handler task is cancelled) -> abort on the request's router frees its
@@ -26,13 +27,15 @@ import grpc
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from router.engine.block_hash import BlockHashes, request_hashes
 from router.engine.sampler import resolve_seed
 from router.gateway import convert
+from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.cluster_status import gather_status
 from router.gateway.cluster_view import ClusterView
 from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
-from router.gateway.router_pool import RouterEntry, RouterPool
+from router.gateway.router_pool import RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
 from router.request.messages import Delta, EngineRequest, Final
@@ -89,19 +92,20 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         arrived = time.monotonic()
         try:
-            _, relay, router = self._admit(request, request.request_id or uuid.uuid4().hex)
+            relay = self._admit(request, request.request_id or uuid.uuid4().hex)
         except GatewayError as e:
             self.metrics.requests.labels(e.outcome).inc()
             await context.abort(e.code, e.message)
         self.metrics.active_streams.inc()
         try:
-            async for response in self._stream(relay, router, request.stream, arrived, context):
+            async for response in self._stream(relay, request.stream, arrived, context):
                 yield response
         finally:
+            relay.release()
             self.streams.pop(relay.request_id, None)
             self.metrics.active_streams.dec()
 
-    def _admit(self, request: pb.GenerateRequest, request_id: str) -> tuple[Backend, StreamRelay, RouterEntry]:
+    def _admit(self, request: pb.GenerateRequest, request_id: str) -> StreamRelay:
         """No await in here: the checks and the registration of the stream happen as one step."""
         backend = self._backend()
         name = backend.info["name"]
@@ -136,21 +140,37 @@ class InferenceService(pb_grpc.InferenceServicer):
                 f"{len(self.streams)} Generate streams are open (limit "
                 f"{self.limits.max_concurrent_streams}); retry later",
             )
-        router = backend.pool.choose()
+        blocks = self._blocks(backend, prepared)
+        router = backend.pool.choose(hashes=blocks.hashes if blocks else ())
         if router is None:
             raise GatewayError(Code.UNAVAILABLE, f"no router is ready: {backend.pool.reason}")
         if not prepared.params.greedy:  # a seed of its own: a failover continues exactly where it stopped
             prepared = replace(prepared, params=replace(prepared.params, seed=resolve_seed(prepared.params)))
-        relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s)
+        relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s, router, blocks)
         self.streams[request_id] = relay
-        return backend, relay, router
+        return relay
 
-    async def _stream(self, relay: StreamRelay, router: RouterEntry, stream: bool, arrived: float, context):
+    @staticmethod
+    def _blocks(backend: Backend, prepared) -> BlockHashes | None:
+        """The request's block hashes with its first ROUTE_BLOCKS full blocks hashed (None: no affinity
+        routing). Named as the routers name them: their block size, the salt, each image's content."""
+        block_size = backend.info.get("block_size")
+        if backend.pool.affinity is None or not block_size:
+            return None
+        vision, images = backend.vision, prepared.images
+        rows = [vision.patch_rows(im.grid) for im in images] if images else ()
+        patch = vision.tokens.patch if images else None
+        ids = prepared.prompt_ids
+        blocks = request_hashes(block_size, prepared.cache_salt, ids, patch, rows, [im.data for im in images])
+        blocks.extend(ids.__getitem__, min(len(ids), ROUTE_BLOCKS * block_size))
+        return blocks
+
+    async def _stream(self, relay: StreamRelay, stream: bool, arrived: float, context):
         rid = relay.request_id
         buffered: list[Delta] = []
         last, final, error = None, None, None
         deadline = self._server_deadline(arrived, context)
-        items = relay.items(router)
+        items = relay.items()
         try:
             while True:
                 try:

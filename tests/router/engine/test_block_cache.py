@@ -29,7 +29,7 @@ def run(m, seq_id, ids, salt=None):
 
 
 def test_hashes_chain_so_a_block_names_its_whole_prefix():
-    a, b = hashes(list(range(12))), hashes([99] + list(range(1, 12)))
+    a, b = hashes(list(range(12))), hashes([99, *list(range(1, 12))])
     assert len(a) == 3 and a[0] != b[0] and a[1] != b[1]  # the same tokens after a different first block
     assert hashes(list(range(12))) == a and hashes(list(range(14))) == a  # a partial block is not named
 
@@ -90,7 +90,7 @@ def test_shared_prefix_is_reused_up_to_the_last_full_block_before_the_last_token
     assert run(m, "a", list(range(20))) == 0
     assert run(m, "b", list(range(20))) == 16  # the same prompt: all but the block holding its last token
     assert run(m, "c", list(range(13)) + [77] * 7) == 12  # shares 3 full blocks
-    assert run(m, "d", [77] + list(range(1, 20))) == 0  # differs in the first token
+    assert run(m, "d", [77, *list(range(1, 20))]) == 0  # differs in the first token
     assert m.blocks_used == 0 and m.seqs == {}
 
 
