@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,21 +22,21 @@ import torch
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
+from cluster.errors import ClusterFailure
 from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.engine.config import EngineConfig
 from router.engine.model_runner import ModelRunner
 from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
-from router.engine.sampler import SamplingState, resolve_seed, sample_batch
-from router.engine.scheduler import SchedRequest, Scheduler
-from router.experts.channel import ClusterFailure
+from router.engine.sampler import sample_batch
+from router.engine.scheduler import Scheduler
+from router.engine.sequence import Sequence
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
-from router.request.detokenizer import TextStream
+from router.request.errors import InvalidRequest
 from router.request.generation_config import eos_token_ids, load_generation_config
-from router.request.messages import Delta, EngineRequest, EngineStats, Final
+from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason
 from router.request.prepare import Limits, PreparedRequest, prepare_request
-from router.request.sampling_params import InvalidRequest
 from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,16 +49,6 @@ def kv_budget(config: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 256 * 2**20
-
-
-@dataclass
-class _Live:
-    prepared: PreparedRequest
-    slot: int
-    sampling: SamplingState
-    text: TextStream
-    images: PromptImages | None = None
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -93,7 +82,7 @@ class Engine:
             max_len,
             model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
         )
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, Sequence] = {}  # every request from `add` to its Final
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
         self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
@@ -150,25 +139,9 @@ class Engine:
 
     def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
         images = self._prompt_images(prepared, features)
-        p = prepared.params
-        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-        resume = prepared.resume
-        outputs = list(resume.output_ids) if resume else []
-        sampling = SamplingState(p, list(prepared.prompt_ids), outputs, stop_ids, resolve_seed(p))
-        text = TextStream(self.tokenizer, p.stop)
-        if resume:
-            text.restore(resume.output_ids, resume.text_chars)
-        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text, images)
-        self.scheduler.add(
-            SchedRequest(
-                prepared.request_id,
-                list(prepared.prompt_ids),
-                p.max_tokens,
-                stop_ids,
-                p.min_tokens,
-                output_ids=sampling.output_ids,
-            )
-        )
+        seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images)
+        self.live[seq.request_id] = seq
+        self.scheduler.add(seq)
 
     def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
         if len(features) != len(prepared.images):
@@ -182,7 +155,7 @@ class Engine:
         if live is None:
             return None
         self.scheduler.abort(request_id)
-        return self._final(request_id, "abort")
+        return self._final(request_id, FinishReason.ABORT)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -206,8 +179,8 @@ class Engine:
         except ClusterFailure as e:
             return self.fail_all(str(e))
         sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
-        states = [self.live[p.request_id].sampling for _, p in sampling_pieces]
-        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], states) if states else ([], [])
+        seqs = [self.live[p.request_id] for _, p in sampling_pieces]
+        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], seqs) if seqs else ([], [])
         sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
         finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
         self._count(len(tokens))
@@ -249,31 +222,34 @@ class Engine:
         return scatter_rows(self.runner.embed(ids_T), rows_R, torch.cat(features))
 
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
-        live = self.live[request_id]
-        text = live.text.push(token)
-        if live.text.matched is not None:  # a stop string wins over whatever else ended this step
+        seq = self.live[request_id]
+        text = seq.text.push(token)
+        if seq.text.matched is not None:  # a stop string wins over whatever else ended this step
             self.scheduler.finish(request_id)
-            done_reason, matched = "stop", live.text.matched
+            done_reason, matched = FinishReason.STOP, seq.text.matched
         elif done is not None:
-            done_reason, matched = done.reason, done.stop_token
+            done_reason, matched = FinishReason(done.reason.value), done.stop_token
         else:
             return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
-        text += live.text.flush() if live.text.matched is None else ""
+        text += seq.text.flush() if seq.text.matched is None else ""
         return [
             Delta(request_id, (token,), text, (logprob,) if logprob else ()),
             self._final(request_id, done_reason, matched),
         ]
 
     def _final(
-        self, request_id: str, reason: str, matched=None, error: str | None = None, error_kind: str | None = None
+        self,
+        request_id: str,
+        reason: FinishReason,
+        matched=None,
+        error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> Final:
-        live = self.live.pop(request_id)
-        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
-        return Final(
-            request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error, error_kind
-        )
+        seq = self.live.pop(request_id)
+        self.finish_counts[reason.value] = self.finish_counts.get(reason.value, 0) + 1
+        return Final(request_id, reason, matched, seq.num_prompt_tokens, seq.num_output_tokens, error, error_kind)
 
-    def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:
+    def fail_all(self, reason: str, kind: ErrorKind = ErrorKind.CLUSTER) -> list[Final]:
         """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
         the engine then refuses new requests."""
         self.failure = reason
@@ -281,7 +257,7 @@ class Engine:
         finals = []
         for request_id in list(self.live):
             self.scheduler.abort(request_id)
-            finals.append(self._final(request_id, "error", error=reason, error_kind=kind))
+            finals.append(self._final(request_id, FinishReason.ERROR, error=reason, error_kind=kind))
         return finals
 
     # ---- stats -------------------------------------------------------------------------------------------

@@ -14,29 +14,11 @@ Legend: N rows, V vocab.
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
-
 import torch
 
+from router.engine.sequence import Sequence
 from router.request.messages import TokenLogprob
 from router.request.sampling_params import SamplingParams
-
-
-@dataclass
-class SamplingState:
-    """What the sampler needs of one request, kept by the engine across steps."""
-
-    params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
-    stop_ids: frozenset[int]
-    seed: int  # the draws' seed (the request's, or a random one when it gave none)
-
-
-def resolve_seed(params: SamplingParams) -> int:
-    """The request's seed, or a fresh random one (it then stays with the request, failovers included)."""
-    return params.seed if params.seed is not None else secrets.randbelow(2**63)
 
 
 def draw_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
@@ -56,56 +38,54 @@ def _splitmix64(x: int) -> int:
 _MASK64 = 2**64 - 1
 
 
-def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample_batch(logits_NV: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     logits_NV = logits_NV.float()
-    tokens: list[int | None] = [None] * len(states)
-    plain = [i for i, st in enumerate(states) if _plain_greedy(st)]
+    tokens: list[int | None] = [None] * len(seqs)
+    plain = [i for i, st in enumerate(seqs) if _plain_greedy(st)]
     if plain:  # one argmax and one device->host copy for all of them, not one per row
         for i, token in zip(plain, torch.argmax(logits_NV[plain], dim=-1).tolist()):
             tokens[i] = token
-    for i, st in enumerate(states):
+    for i, st in enumerate(seqs):
         if tokens[i] is None:
             tokens[i] = sample_row(adjusted_logits(logits_NV[i], st), st)
     logprobs = [
         token_logprob(logits_NV[i], tokens[i], st.params.top_logprobs) if st.params.logprobs else None
-        for i, st in enumerate(states)
+        for i, st in enumerate(seqs)
     ]
     return tokens, logprobs
 
 
-def _plain_greedy(state: SamplingState) -> bool:
+def _plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that changes the logits first: argmax of the raw row."""
-    p = state.params
-    return p.greedy and not p.needs_penalties and not (len(state.output_ids) < p.min_tokens and state.stop_ids)
+    p = seq.params
+    return p.greedy and not p.needs_penalties and not (seq.num_output_tokens < p.min_tokens and seq.stop_ids)
 
 
-def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tensor:
-    p = state.params
+def adjusted_logits(logits_V: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
     if p.needs_penalties:
         logits_V = logits_V.clone()
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(
-                sorted(set(state.prompt_ids) | set(state.output_ids)), dtype=torch.int64, device=logits_V.device
+                sorted(set(seq.prompt_ids) | set(seq.output_ids)), dtype=torch.int64, device=logits_V.device
             )
             vals = logits_V[seen]
             logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if state.output_ids and (p.presence_penalty or p.frequency_penalty):
-            counts_V = torch.bincount(
-                torch.tensor(state.output_ids, device=logits_V.device), minlength=logits_V.shape[0]
-            )
+        if seq.output_ids and (p.presence_penalty or p.frequency_penalty):
+            counts_V = torch.bincount(torch.tensor(seq.output_ids, device=logits_V.device), minlength=logits_V.shape[0])
             logits_V -= p.frequency_penalty * counts_V + p.presence_penalty * (counts_V > 0)
-    if len(state.output_ids) < p.min_tokens and state.stop_ids:
+    if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
         logits_V = logits_V.clone()
-        logits_V[torch.tensor(sorted(state.stop_ids), device=logits_V.device)] = float("-inf")
+        logits_V[torch.tensor(sorted(seq.stop_ids), device=logits_V.device)] = float("-inf")
     return logits_V
 
 
-def sample_row(logits_V: torch.Tensor, state: SamplingState) -> int:
-    p = state.params
+def sample_row(logits_V: torch.Tensor, seq: Sequence) -> int:
+    p = seq.params
     if p.greedy:
         return int(torch.argmax(logits_V))
     probs_V = filtered_probs(logits_V / p.temperature, p)
-    generator = draw_generator(state.seed, len(state.output_ids), probs_V.device)
+    generator = draw_generator(seq.seed, seq.num_output_tokens, probs_V.device)
     return int(torch.multinomial(probs_V, 1, generator=generator))
 
 

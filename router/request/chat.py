@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, ImageInput, ImagePart
-from router.request.sampling_params import InvalidRequest
 
 ROLES = ("system", "user", "assistant", "ipython")
 IMAGE_PLACEHOLDER = "<|image|>"

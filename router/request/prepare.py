@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.config import ModelConfig
 from router.request.chat import chat_images, render_chat
+from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, ImageInput, Resume
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from router.request.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch-free at import: the command line checks prompts before loading torch

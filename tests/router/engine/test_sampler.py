@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from router.engine.sampler import SamplingState, adjusted_logits, filtered_probs, resolve_seed, sample_batch
-from router.request.sampling_params import SamplingParams
+from router.engine.sampler import adjusted_logits, filtered_probs, sample_batch
+from router.engine.sequence import Sequence
+from router.request.sampling_params import SamplingParams, resolve_seed
 
 
-def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset()) -> SamplingState:
+def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset()) -> Sequence:
     params = params.with_defaults({}).validate()
-    return SamplingState(params, list(prompt), list(output), frozenset(stop), resolve_seed(params))
+    return Sequence("r", prompt, params, seed=resolve_seed(params), stop_ids=frozenset(stop), output_ids=output)
 
 
 def test_batched_greedy_equals_row_by_row_argmax_mixed_with_other_rows():
@@ -37,7 +38,7 @@ def test_min_tokens_suppresses_stop_tokens_until_reached():
     st = state(SamplingParams(temperature=0.0, min_tokens=2), output=(3,), stop={7})
     assert sample_batch(logits[None], [st])[0] == [int(torch.argmax(adjusted_logits(logits, st)))]
     assert sample_batch(logits[None], [st])[0] != [7]
-    st.output_ids.append(4)
+    st.append(4)
     assert sample_batch(logits[None], [st])[0] == [7]
 
 
@@ -84,18 +85,18 @@ def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position():
     drawn = []
     for _ in range(12):  # one request drawing 12 tokens in a row
         token = sample_batch(logits[None], [straight])[0][0]
-        straight.output_ids.append(token)
+        straight.append(token)
         drawn.append(token)
     resumed = state(params, output=drawn[:7])  # the same request resumed elsewhere after 7 tokens
     rest = []
     for _ in range(5):
         token = sample_batch(logits[None], [resumed])[0][0]
-        resumed.output_ids.append(token)
+        resumed.append(token)
         rest.append(token)
     assert rest == drawn[7:]
     other = state(SamplingParams(temperature=1.0, seed=12))  # another seed draws other tokens
     for _ in range(12):
-        other.output_ids.append(sample_batch(logits[None], [other])[0][0])
+        other.append(sample_batch(logits[None], [other])[0][0])
     assert other.output_ids != drawn
 
 
