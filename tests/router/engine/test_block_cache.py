@@ -28,6 +28,13 @@ def run(m, seq_id, ids, salt=None):
     return hit
 
 
+def compute(m, seq_id, h, lo, n):
+    """A step of `seq_id` computes positions [lo, lo + n): allocate, commit the full blocks, release old chunks."""
+    assert m.allocate(seq_id, lo, n)
+    m.commit(seq_id, h[: (lo + n) // BS])
+    m.release_finished_chunks(seq_id, lo + n)
+
+
 def test_hashes_chain_so_a_block_names_its_whole_prefix():
     a, b = hashes(list(range(12))), hashes([99, *list(range(1, 12))])
     assert len(a) == 3 and a[0] != b[0] and a[1] != b[1]  # the same tokens after a different first block
@@ -119,15 +126,8 @@ def test_hit_falls_back_to_the_chunk_start_when_its_last_chunk_was_evicted():
     m = manager(chunk=4)
     ids = list(range(20))
     h = hashes(ids)
-    m.reuse("a", [])
-    assert m.allocate("a", 0, 8)
-    m.commit("a", h[:2])
-    m.release_finished_chunks("a", 8)
-    assert m.allocate("a", 8, 8)
-    m.commit("a", h[:4])
-    m.release_finished_chunks("a", 16)
-    assert m.allocate("a", 16, 4)
-    m.commit("a", h)
+    for lo, n in ((0, 8), (8, 8), (16, 4)):
+        compute(m, "a", h, lo, n)
     m.free("a")
     m.chunk.take(3)  # evicts the unused chunk blocks least recently used first: all but block 4's
     assert m.reuse("b", h[:4]) == 16 and m.seqs["b"].chunk == {}  # a chunk boundary: no chunk KV needed
