@@ -17,6 +17,7 @@ from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
+from router.engine.config import EngineConfig
 from router.request.messages import EngineRequest
 from router.request.sampling_params import SamplingParams
 
@@ -48,12 +49,12 @@ def pid_of(worker) -> int:
     return ray.get(worker.ping.remote(), timeout=30)["pid"]
 
 
-def run_while(deployment, action) -> list[dict]:
-    """Run the 8 requests as one batch while `action()` runs on a thread of its own."""
+def run_while(deployment, action, batch: list[EngineRequest] | None = None) -> list[dict]:
+    """Run the 8 requests (or `batch`) as one batch while `action()` runs on a thread of its own."""
     actor = threading.Thread(target=action)
     actor.start()
     try:
-        return deployment.generate_batch(requests(), timeout_s=300)
+        return deployment.generate_batch(batch or requests(), timeout_s=300)
     finally:
         actor.join(timeout=120)
 
@@ -88,6 +89,36 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         if replicas == 2:
             assert min(channel["stalls_s"]) < 1.0  # the surviving copies cover at once
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference  # full strength again
+
+
+def prefix_requests() -> list[EngineRequest]:
+    """8 requests behind one 480-token prefix, greedy and seeded: with 48 tokens a step their prefill spans dozens of
+    steps, and the later ones reuse the blocks the first ones completed."""
+    prefix = tuple(3 + (7 * i) % 250 for i in range(480))
+    return [
+        EngineRequest(uuid.uuid4().hex, GREEDY if i % 2 else seeded(i), prompt_ids=(*prefix, 5 + i, 9, 40 + i))
+        for i in range(8)
+    ]
+
+
+def test_a_worker_killed_mid_prefill_with_the_prefix_cache_changes_no_token(tiny_model_dir):
+    """A step replayed after a worker's death names no block before it completes: every stream gets the tokens of
+    a cache-off run, during the failover and again when the whole prefix comes from the cache."""
+
+    def spec(caching: bool) -> DeploymentSpec:
+        engine = EngineConfig(max_num_batched_tokens=48, prefix_caching=caching)
+        return DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), engine, show_progress=False)
+
+    with Deployment.start(spec(False)) as d:
+        reference = [r["token_ids"] for r in d.generate_batch(prefix_requests(), timeout_s=300)]
+    with Deployment.start(spec(True)) as d:
+        victim = pid_of(d.workers[1])
+        results = run_while(d, lambda: (time.sleep(0.5), os.kill(victim, signal.SIGKILL)), prefix_requests())
+        assert_complete_and_identical(results, reference)
+        assert d.stats()["router"]["channel"]["failovers"] >= 1
+        assert [r["token_ids"] for r in d.generate_batch(prefix_requests(), timeout_s=300)] == reference
+        engine = ray.get(d.router.engine_stats.remote(), timeout=30)
+        assert engine.cached_tokens >= 8 * 480 - 64 and engine.kv_blocks_used == 0
 
 
 def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
