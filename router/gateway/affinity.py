@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
-SLACK_ABS = 4  # load units (running + waiting + open streams) a router may exceed the least loaded by, ...
-SLACK_REL = 0.5  # ... or this fraction of the least loaded's load, whichever is more, and keep its affinity
+SLACK_ABS = 2  # sequences a router may have beyond the least loaded one, ...
+SLACK_REL = 0.5  # ... or this fraction of the least loaded one's, whichever is more, and keep its affinity
 ROUTE_BLOCKS = 256  # leading full blocks of a prompt hashed to route it (4,096 tokens with blocks of 16)
 CAPACITY = 1 << 18  # block hashes remembered (each names one router's block of 16+ tokens)
 
@@ -67,7 +67,8 @@ class Affinity:
                 del self._routers[key]
 
     def pick(self, candidates: Sequence[T], index: Callable[[T], int], load: Callable[[T], tuple], hashes) -> T:
-        """The candidate to send a prompt with these block hashes to (see the module's policy)."""
+        """The candidate to send a prompt with these block hashes to (see the module's policy). `load(c)[0]`: its
+        sequences, for the slack; the whole tuple breaks ties."""
         least = min(load(c)[0] for c in candidates)
         near = [c for c in candidates if within_slack(load(c)[0], least)]
         found = self.matches(hashes) if hashes else {}

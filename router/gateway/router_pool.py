@@ -40,6 +40,13 @@ class RouterEntry:
         usage = engine.kv_blocks_used / engine.kv_blocks_total if engine and engine.kv_blocks_total else 0.0
         return queued + self.assigned, usage
 
+    @property
+    def streams(self) -> int:
+        """Sequences on it, counted once: as polled, or the streams this gateway has open on it if more (a poll
+        lags the streams just sent)."""
+        engine = self.engine
+        return max((engine.running + engine.waiting) if engine else 0, self.assigned)
+
 
 class RouterPool:
     def __init__(self, view: ClusterView, affinity: Affinity | None = None):
@@ -80,7 +87,7 @@ class RouterPool:
         if not candidates:
             return None
         if self.affinity is not None and hashes:
-            return self.affinity.pick(candidates, lambda e: e.index, lambda e: e.load, hashes)
+            return self.affinity.pick(candidates, lambda e: e.index, lambda e: (e.streams, *e.load), hashes)
         return min(candidates, key=lambda e: (*e.load, e.index))
 
     def sent(self, entry: RouterEntry, hashes: Sequence[bytes]) -> None:
