@@ -106,7 +106,7 @@ def test_a_worker_killed_mid_prefill_with_the_prefix_cache_changes_no_token(tiny
     a cache-off run, during the failover and again when the whole prefix comes from the cache."""
 
     def spec(caching: bool) -> DeploymentSpec:
-        engine = EngineConfig(max_num_batched_tokens=48, prefix_caching=caching)
+        engine = EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, prefix_caching=caching)
         return DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), engine, show_progress=False)
 
     with Deployment.start(spec(False)) as d:
