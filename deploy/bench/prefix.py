@@ -13,16 +13,24 @@ Deployments, one after another, in the same run (the same checkpoint and workers
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
 import random
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from deploy import private_ray
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint
+from deploy.cluster_config import ClusterConfig
 from deploy.config import parse_serve_config
+from deploy.ray_runtime import bundles
 from deploy.server import Server
 from protos.async_client import AsyncInferenceClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +56,7 @@ class Run:
 def run_prefix_bench(args) -> int:
     longest = args.system_len + args.turns * (args.user_len + args.new_tokens)
     rows, unshared = [], []
-    with bench_checkpoint(None, overrides=BENCH_MODELS[args.bench_model]) as model_dir:
+    with bench_checkpoint(None, overrides=BENCH_MODELS[args.bench_model]) as model_dir, _one_ray(args):
         deployments = [
             ("1 router, cache off", 1, False, "least_loaded"),
             ("1 router, cache on", 1, True, "cache_aware"),
@@ -71,6 +79,25 @@ def run_prefix_bench(args) -> int:
                     unshared.append(asyncio.run(_unshared(server.target, name, vocab, args)))
     _print(rows, unshared, args)
     return 0
+
+
+@contextmanager
+def _one_ray(args):
+    """One private Ray for every deployment of the run (each joins it): started once, and again if its raylet was too
+    slow to register (a busy machine), at most three times."""
+    cpus = sum(b["CPU"] for b in bundles(ClusterConfig(routers=2, workers=args.workers))) + 1
+    for attempt in range(3):
+        try:
+            private_ray.start(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
+            break
+        except Exception as e:  # Ray raises a bare Exception when its node starts too slowly
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            log.warning("Ray started too slowly (%s); trying again", e)
+    try:
+        yield
+    finally:
+        private_ray.shutdown()
 
 
 def _serve(model_dir: str, routers: int, caching: bool, routing: str, args) -> Server:
