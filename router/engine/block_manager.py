@@ -8,7 +8,7 @@ Two pools, because Llama 4's layers keep different amounts of context:
 A model without NoPE layers uses only the chunk pool; one without chunked attention only the full pool.
 
 Prefix caching (`caching`): once a completed step has computed every position of a full block, `commit` names the
-block in both pools by its chained hash (router/engine/block_hash.py). A new sequence's `reuse` attaches the longest
+block in both pools by its chained hash (router/request/block_hash.py). A new sequence's `reuse` attaches the longest
 cached prefix that gives exactly the KV a recompute would:
   - the full pool must hold every block of the prefix;
   - the chunk pool must hold the blocks of the chunk in which the prefix ends (from that chunk's start up to the

@@ -25,7 +25,6 @@ from cluster.config import load_model_config
 from cluster.errors import ClusterFailure
 from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
-from router.engine.block_hash import BlockHashes, request_hashes
 from router.engine.config import EngineConfig
 from router.engine.model_runner import ModelRunner
 from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
@@ -34,6 +33,7 @@ from router.engine.scheduler import Scheduler
 from router.engine.sequence import Sequence
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
+from router.request.block_hash import BlockHashes, request_hashes
 from router.request.errors import InvalidRequest
 from router.request.generation_config import eos_token_ids, load_generation_config
 from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason

@@ -17,8 +17,8 @@ from router.request.detokenizer import TextStream
 from router.request.sampling_params import SamplingParams, resolve_seed
 
 if TYPE_CHECKING:
-    from router.engine.block_hash import BlockHashes
     from router.images.positions import PromptImages
+    from router.request.block_hash import BlockHashes
     from router.request.prepare import PreparedRequest
     from router.request.tokenizer import Tokenizer
 

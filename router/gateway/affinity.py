@@ -1,6 +1,6 @@
 """Which router most likely holds a prompt's prefix in its KV cache, as this gateway sent it (no I/O, no Ray).
 
-The gateway names a prompt's full blocks with the routers' own hashes (router/engine/block_hash.py: the routers'
+The gateway names a prompt's full blocks with the routers' own hashes (router/request/block_hash.py: the routers'
 block size, the request's cache_salt and images) and remembers, for each hash, the routers it sent that block to
 (an LRU of at most `capacity` hashes). A router's match for a prompt is the number of leading blocks it was sent.
 The table is approximate, like SGLang's cache-aware router: a router may since have evicted a block; a replaced

@@ -11,7 +11,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from router.experts.channel import STALL_BUCKETS_S
+from cluster.failover_buckets import STALL_BUCKETS_S
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import grpc
 from cluster.errors import RebalanceRefused, error_summary
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
-from router.engine.block_hash import BlockHashes, request_hashes
 from router.gateway import convert
 from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.cluster_status import gather_status
@@ -38,6 +37,7 @@ from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
+from router.request.block_hash import BlockHashes, request_hashes
 from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
 from router.request.prepare import prepare_request, prompt_with_images

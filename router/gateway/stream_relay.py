@@ -9,7 +9,7 @@ recomputes their KV, rebuilds the text stream, and samples on: sampling is a pur
 and the gateway gave every sampled request a seed at admission, so the client sees a pause, no error, and no
 token twice or missing. Cancel, deadline and Abort reach whichever router holds the request now.
 
-With cache-affinity routing the relay carries the request's block hashes (router/engine/block_hash.py): the router it
+With cache-affinity routing the relay carries the request's block hashes (router/request/block_hash.py): the router it
 streams from is recorded as holding them (the prompt's when it starts, the prompt's and the generated tokens' when it
 ends), and a failover's re-prefill goes to the router holding the longest run of them when the load allows.
 """
@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 
 import ray
 
-from router.engine.block_hash import BlockHashes
 from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.health import first_line
 from router.gateway.router_pool import RouterEntry, RouterPool
+from router.request.block_hash import BlockHashes
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason, Resume
 from router.request.prepare import PreparedRequest
 

@@ -3,9 +3,9 @@ LRU eviction of unused cached blocks, and the chunk-pool rule (a hit needs the c
 
 from __future__ import annotations
 
-from router.engine.block_hash import BlockHashes, ImageSpan, image_spans, prompt_block_hashes
 from router.engine.block_manager import KVBlockManager
 from router.engine.block_pool import BlockPool
+from router.request.block_hash import BlockHashes, ImageSpan, image_spans, prompt_block_hashes
 
 BS = 4  # tokens per block; chunks of 8 = 2 blocks
 

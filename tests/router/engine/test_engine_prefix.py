@@ -10,12 +10,12 @@ import random
 import pytest
 import torch
 
-from router.engine.block_hash import BlockHashes
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
 from router.engine.scheduler import Scheduler
 from router.engine.sequence import Sequence
 from router.reference.decode import Generator
+from router.request.block_hash import BlockHashes
 from router.request.messages import Delta, EngineRequest, Final
 from router.request.sampling_params import SamplingParams
 from tests.conftest import make_hf_model

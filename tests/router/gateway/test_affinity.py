@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from router.engine.block_hash import prompt_block_hashes
 from router.gateway.affinity import SLACK_ABS, Affinity
 from router.gateway.router_pool import RouterPool
+from router.request.block_hash import prompt_block_hashes
 from router.request.messages import EngineStats
 
 SYSTEM = list(range(100, 164))  # 4 blocks of 16 shared by every conversation
