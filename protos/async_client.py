@@ -103,6 +103,7 @@ class AsyncInferenceClient:
         model: str = "",
         stream: bool = True,
         timeout: float | None = None,
+        cache_salt: str = "",
         **sampling,
     ) -> AsyncGeneration:
         request = build_request(
@@ -113,6 +114,7 @@ class AsyncInferenceClient:
             request_id=request_id,
             model=model,
             stream=stream,
+            cache_salt=cache_salt,
             **sampling,
         )
         return AsyncGeneration(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)

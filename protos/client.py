@@ -118,6 +118,7 @@ class InferenceClient:
         model: str = "",
         stream: bool = True,
         timeout: float | None = None,
+        cache_salt: str = "",
         **sampling,
     ) -> Generation:
         request = build_request(
@@ -128,6 +129,7 @@ class InferenceClient:
             request_id=request_id,
             model=model,
             stream=stream,
+            cache_salt=cache_salt,
             **sampling,
         )
         return Generation(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)

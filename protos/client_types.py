@@ -49,6 +49,7 @@ class GenerationResult:
     matched_stop: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
 
 
@@ -61,11 +62,13 @@ def build_request(
     model: str = "",
     stream: bool = True,
     images: Iterable | None = None,
+    cache_salt: str = "",
     **sampling,
 ) -> pb.GenerateRequest:
     """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts, the
     content a string or a list of parts: see `content_part`); sampling keywords are SamplingParams' fields (unset =
-    the model's default). `images` go with a prompt or input_ids, one per `<|image|>` in it (see `image`)."""
+    the model's default). `images` go with a prompt or input_ids, one per `<|image|>` in it (see `image`). Requests
+    with different `cache_salt`s share no cached KV."""
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
@@ -73,6 +76,7 @@ def build_request(
         request_id=request_id,
         model=model,
         stream=stream,
+        cache_salt=cache_salt,
         sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
     )
     if prompt is not None:
@@ -165,6 +169,7 @@ class StreamFolder:
             stop = c.WhichOneof("matched_stop")
             r.matched_stop = getattr(c, stop) if stop else None
             r.prompt_tokens, r.completion_tokens = c.prompt_tokens, c.completion_tokens
+            r.cached_tokens = c.cached_tokens
             self.done = True
         elif kind == "error":
             self.error = response.error

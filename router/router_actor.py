@@ -219,6 +219,8 @@ class RouterActor:
             "generation_defaults": engine.defaults,
             "eos_token_ids": sorted(engine.eos_ids),
             "kv_token_capacity": engine.kv.token_capacity,
+            "block_size": engine.kv.block_size,
+            "prefix_caching": engine.blocks.caching,
             "kv_bytes_per_token": engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),

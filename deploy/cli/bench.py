@@ -146,6 +146,19 @@ def add_parser(sub) -> None:
     o.add_argument("--tokens", type=int, default=64)
     o.set_defaults(run=_run_routers)
 
+    x = what.add_parser("prefix", help="multi-turn chat with a shared system prompt: prefix cache on vs off, routing")
+    _bench_model(x, "moe-256")
+    x.add_argument("--workers", type=int, default=2)
+    x.add_argument("--users", type=int, default=16)
+    x.add_argument("--turns", type=int, default=4)
+    x.add_argument("--system-len", type=int, default=1500, help="tokens of the system prompt every user shares")
+    x.add_argument("--user-len", type=int, default=100, help="tokens of each user message")
+    x.add_argument("--new-tokens", type=int, default=24, help="greedy tokens of each answer")
+    x.add_argument("--unshared-tokens", type=int, default=64, help="answer length of the no-sharing workload")
+    x.add_argument("--no-routers2", dest="routers2", action="store_false", help="skip the 2-router deployments")
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(run=_run_prefix)
+
 
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> list[str]:
@@ -196,6 +209,12 @@ def _run_routers(args) -> int:
     from deploy.bench.routers import run_routers_bench
 
     return run_routers_bench(args)
+
+
+def _run_prefix(args) -> int:
+    from deploy.bench.prefix import run_prefix_bench
+
+    return run_prefix_bench(args)
 
 
 def _bench_model(parser, default: str) -> None:

@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
     add_sampling_args(g)
     g.add_argument("--model", default="", help="model name to check against the server's (default: any)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--cache-salt", default="", help="requests with different salts share no cached KV")
     g.add_argument("--json", action="store_true", help="print one JSON object with the whole result")
     g.set_defaults(run=run_generate)
     s = what.add_parser("status", help="placement and load of the cluster", allow_abbrev=False)
@@ -133,7 +134,7 @@ def run_generate(args) -> int:
 
 
 def _generate(client, args, inputs: dict, sampling: dict) -> int:
-    gen = client.generate(**inputs, model=args.model, timeout=args.timeout, **sampling)
+    gen = client.generate(**inputs, model=args.model, timeout=args.timeout, cache_salt=args.cache_salt, **sampling)
     for chunk in gen:
         if not args.json:
             sys.stdout.write(chunk.text)
@@ -150,12 +151,14 @@ def _generate(client, args, inputs: dict, sampling: dict) -> int:
                     "matched_stop": r.matched_stop,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
+                    "cached_tokens": r.cached_tokens,
                 }
             )
         )
     else:
         sys.stdout.write("\n")
-        print(f"[{r.finish_reason}: {r.completion_tokens} tokens]", file=sys.stderr)
+        cached = f", {r.cached_tokens} prompt tokens from the cache" if r.cached_tokens else ""
+        print(f"[{r.finish_reason}: {r.completion_tokens} tokens{cached}]", file=sys.stderr)
     return 0
 
 

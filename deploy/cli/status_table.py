@@ -57,7 +57,16 @@ def _router(r) -> str:
     return (
         f"{head}   {r.device} {r.dtype}   steps {r.steps}   running {r.running}   waiting {r.waiting}   "
         f"KV {r.kv_blocks_used}/{r.kv_blocks_total} blocks ({100 * r.kv_usage:.1f}%)   "
-        f"{r.tokens_per_second:.1f} tok/s   finished {finished}"
+        f"{r.tokens_per_second:.1f} tok/s   finished {finished}{_prefix_cache(r)}"
+    )
+
+
+def _prefix_cache(r) -> str:
+    if not r.prefix_caching:
+        return "   prefix cache off"
+    return (
+        f"   prefix cache hit {100 * r.prefix_hit_rate:.1f}% ({r.cached_tokens}/{r.prompt_tokens} prompt tokens), "
+        f"{r.cached_blocks} blocks cached, {r.cache_evictions} evicted"
     )
 
 

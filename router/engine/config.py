@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.settings import SettingError, Settings, byte_size, integer, optional, setting
+from cluster.settings import SettingError, Settings, byte_size, flag, integer, optional, setting
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class EngineConfig(Settings):
     micro_batches: int | None = setting(None, optional(integer(1, 8)))  # micro-batches per step, run ping-pong
     # so that attention overlaps the remote experts; None: 2 on a CUDA router with expert workers and 8+
     # sequences, else 1 (on CPU they measured slower)
+    prefix_caching: bool = setting(True, flag)  # keep the KV of full blocks for later requests with the same prefix
 
     def check_across(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -33,6 +33,7 @@ from router.engine.scheduler import Scheduler
 from router.engine.sequence import Sequence
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
+from router.request.block_hash import BlockHashes, request_hashes
 from router.request.errors import InvalidRequest
 from router.request.generation_config import eos_token_ids, load_generation_config
 from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason
@@ -71,7 +72,7 @@ class Engine:
         )
         if self.kv.token_capacity < config.block_size or (self.kv.chunk_layers and self.kv.chunk_blocks == 0):
             raise ValueError(f"the KV cache budget of {budget} bytes holds no usable block; raise it")
-        self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size)
+        self.blocks = block_manager_for(self.kv, model_cfg.attention_chunk_size, config.prefix_caching)
         self.cache = PagedKVCache(model_cfg, self.kv, runner.model.device, runner.model.dtype)
         max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         self.limits = Limits(model_cfg.vocab_size, max_len, self.blocks.max_tokens_alone())
@@ -139,7 +140,8 @@ class Engine:
 
     def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
         images = self._prompt_images(prepared, features)
-        seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images)
+        hashes = self._block_hashes(prepared, features)
+        seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images, hashes)
         self.live[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -149,6 +151,15 @@ class Engine:
         if not features:
             return None
         return PromptImages.of(prepared.prompt_ids, self.vision.tokens.patch, features, self.runner.model.device)
+
+    def _block_hashes(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> BlockHashes | None:
+        """What names the request's blocks in the prefix cache (its salt, each image's content); None: caching off."""
+        if not self.blocks.caching:
+            return None
+        rows = [f.shape[0] for f in features]
+        patch = self.vision.tokens.patch if features else None
+        data = [im.data for im in prepared.images]
+        return request_hashes(self.kv.block_size, prepared.cache_salt, prepared.prompt_ids, patch, rows, data)
 
     def abort(self, request_id: str) -> Final | None:
         live = self.live.get(request_id)
@@ -247,7 +258,17 @@ class Engine:
     ) -> Final:
         seq = self.live.pop(request_id)
         self.finish_counts[reason.value] = self.finish_counts.get(reason.value, 0) + 1
-        return Final(request_id, reason, matched, seq.num_prompt_tokens, seq.num_output_tokens, error, error_kind)
+        cached = min(seq.num_cached or 0, seq.num_prompt_tokens)
+        return Final(
+            request_id,
+            reason,
+            matched,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            error,
+            error_kind,
+            cached_tokens=cached,
+        )
 
     def fail_all(self, reason: str, kind: ErrorKind = ErrorKind.CLUSTER) -> list[Final]:
         """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
@@ -280,4 +301,9 @@ class Engine:
             kv_token_capacity=self.kv.token_capacity,
             tokens_per_s=rate,
             finished=dict(self.finish_counts),
+            prefix_caching=self.blocks.caching,
+            prompt_tokens=self.scheduler.prompt_tokens,
+            cached_tokens=self.scheduler.cached_tokens,
+            cached_blocks=self.blocks.cached_blocks,
+            evictions=self.blocks.evictions,
         )

@@ -80,7 +80,7 @@ def plan_kv_layout(
     return KVLayout(block_size, full_blocks, chunk_blocks, full_layers, chunk_layers, per_layer)
 
 
-def block_manager_for(layout: KVLayout, chunk_size: int | None) -> KVBlockManager:
+def block_manager_for(layout: KVLayout, chunk_size: int | None, caching: bool = False) -> KVBlockManager:
     return KVBlockManager(
         layout.block_size,
         layout.full_blocks,
@@ -88,6 +88,7 @@ def block_manager_for(layout: KVLayout, chunk_size: int | None) -> KVBlockManage
         chunk_size if layout.chunk_layers else None,
         uses_full=bool(layout.full_layers),
         uses_chunk=bool(layout.chunk_layers),
+        caching=caching,
     )
 
 

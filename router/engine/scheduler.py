@@ -6,6 +6,10 @@ first); waiting ones are admitted while the budget, `max_num_seqs` and the KV bl
 out, the newest running request is preempted: its blocks are freed and it goes back to the head of the
 waiting queue, to be recomputed from its prompt and the tokens it already generated (nothing is lost).
 A piece never crosses an attention-chunk boundary, so RoPE layers hold at most one chunk per sequence.
+
+Prefix caching: a request admitted with no KV (new, or preempted) first takes the longest cached prefix of its
+tokens that the block manager can give (router/engine/block_manager.py), and starts computing after it. After each
+step, the blocks it completed are named by their hashes (`commit`): only then can another request reuse them.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.preemptions = 0
+        self.prompt_tokens = 0  # of the requests admitted (first admissions only)
+        self.cached_tokens = 0  # of those, served from the prefix cache
 
     def add(self, seq: Sequence) -> None:
         assert seq.request_id not in self.requests, seq.request_id
@@ -107,9 +113,17 @@ class Scheduler:
                 break
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            hit = self._reuse(seq)
             n = self._piece_len(seq, budget)
             if not self.blocks.allocate(seq.request_id, seq.num_computed, n):
+                if hit:  # give the cached blocks back: it is tried again from scratch next step
+                    self.blocks.free(seq.request_id)
+                    seq.num_computed = 0
                 break
+            if seq.num_cached is None:
+                seq.num_cached = hit
+                self.prompt_tokens += seq.num_tokens
+                self.cached_tokens += hit
             self.waiting.popleft()
             self.running.append(seq)
             seq.status = SeqStatus.RUNNING
@@ -125,6 +139,7 @@ class Scheduler:
             if seq is None:  # aborted while the step ran
                 continue
             seq.num_computed += len(piece.token_ids)
+            self._commit(seq)
             if piece.samples:
                 token = sampled[seq.request_id]
                 seq.append(token)
@@ -135,6 +150,21 @@ class Scheduler:
                     continue
             self.blocks.release_finished_chunks(seq.request_id, seq.num_computed)
         return finished
+
+    def _reuse(self, seq: Sequence) -> int:
+        """Attach the cached prefix of a sequence that holds no KV; the tokens it covers (it computes from there)."""
+        if seq.block_hashes is None or seq.num_computed:
+            return 0
+        usable = (seq.num_tokens - 1) // self.blocks.block_size  # its last token is computed: it gives the logits
+        hashes = seq.block_hashes.extend(seq.token, seq.num_tokens - 1)[:usable]
+        seq.num_computed = self.blocks.reuse(seq.request_id, hashes)
+        return seq.num_computed
+
+    def _commit(self, seq: Sequence) -> None:
+        """Name the blocks this step completed (the step has finished: their KV is all there)."""
+        if seq.block_hashes is not None:
+            n = seq.num_computed
+            self.blocks.commit(seq.request_id, seq.block_hashes.extend(seq.token, n)[: n // self.blocks.block_size])
 
     def finish(self, request_id: str) -> None:
         """Remove a request that ended (stop, length, stop string seen by the output processor)."""

@@ -18,6 +18,7 @@ from router.request.sampling_params import SamplingParams, resolve_seed
 
 if TYPE_CHECKING:
     from router.images.positions import PromptImages
+    from router.request.block_hash import BlockHashes
     from router.request.prepare import PreparedRequest
     from router.request.tokenizer import Tokenizer
 
@@ -41,18 +42,21 @@ class Sequence:
         text: TextStream | None = None,
         images: PromptImages | None = None,
         slot: int = 0,
+        block_hashes: BlockHashes | None = None,
     ):
         """`params` validated with the model's defaults filled in; `output_ids`: tokens already streamed (a resumed
-        stream); `slot` names the sequence to the KV cache."""
+        stream); `slot` names the sequence to the KV cache; `block_hashes` names its full blocks for prefix caching
+        (None: caching off)."""
         self.request_id = request_id
         self.prompt_ids: tuple[int, ...] = tuple(prompt_ids)
         self.params, self.seed, self.stop_ids = params, seed, stop_ids
         self._output: list[int] = list(output_ids)
         self.text = text if text is not None else TextStream(None, ())
-        self.images, self.slot = images, slot
+        self.images, self.slot, self.block_hashes = images, slot, block_hashes
         self.status = SeqStatus.WAITING
         self.num_computed = 0  # positions whose keys and values are in the cache
         self.num_preemptions = 0
+        self.num_cached: int | None = None  # tokens the prefix cache gave its first admission (None: not admitted)
         self.arrived = time.monotonic()
 
     @classmethod
@@ -63,6 +67,7 @@ class Sequence:
         eos_ids: frozenset[int],
         tokenizer: Tokenizer | None,
         images: PromptImages | None = None,
+        block_hashes: BlockHashes | None = None,
     ) -> Sequence:
         """A validated request as the engine runs it; a resumed stream continues from the tokens it streamed."""
         p, resume = prepared.params, prepared.resume
@@ -79,6 +84,7 @@ class Sequence:
             text=text,
             images=images,
             slot=slot,
+            block_hashes=block_hashes,
         )
 
     @property

@@ -19,6 +19,7 @@ from cluster.settings import (
     SettingError,
     Settings,
     byte_size,
+    choice,
     flag,
     integer,
     number,
@@ -115,6 +116,9 @@ class GatewayConfig(Settings):
     poll_interval_s: float = setting(0.25, number(0, above=True))  # router health and load (the queue bound uses it)
     expert_stats_interval_s: float = setting(5.0, number(0, above=True))  # tokens per expert, for metrics
     ray_timeout_s: float = setting(10.0, number(0, above=True))  # control calls to the actors (never generations)
+    routing: str = setting("cache_aware", choice("cache_aware", "least_loaded"))  # new requests: to the router
+    # most likely holding their prompt's prefix in its KV cache, balanced against load (when the routers cache
+    # prefixes), or to the least-loaded router
     router_failover_timeout_s: float = setting(600.0, number(0, above=True))  # a stream whose router died waits
     # this long for a router to continue on (with one router: for its replacement, which loads the weights)
     api_keys_file: str | None = setting(None, optional(key_file))  # one key per line; every call but health must

@@ -41,15 +41,16 @@ def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
     if kind is None:
         raise InvalidRequest("input", "the request is empty; set one of prompt, input_ids or messages")
     images = request_images(req.images)
+    salt = req.cache_salt or None
     if kind == "prompt":
-        return EngineRequest(request_id, params, prompt=req.prompt, images=images)
+        return EngineRequest(request_id, params, prompt=req.prompt, images=images, cache_salt=salt)
     if kind == "input_ids":
-        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images)
+        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images, cache_salt=salt)
     if images:
         raise InvalidRequest(
             "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
         )
-    return EngineRequest(request_id, params, messages=chat_messages(req.messages))
+    return EngineRequest(request_id, params, messages=chat_messages(req.messages), cache_salt=salt)
 
 
 def chat_messages(msg: pb.ChatMessages) -> tuple[ChatMessage, ...]:
@@ -115,6 +116,7 @@ def complete(final: Final) -> pb.Complete:
         finish_reason=FINISH_REASON_ENUM[final.finish_reason],
         prompt_tokens=final.prompt_tokens,
         completion_tokens=final.completion_tokens,
+        cached_tokens=final.cached_tokens,
     )
     if isinstance(final.matched_stop, str):
         out.stop_string = final.matched_stop
@@ -188,6 +190,12 @@ def router_status(
             tokens_per_second=engine.tokens_per_s,
             kv_token_capacity=engine.kv_token_capacity,
             finished=engine.finished,
+            prefix_caching=engine.prefix_caching,
+            prompt_tokens=engine.prompt_tokens,
+            cached_tokens=engine.cached_tokens,
+            prefix_hit_rate=engine.hit_rate,
+            cached_blocks=engine.cached_blocks,
+            cache_evictions=engine.evictions,
         )
     )
     vision = router.get("vision") or {}

@@ -29,12 +29,14 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.cluster_view import ClusterView
 from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterEntry, RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
+from router.request.block_hash import BlockHashes, request_hashes
 from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
 from router.request.prepare import prepare_request
@@ -173,12 +175,13 @@ class Generations:
                 f"{len(self.streams)} Generate streams are open (limit {self.limits.max_concurrent_streams}) on "
                 "all fronts together; retry later",
             )
-        router = backend.pool.choose()
+        blocks = _blocks(backend, prepared)
+        router = backend.pool.choose(hashes=blocks.hashes if blocks else ())
         if router is None:
             raise GatewayError(Code.UNAVAILABLE, f"no router is ready: {backend.pool.reason}")
         if not prepared.params.greedy:  # a seed of its own: a failover continues exactly where it stopped
             prepared = replace(prepared, params=replace(prepared.params, seed=resolve_seed(prepared.params)))
-        relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s)
+        relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s, router, blocks)
         self.streams[rid] = relay
         self.metrics.active_streams.inc()
         return Admitted(relay, router, front, arrived)
@@ -197,7 +200,7 @@ class Generations:
         final = None
         try:
             last = None
-            async for item in self._items(relay, admitted.router, deadline):
+            async for item in self._items(relay, deadline):
                 if isinstance(item, Final):
                     final = item
                     break
@@ -213,6 +216,7 @@ class Generations:
         except GatewayError as e:
             self._fail(admitted, e)
         finally:
+            relay.release()
             self.streams.pop(rid, None)
             self.metrics.active_streams.dec()
             if final is None:
@@ -224,8 +228,8 @@ class Generations:
         self._finished(admitted, final)
         yield final
 
-    async def _items(self, relay: StreamRelay, router: RouterEntry, deadline: float | None):
-        items = relay.items(router)
+    async def _items(self, relay: StreamRelay, deadline: float | None):
+        items = relay.items()
         while True:
             try:
                 timeout = None if deadline is None or math.isinf(deadline) else deadline - time.monotonic()
@@ -285,6 +289,21 @@ class Generations:
     def abort_all(self) -> list[str]:
         """Abort every open generation in the engine (each then ends with finish_reason abort)."""
         return self.abort(list(self.streams))
+
+
+def _blocks(backend: Backend, prepared) -> BlockHashes | None:
+    """The request's block hashes with its first ROUTE_BLOCKS full blocks hashed (None: no affinity routing). Named
+    as the routers name them: their block size, the salt, each image's content."""
+    block_size = backend.info.get("block_size")
+    if backend.pool.affinity is None or not block_size:
+        return None
+    vision, images = backend.vision, prepared.images
+    rows = [vision.patch_rows(im.grid) for im in images] if images else ()
+    patch = vision.tokens.patch if images else None
+    ids = prepared.prompt_ids
+    blocks = request_hashes(block_size, prepared.cache_salt, ids, patch, rows, [im.data for im in images])
+    blocks.extend(ids.__getitem__, min(len(ids), ROUTE_BLOCKS * block_size))
+    return blocks
 
 
 def _engine_error(final: Final) -> GatewayError:

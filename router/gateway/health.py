@@ -114,7 +114,8 @@ class ClusterPoller:
                 if verdict:
                     await self.health.set_dead(verdict)
                 await self.health.set_ready(*await self.check())
-                self.metrics.observe_load([e.engine for e in self.pool.entries.values() if e.engine])
+                polled = [e for e in self.pool.entries.values() if e.engine]
+                self.metrics.observe_load([e.engine for e in polled], [e.index for e in polled])
                 if loop.time() >= next_experts:
                     next_experts = loop.time() + self.expert_interval_s
                     await self._refresh_experts()

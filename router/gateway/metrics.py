@@ -76,6 +76,8 @@ class GatewayMetrics:
             ["layer", "expert"],
             registry=r,
         )
+        self.prefix_cache = _PrefixCacheCollector()
+        r.register(self.prefix_cache)
         self.expert_plane = _ExpertPlaneCollector()
         r.register(self.expert_plane)
         self._http = None
@@ -93,8 +95,10 @@ class GatewayMetrics:
             self._http.server_close()
             self._http = None
 
-    def observe_load(self, engines: list) -> None:
-        """Summed over the routers' engines (KV usage: over all their blocks)."""
+    def observe_load(self, engines: list, routers: list[int] | None = None) -> None:
+        """Summed over the routers' engines (KV usage: over all their blocks); the prefix cache per router
+        (`routers`: the index of each engine's router; default 0, 1, ...)."""
+        self.prefix_cache.engines = list(zip(routers or range(len(engines)), engines))
         used, total = sum(e.kv_blocks_used for e in engines), sum(e.kv_blocks_total for e in engines)
         self.waiting.set(sum(e.waiting for e in engines))
         self.running.set(sum(e.running for e in engines))
@@ -107,6 +111,29 @@ class GatewayMetrics:
     def observe_experts(self, tokens: dict[tuple[int, int], int]) -> None:
         for (layer, expert), count in tokens.items():
             self.expert_tokens.labels(layer=str(layer), expert=str(expert)).set(count)
+
+
+class _PrefixCacheCollector:
+    """Each router's prefix cache as last polled: prompt tokens, those served from the cache, cached blocks and
+    evictions (the router counts; this copies its running totals)."""
+
+    def __init__(self):
+        self.engines: list = []  # (router index, EngineStats)
+
+    def collect(self):
+        families = (
+            (CounterMetricFamily, "moecluster_prefix_cache_queries", "Prompt tokens of admitted requests"),
+            (CounterMetricFamily, "moecluster_prefix_cache_hits", "Prompt tokens served from the prefix cache"),
+            (GaugeMetricFamily, "moecluster_prefix_cache_blocks", "KV blocks named by a hash, held or kept"),
+            (CounterMetricFamily, "moecluster_prefix_cache_evictions", "Cached KV blocks taken for new content"),
+            (GaugeMetricFamily, "moecluster_prefix_cache_hit_ratio", "Prompt tokens from the cache / prompt tokens"),
+        )
+        values = ("prompt_tokens", "cached_tokens", "cached_blocks", "evictions", "hit_rate")
+        for (kind, name, documentation), field in zip(families, values):
+            family = kind(name, documentation, labels=["router"])
+            for index, engine in self.engines:
+                family.add_metric([str(index)], getattr(engine, field))
+            yield family
 
 
 class _ExpertPlaneCollector:

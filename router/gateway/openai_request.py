@@ -11,7 +11,7 @@ takes them (the openai SDK's `extra_body`). Keys in neither table are ignored, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protos.vocabulary import SAMPLING_FIELDS
 from router.images.data_url import data_url_bytes
@@ -136,6 +136,11 @@ def _check_common(body: dict) -> None:
 
 
 def _request(body: dict, engine: EngineRequest) -> OpenAIRequest:
+    salt = body.get("cache_salt")  # vLLM's key: requests with different salts share no cached KV
+    if salt is not None:
+        if not isinstance(salt, str):
+            raise InvalidRequest("cache_salt", f"must be a string, got {salt!r}")
+        engine = replace(engine, cache_salt=salt or None)
     model = body.get("model", "")
     if not isinstance(model, str):
         raise InvalidRequest("model", f"must be a string, got {model!r}")

@@ -1,17 +1,23 @@
 """The routers the gateway spreads new requests over, with their readiness and load as last polled.
 
 A new request goes to the ready router with the least work: its running and waiting sequences as last polled
-plus the streams this gateway sent it since, then its KV usage. A request stays on its router; when that router
-dies the stream relay takes another (or waits, bounded, for one to be ready: with one router, for its
-replacement). The handles come from the cluster view, so a restarted router is picked up at the next poll.
+plus the streams this gateway has open on it, then its KV usage. With cache-affinity routing (`affinity`, the
+default while the routers cache prefixes) it goes instead to the router holding the longest run of its prompt's
+leading blocks, unless that router is far busier than the least loaded (router/gateway/affinity.py).
+
+A request stays on its router; when that router dies the stream relay takes another (or waits, bounded, for one
+to be ready: with one router, for its replacement). The handles come from the cluster view, so a restarted router
+is picked up at the next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from router.gateway.affinity import Affinity
 from router.gateway.cluster_view import ClusterView
 from router.request.messages import EngineStats
 
@@ -34,10 +40,18 @@ class RouterEntry:
         usage = engine.kv_blocks_used / engine.kv_blocks_total if engine and engine.kv_blocks_total else 0.0
         return queued + self.assigned, usage
 
+    @property
+    def streams(self) -> int:
+        """Sequences on it, counted once: as polled, or the streams this gateway has open on it if more (a poll
+        lags the streams just sent)."""
+        engine = self.engine
+        return max((engine.running + engine.waiting) if engine else 0, self.assigned)
+
 
 class RouterPool:
-    def __init__(self, view: ClusterView):
-        self.view = view
+    def __init__(self, view: ClusterView, affinity: Affinity | None = None):
+        """`affinity`: route by cache affinity; None: least loaded only."""
+        self.view, self.affinity = view, affinity
         self.entries: dict[int, RouterEntry] = {}
         self.refresh_handles()
 
@@ -48,6 +62,8 @@ class RouterPool:
                 self.entries[index] = RouterEntry(index, handle)
             elif entry.handle is not handle:  # a replacement: not ready until it says so
                 entry.handle, entry.ready, entry.reason, entry.engine = handle, False, "the router is restarting", None
+                if self.affinity is not None:
+                    self.affinity.forget(index)  # the replacement's cache starts empty
 
     @property
     def ready(self) -> bool:
@@ -62,17 +78,29 @@ class RouterPool:
     def waiting(self) -> int:
         return sum(e.engine.waiting for e in self.entries.values() if e.engine)
 
-    def choose(self, avoid: RouterEntry | None = None) -> RouterEntry | None:
-        """The least-loaded ready router (another than `avoid` if there is one)."""
+    def choose(self, avoid: RouterEntry | None = None, hashes: Sequence[bytes] = ()) -> RouterEntry | None:
+        """A ready router (another than `avoid` if there is one): by cache affinity for a prompt with these leading
+        block hashes, else the least loaded."""
         ready = [e for e in self.entries.values() if e.ready]
         others = [e for e in ready if e is not avoid]
         candidates = others or ready
-        return min(candidates, key=lambda e: (*e.load, e.index)) if candidates else None
+        if not candidates:
+            return None
+        if self.affinity is not None and hashes:
+            return self.affinity.pick(candidates, lambda e: e.index, lambda e: (e.streams, *e.load), hashes)
+        return min(candidates, key=lambda e: (*e.load, e.index))
 
-    async def wait_for_one(self, deadline: float, avoid: RouterEntry | None = None) -> RouterEntry | None:
+    def sent(self, entry: RouterEntry, hashes: Sequence[bytes]) -> None:
+        """`entry` was sent (or computed) blocks with these hashes: a later prompt that starts with them goes there."""
+        if self.affinity is not None and hashes:
+            self.affinity.record(hashes, entry.index)
+
+    async def wait_for_one(
+        self, deadline: float, avoid: RouterEntry | None = None, hashes: Sequence[bytes] = ()
+    ) -> RouterEntry | None:
         """A ready router, waiting until `deadline` (time.monotonic) for one; None if none became ready."""
         while True:
-            entry = self.choose(avoid)
+            entry = self.choose(avoid, hashes)
             if entry is not None or time.monotonic() >= deadline:
                 return entry
             await asyncio.sleep(WAIT_POLL_S)

@@ -29,6 +29,7 @@ from protos.kserve.v2 import grpc_predict_v2_pb2_grpc as kserve_grpc
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from router.gateway import tls
+from router.gateway.affinity import Affinity
 from router.gateway.api_keys import ApiKeys
 from router.gateway.auth import ApiKeyInterceptor
 from router.gateway.cluster_view import ClusterView
@@ -149,7 +150,7 @@ class Gateway:
         """Serve through this cluster: readiness follows its routers' health from now on (SERVING while at least
         one takes requests)."""
         info = await resolve(view.routers[0].model_info.remote(), self.config.ray_timeout_s)
-        pool = RouterPool(view)
+        pool = router_pool(view, info, self.config.routing)
         poller = ClusterPoller(
             view,
             pool,
@@ -207,6 +208,13 @@ class Gateway:
             await self._server.stop(grace_s)
             self._server = None
         self.metrics.close()
+
+
+def router_pool(view: ClusterView, info: dict, routing: str) -> RouterPool:
+    """The routers to spread requests over: by cache affinity when `routing` asks for it and the routers cache
+    prefixes (RouterActor.model_info()), else by load alone."""
+    affinity = routing == "cache_aware" and info.get("prefix_caching", False)
+    return RouterPool(view, Affinity() if affinity else None)
 
 
 def gateway_vision(vision: VisionPrompt | None, c: GatewayConfig) -> VisionPrompt | None:

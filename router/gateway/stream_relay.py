@@ -8,6 +8,10 @@ with the relay (their bytes and grids: the prompt ids already hold their tokens)
 recomputes their KV, rebuilds the text stream, and samples on: sampling is a pure function of (seed, position)
 and the gateway gave every sampled request a seed at admission, so the client sees a pause, no error, and no
 token twice or missing. Cancel, deadline and Abort reach whichever router holds the request now.
+
+With cache-affinity routing the relay carries the request's block hashes (router/request/block_hash.py): the router it
+streams from is recorded as holding them (the prompt's when it starts, the prompt's and the generated tokens' when it
+ends), and a failover's re-prefill goes to the router holding the longest run of them when the load allows.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from collections.abc import AsyncIterator
 
 import ray
 
+from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.health import first_line
 from router.gateway.router_pool import RouterEntry, RouterPool
+from router.request.block_hash import BlockHashes
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason, Resume
 from router.request.prepare import PreparedRequest
 
@@ -36,20 +42,32 @@ class NoRouter(Exception):
 
 
 class StreamRelay:
-    def __init__(self, pool: RouterPool, prepared: PreparedRequest, failover_timeout_s: float):
+    def __init__(
+        self,
+        pool: RouterPool,
+        prepared: PreparedRequest,
+        failover_timeout_s: float,
+        first: RouterEntry,
+        blocks: BlockHashes | None = None,
+    ):
+        """`first`: the router chosen at admission, counted as loaded by this stream from now on. `blocks`: the
+        request's block hashes, for cache-affinity routing (None: least-loaded routing)."""
         self.pool, self.prepared, self.failover_timeout_s = pool, prepared, failover_timeout_s
+        self.first, self.blocks = first, blocks
         self.tokens: list[int] = []
         self.text_chars = 0
         self.router: RouterEntry | None = None
         self.failovers = 0
+        self._holding: RouterEntry | None = None
+        self._hold(first)
 
     @property
     def request_id(self) -> str:
         return self.prepared.request_id
 
-    async def items(self, first: RouterEntry) -> AsyncIterator[Delta | Final]:
+    async def items(self) -> AsyncIterator[Delta | Final]:
         """Deltas, then one Final, whichever routers it takes. NoRouter if none is left to continue on."""
-        entry = first
+        entry = self.first
         while True:
             try:
                 async for item in self._from(entry):
@@ -67,7 +85,9 @@ class StreamRelay:
                     e,
                     extra={"request_id": self.request_id},
                 )
-                entry = await self.pool.wait_for_one(time.monotonic() + self.failover_timeout_s, avoid=entry)
+                entry = await self.pool.wait_for_one(
+                    time.monotonic() + self.failover_timeout_s, avoid=entry, hashes=self._hashes()
+                )
                 if entry is None:
                     raise NoRouter(
                         f"router lost ({e}) and no router was ready within {self.failover_timeout_s:.0f}s "
@@ -76,7 +96,8 @@ class StreamRelay:
 
     async def _from(self, entry: RouterEntry) -> AsyncIterator[Delta | Final]:
         self.router = entry
-        entry.assigned += 1
+        self._hold(entry)
+        self.pool.sent(entry, self._hashes())
         try:
             gen = entry.handle.generate_stream.options(num_returns="streaming").remote(self._request())
             async for ref in gen:
@@ -84,6 +105,7 @@ class StreamRelay:
                 if isinstance(item, Final):
                     if item.finish_reason is FinishReason.ERROR and item.error_kind is ErrorKind.INTERNAL:
                         raise RouterLost(f"its step failed: {item.error}")
+                    self.pool.sent(entry, self._hashes())  # its cache now holds the generated tokens' blocks too
                     yield item
                     return
                 self.tokens += item.token_ids
@@ -92,13 +114,36 @@ class StreamRelay:
         except ray.exceptions.RayError as e:
             raise RouterLost(first_line(e)) from None
         finally:
-            entry.assigned -= 1
+            self.release()
         raise RouterLost("its stream ended without a final message")
+
+    def _hold(self, entry: RouterEntry) -> None:
+        if self._holding is not entry:
+            self.release()
+            entry.assigned += 1
+            self._holding = entry
+
+    def release(self) -> None:
+        """This stream no longer loads the router it was counted on (idempotent)."""
+        if self._holding is not None:
+            self._holding.assigned -= 1
+            self._holding = None
+
+    def _hashes(self) -> list[bytes]:
+        """The hashes of the leading full blocks of the prompt and the tokens streamed so far (what a router
+        computes), at most ROUTE_BLOCKS: routing looks no further."""
+        if self.blocks is None:
+            return []
+        prompt, tokens = self.prepared.prompt_ids, self.tokens
+        n, most = len(prompt), ROUTE_BLOCKS * self.blocks.block_size
+        return list(self.blocks.extend(lambda i: prompt[i] if i < n else tokens[i - n], min(n + len(tokens), most)))
 
     def _request(self) -> EngineRequest:
         p = self.prepared
         resume = Resume(tuple(self.tokens), self.text_chars) if self.failovers else None
-        return EngineRequest(p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume, images=p.images)
+        return EngineRequest(
+            p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume, images=p.images, cache_salt=p.cache_salt
+        )
 
     def abort(self) -> None:
         """Abort it on the router holding it now (frees its KV blocks; a no-op if it already ended)."""

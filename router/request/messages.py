@@ -60,6 +60,7 @@ class EngineRequest:
     messages: tuple[ChatMessage, ...] | None = None
     resume: Resume | None = None
     images: tuple[ImageInput, ...] = ()  # with prompt / prompt_ids (a chat's images are parts of its messages)
+    cache_salt: str | None = None  # requests with different salts share no cached KV (tenant isolation)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Final:
     error: str | None = None  # for FinishReason.ERROR: what went wrong, naming the field if it was the request
     error_kind: ErrorKind | None = None  # for FinishReason.ERROR
     error_field: str | None = None  # for ErrorKind.REQUEST: the request field at fault
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission (OpenAI's usage field)
 
 
 @dataclass
@@ -127,3 +129,13 @@ class EngineStats:
     kv_token_capacity: int = 0
     tokens_per_s: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)
+    prefix_caching: bool = False
+    prompt_tokens: int = 0  # of the requests admitted so far (a resumed request's streamed tokens included)
+    cached_tokens: int = 0  # of those, served from the prefix cache
+    cached_blocks: int = 0  # KV blocks named by a hash (both pools), held or not
+    evictions: int = 0  # cached blocks taken for new content
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

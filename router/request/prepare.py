@@ -37,6 +37,7 @@ class PreparedRequest:
     params: SamplingParams
     resume: Resume | None = None
     images: tuple[ImageInput, ...] = ()  # in prompt order, each with its grid; prompt_ids hold their tokens
+    cache_salt: str | None = None
 
 
 def prepare_request(
@@ -61,7 +62,8 @@ def prepare_request(
     check_length(len(ids), params.max_tokens, limits, given[0])
     if req.resume is not None:
         check_resume(req.resume, params, limits)
-    return PreparedRequest(req.request_id, tuple(ids), params, req.resume, images)
+    check_cache_salt(req.cache_salt)
+    return PreparedRequest(req.request_id, tuple(ids), params, req.resume, images, req.cache_salt or None)
 
 
 def prompt_with_images(
@@ -93,6 +95,18 @@ def check_resume(resume: Resume, params: SamplingParams, limits: Limits) -> None
         )
     if resume.text_chars < 0:
         raise InvalidRequest("resume.text_chars", f"must be >= 0, got {resume.text_chars}")
+
+
+MAX_CACHE_SALT_CHARS = 1024
+
+
+def check_cache_salt(salt) -> None:
+    if salt is None:
+        return
+    if not isinstance(salt, str):
+        raise InvalidRequest("cache_salt", f"must be a string, got {type(salt).__name__}")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequest("cache_salt", f"is {len(salt)} characters; at most {MAX_CACHE_SALT_CHARS}")
 
 
 def check_token_ids(ids, vocab_size: int, field: str, ids_field: str) -> None:

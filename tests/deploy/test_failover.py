@@ -21,6 +21,7 @@ from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
+from router.engine.config import EngineConfig
 from router.request.messages import Delta, EngineRequest
 from router.request.sampling_params import SamplingParams
 from tests.procs import pid_of
@@ -54,12 +55,12 @@ class Streams:
     """The 8 requests streamed from router 0, each on a thread: its tokens' arrival times (a StreamLog) and its
     result as generate_batch gives it."""
 
-    def __init__(self, deployment):
-        self.logs = [StreamLog(TOKENS) for _ in range(8)]
-        self.results: list[dict] = [{} for _ in range(8)]
+    def __init__(self, deployment, batch: list[EngineRequest] | None = None):
+        batch = batch or requests()
+        self.logs = [StreamLog(r.params.max_tokens) for r in batch]
+        self.results: list[dict] = [{} for _ in batch]
         self.threads = [
-            threading.Thread(target=self._run, args=(deployment.router, i, r), daemon=True)
-            for i, r in enumerate(requests())
+            threading.Thread(target=self._run, args=(deployment.router, i, r), daemon=True) for i, r in enumerate(batch)
         ]
         for t in self.threads:
             t.start()
@@ -88,15 +89,21 @@ class Streams:
         fresh = lambda: after is None or all(log.times and log.times[-1] > after for log in self.logs)  # noqa: E731
         return kill_when_ready(lambda: fresh() and ready_to_kill(self.logs), lambda: too_late(self.logs), act)
 
+    def when_first_token(self, act) -> float:
+        """act() once the first request has a token while the others still prefill or decode; when it did."""
+        first = lambda: any(log.tokens for log in self.logs)  # noqa: E731
+        return kill_when_ready(first, lambda: any(log.done for log in self.logs), act)
+
     def join(self) -> list[dict]:
         for t in self.threads:
             t.join(timeout=300)
         return self.results
 
 
-def run_while(deployment, action) -> tuple[list[dict], list[list[float]]]:
-    """Stream the 8 requests while `action(streams)` runs on a thread of its own: (results, arrival times)."""
-    streams = Streams(deployment)
+def run_while(deployment, action, batch: list[EngineRequest] | None = None) -> tuple[list[dict], list[list[float]]]:
+    """Stream the 8 requests (or `batch`) while `action(streams)` runs on a thread of its own: (results, arrival
+    times)."""
+    streams = Streams(deployment, batch)
     actor = threading.Thread(target=action, args=(streams,))
     actor.start()
     try:
@@ -136,6 +143,36 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         if replicas == 2:
             assert min(channel["stalls_s"]) < 1.0  # the surviving copies cover at once
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference  # full strength again
+
+
+def prefix_requests() -> list[EngineRequest]:
+    """8 requests behind one 480-token prefix, greedy and seeded: with 48 tokens a step their prefill spans dozens of
+    steps, and the later ones reuse the blocks the first ones completed."""
+    prefix = tuple(3 + (7 * i) % 250 for i in range(480))
+    return [
+        EngineRequest(uuid.uuid4().hex, GREEDY if i % 2 else seeded(i), prompt_ids=(*prefix, 5 + i, 9, 40 + i))
+        for i in range(8)
+    ]
+
+
+def test_a_worker_killed_mid_prefill_with_the_prefix_cache_changes_no_token(tiny_model_dir):
+    """A step replayed after a worker's death names no block before it completes: every stream gets the tokens of
+    a cache-off run, during the failover and again when the whole prefix comes from the cache."""
+
+    def spec(caching: bool) -> DeploymentSpec:
+        engine = EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, prefix_caching=caching)
+        return DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), engine, show_progress=False)
+
+    with Deployment.start(spec(False)) as d:
+        reference = [r["token_ids"] for r in d.generate_batch(prefix_requests(), timeout_s=300)]
+    with Deployment.start(spec(True)) as d:
+        victim = pid_of(d.workers[1])
+        results, _ = run_while(d, lambda s: s.when_first_token(sigkill(victim)), prefix_requests())
+        assert_complete_and_identical(results, reference)
+        assert d.stats()["router"]["channel"]["failovers"] >= 1
+        assert [r["token_ids"] for r in d.generate_batch(prefix_requests(), timeout_s=300)] == reference
+        engine = ray.get(d.router.engine_stats.remote(), timeout=30)
+        assert engine.cached_tokens >= 8 * 480 - 64 and engine.kv_blocks_used == 0
 
 
 def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):

@@ -10,6 +10,7 @@ import json
 import ssl
 import threading
 import urllib.request
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ from deploy.tiny.cache import TINY_MODEL_NAME, model_dir_for
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
 from router.engine.engine import Engine
-from router.gateway.server import Gateway, gateway_vision
+from router.gateway.server import Gateway, gateway_vision, router_pool
 from router.images.decode import ImageLimits
 from router.images.processor import ImageProcessor
 from router.images.request import VisionPrompt
@@ -82,6 +83,7 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "block_size": 4,
             "kv_cache_memory": "1MiB",
             "micro_batches": 3,
+            "prefix_caching": False,
         },
         "gateway": {
             "host": "localhost",
@@ -98,6 +100,7 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "poll_interval_s": 0.2,
             "expert_stats_interval_s": 1.5,
             "ray_timeout_s": 4.5,
+            "routing": "least_loaded",
             "router_failover_timeout_s": 55,
             "api_keys_file": str(keys),
             "tls": {
@@ -201,6 +204,7 @@ def test_scheduler_keys_reach_the_engine(config, model_dir):
     assert engine.limits.max_model_len == 300 and engine.kv.block_size == 4
     assert engine.kv.total_bytes <= 2**20 < 2 * engine.kv.total_bytes + 2**16  # the budget it was given
     assert engine.config.micro_batches == 3  # what each step hands the runner (Engine._forward)
+    assert engine.blocks.caching is False and engine.stats().prefix_caching is False
 
 
 @pytest.mark.slow  # starts a gRPC server (no Ray)
@@ -220,6 +224,8 @@ def test_gateway_and_metrics_keys_reach_the_running_gateway(config, certs):
         0.2,
         1.5,
     )  # read by drain() and by the poller attach() starts
+    routers = SimpleNamespace(routers=[object(), object()])
+    assert router_pool(routers, {"prefix_caching": True}, g.routing).affinity is None  # least_loaded, as set
     model_vision = VisionPrompt(ImageTokens(1, 2, 3, 4, 5, 6), 4, ImageProcessor(56, 16, ImageLimits(1, 1)))
     vision = gateway_vision(model_vision, gateway.config)  # what attach() gives the service for the router's model
     assert (vision.processor.limits.max_bytes, vision.processor.limits.max_pixels, vision.max_images) == (

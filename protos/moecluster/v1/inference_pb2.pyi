@@ -21,7 +21,7 @@ FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "input_ids", "messages", "sampling", "stream", "images")
+    __slots__ = ("request_id", "model", "prompt", "input_ids", "messages", "sampling", "stream", "images", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -38,7 +39,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     stream: bool
     images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "url")
@@ -153,18 +155,20 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Complete(_message.Message):
-    __slots__ = ("finish_reason", "stop_string", "stop_token_id", "prompt_tokens", "completion_tokens")
+    __slots__ = ("finish_reason", "stop_string", "stop_token_id", "prompt_tokens", "completion_tokens", "cached_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     stop_string: str
     stop_token_id: int
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -287,7 +291,7 @@ class VisionEncoderStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., state: _Optional[str] = ..., images_encoded: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RouterStatus(_message.Message):
-    __slots__ = ("ready", "failure", "device", "dtype", "steps", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "tokens_per_second", "kv_token_capacity", "finished", "index", "state", "replacements", "last_error", "images_encoded", "image_cache_hits", "image_encode_retries")
+    __slots__ = ("ready", "failure", "device", "dtype", "steps", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "tokens_per_second", "kv_token_capacity", "finished", "index", "state", "replacements", "last_error", "images_encoded", "image_cache_hits", "image_encode_retries", "prefix_caching", "prompt_tokens", "cached_tokens", "prefix_hit_rate", "cached_blocks", "cache_evictions")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +319,12 @@ class RouterStatus(_message.Message):
     IMAGES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ENCODE_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     failure: str
     device: str
@@ -335,7 +345,13 @@ class RouterStatus(_message.Message):
     images_encoded: int
     image_cache_hits: int
     image_encode_retries: int
-    def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ..., images_encoded: _Optional[int] = ..., image_cache_hits: _Optional[int] = ..., image_encode_retries: _Optional[int] = ...) -> None: ...
+    prefix_caching: bool
+    prompt_tokens: int
+    cached_tokens: int
+    prefix_hit_rate: float
+    cached_blocks: int
+    cache_evictions: int
+    def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ..., images_encoded: _Optional[int] = ..., image_cache_hits: _Optional[int] = ..., image_encode_retries: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers", "state", "generation", "pid", "replacements", "last_error")

@@ -211,3 +211,33 @@ def test_training_images_and_the_demo_image_are_decoded_alike():
     from router.images.request import HARD_LIMITS
 
     assert torch.equal(decode_image(png("red", 30, 40, 9), HARD_LIMITS), square_image(30, 40, "red", random.Random(9)))
+
+
+def test_the_same_image_shares_cached_blocks_and_a_different_one_never_does(vlm_dir, encoder):
+    """Every image's tokens are the same `<|patch|>` ids: only its content hash in the block key tells two apart."""
+    red, again, blue = (
+        chat(n, png(c, 40, 50, 1), QUESTION) for n, c in (("red", "red"), ("again", "red"), ("blue", "blue"))
+    )
+    engine = engine_for(vlm_dir)
+    ids = engine.prepare(red).prompt_ids
+    assert ids == engine.prepare(blue).prompt_ids  # the same size: the same token ids
+    cached = {}
+    for request in (red, again, blue):
+        tokens, finals = _run_with_finals(engine, encoder, request)
+        cached[request.request_id] = finals.cached_tokens
+        off = run(engine_for(vlm_dir, prefix_caching=False), encoder, [request])
+        assert tokens == off[request.request_id]
+    block = engine.kv.block_size
+    before_image = ids.index(engine.vision.tokens.patch) // block * block  # the blocks holding only text
+    assert cached == {"red": 0, "again": (len(ids) - 1) // block * block, "blue": before_image}
+
+
+def _run_with_finals(engine: Engine, encoder: ImageEncoder, request: EngineRequest):
+    engine.add(request, features_of(engine, encoder, request))
+    tokens = []
+    while True:
+        for item in engine.step():
+            if isinstance(item, Delta):
+                tokens += item.token_ids
+            else:
+                return tokens, item

@@ -132,3 +132,26 @@ def test_kserve_response_tensors_and_the_final_parameters():
     assert np.frombuffer(out.raw_output_contents[1], "<i8").tolist() == [5, 6]
     assert out.parameters["finish_reason"].string_param == "length"
     assert out.parameters["triton_final_response"].bool_param
+
+
+def test_openai_cache_salt_reaches_the_engine_request_and_a_bad_one_names_its_key():
+    body = {"messages": [{"role": "user", "content": "hi"}], "cache_salt": "tenant-a"}
+    assert chat_request(body, "id").engine.cache_salt == "tenant-a"
+    assert completion_request({"prompt": "hi", "cache_salt": "t"}, "id").engine.cache_salt == "t"
+    assert completion_request({"prompt": "hi"}, "id").engine.cache_salt is None
+    with pytest.raises(InvalidRequest) as e:
+        completion_request({"prompt": "hi", "cache_salt": 7}, "id")
+    assert e.value.field == "cache_salt"
+
+
+def test_openai_usage_reports_the_prompt_tokens_served_from_the_prefix_cache():
+    from router.gateway.openai_response import usage
+    from router.request.messages import Final
+
+    final = Final("id", FinishReason.LENGTH, prompt_tokens=40, completion_tokens=5, cached_tokens=32)
+    assert usage(final) == {
+        "prompt_tokens": 40,
+        "completion_tokens": 5,
+        "total_tokens": 45,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }

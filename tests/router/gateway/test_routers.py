@@ -8,6 +8,7 @@ every stream got tokens before and after it."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
@@ -159,5 +160,43 @@ def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_rou
                 time.sleep(0.3)
             status = client.cluster_status()
         assert list(status.expert_plane.members) == [0, 1] and status.expert_plane.failovers >= 1
+    finally:
+        server.stop(grace_s=2.0)
+
+
+def test_cache_affinity_keeps_each_conversation_on_its_router_and_spreads_the_conversations(tiny_model_dir):
+    """8 chats at once behind one 400-token system prompt, 3 turns each (the whole history every turn): every later
+    turn reuses its own history (so it ran where the previous turn ran: no other router saw that history), and both
+    routers serve conversations."""
+    server = serve(tiny_model_dir, routers=2)
+    rng = random.Random(5)
+    system = [rng.randrange(3, 300) for _ in range(400)]
+    cached: dict[tuple[int, int], tuple[int, int]] = {}  # (user, turn) -> (cached tokens, previous turn's tokens)
+
+    def chat(user: int) -> None:
+        history, previous = list(system), 0
+        with InferenceClient(server.target) as client:
+            for turn in range(3):
+                history += [rng.randrange(3, 300) for _ in range(100)]
+                result = client.generate_text(input_ids=history, max_tokens=16, temperature=0.0, ignore_eos=True)
+                cached[user, turn] = (result.cached_tokens, previous)
+                history += result.token_ids
+                previous = len(history)
+
+    try:
+        threads = [threading.Thread(target=chat, args=(u,), daemon=True) for u in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(cached) == 24
+        chunk = 64  # the tiny model's attention chunk: a hit may fall back to the start of the chunk it ends in
+        moved = {k: v for k, v in cached.items() if k[1] > 0 and not v[0] >= v[1] - chunk > len(system)}
+        assert not moved, moved
+        with InferenceClient(server.target) as client:
+            routers = client.cluster_status().routers
+        served = [sum(r.finished.values()) for r in routers]
+        assert sum(served) == 24 and min(served) >= 3, served  # at least one whole conversation each
+        assert all(r.prefix_caching and r.prefix_hit_rate > 0.5 for r in routers), routers
     finally:
         server.stop(grace_s=2.0)
