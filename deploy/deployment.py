@@ -59,6 +59,7 @@ class DeploymentSpec:
     router_class: type = RouterActor  # benchmarks substitute a subclass with a timing call
     replacement_load_delay_s: float = 0.0  # fault-injection tests: replacements load this much slower
     log: tuple[str, str] = ("INFO", "text")  # the actors' logging level and format
+    expert_dtype: str = "auto"  # how routed experts are held: auto (as stored), fp8, model (cluster/weights.py)
 
     @classmethod
     def from_serve(cls, cfg, model_dir: str, show_progress: bool = True) -> DeploymentSpec:
@@ -70,6 +71,7 @@ class DeploymentSpec:
             cfg.model.served_name,
             show_progress,
             log=(cfg.logging.level, cfg.logging.format),
+            expert_dtype=cfg.model.expert_dtype,
         )
 
 
