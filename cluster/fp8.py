@@ -58,9 +58,10 @@ def fp8_expert_loop(x_RD, counts, gate_up_EDI2, down_EID, gate_up_scale_EI2, dow
 
 
 def fp8_grouped_supported(x_RD: torch.Tensor, gate_up_EDI2: torch.Tensor, down_EID: torch.Tensor) -> bool:
-    """torch._scaled_grouped_mm: CUDA sm90 or newer, dims divisible by 16, weights in the transposed layout."""
-    if not (x_RD.is_cuda and hasattr(torch, "_scaled_grouped_mm")):
-        return False
+    """torch._scaled_grouped_mm: bf16 activations on CUDA sm90 or newer, dims divisible by 16, weights in the
+    transposed layout."""
+    if not (x_RD.is_cuda and x_RD.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")):
+        return False  # fp32 activations: the exact path (weights dequantized), as the user asked for fp32
     if torch.cuda.get_device_capability(x_RD.device) < (9, 0):
         return False
     dims = (gate_up_EDI2.shape[1], gate_up_EDI2.shape[2], down_EID.shape[1])
