@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cluster.fp8 import fp8_expert_loop, fp8_grouped, fp8_grouped_supported
+from cluster.fp8 import dequantize_columns, fp8_grouped, fp8_grouped_supported
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _fp8_segments(x_RD, counts, gate_up_EDI2, down_EID, scales, grouped) -> torc
     if grouped and x_RD.shape[0]:
         offs_E = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RD.device)
         return fp8_grouped(x_RD, offs_E, gate_up_EDI2, down_EID, *scales)
-    return fp8_expert_loop(x_RD, counts, gate_up_EDI2, down_EID, *scales)
+    return _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID, scales)
 
 
 def _grouped(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
@@ -152,7 +152,8 @@ def _grouped_offsets(x_RD, offs_E, gate_up_EDI2, down_EID) -> torch.Tensor:
     return torch._grouped_mm(act_RI, down_EID, offs=offs_E)
 
 
-def _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
+def _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID, scales=None) -> torch.Tensor:
+    """One expert at a time; FP8 weights (`scales` given) are dequantized to x's dtype just before use."""
     y_RD = torch.empty_like(x_RD)
     width = down_EID.shape[1]
     start = 0
@@ -160,7 +161,11 @@ def _per_expert_loop(x_RD, counts, gate_up_EDI2, down_EID) -> torch.Tensor:
         if n == 0:
             continue
         xs = x_RD[start : start + n]
-        gate_up = xs @ gate_up_EDI2[e]
-        y_RD[start : start + n] = (gate_up[:, width:] * F.silu(gate_up[:, :width])) @ down_EID[e]
+        gate_up_DI2, down_ID = gate_up_EDI2[e], down_EID[e]
+        if scales is not None:
+            gate_up_DI2 = dequantize_columns(gate_up_DI2, scales[0][e], x_RD.dtype)
+            down_ID = dequantize_columns(down_ID, scales[1][e], x_RD.dtype)
+        gate_up = xs @ gate_up_DI2
+        y_RD[start : start + n] = (gate_up[:, width:] * F.silu(gate_up[:, :width])) @ down_ID
         start += n
     return y_RD

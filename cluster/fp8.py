@@ -5,8 +5,9 @@ Storage: `w = q.float() * scale` with `q` float8_e4m3fn in the `[out, in]` layou
 (symmetric, static, per channel). Expert shards keep `q` resident with fp32 scales (cluster/experts.py).
 
 Compute:
-- Anywhere (CPU, any GPU): each expert's weights are dequantized on the fly into the activations' dtype and
-  multiplied as usual; with fp32 activations this is exactly the fp32 model on the dequantized weights.
+- Anywhere (CPU, any GPU; cluster/experts.py): each expert's weights are dequantized on the fly into the
+  activations' dtype and multiplied as usual; with fp32 activations this is exactly the fp32 model on the
+  dequantized weights.
 - CUDA sm90+: activations are quantized per token, dynamically (the `input_activations` scheme of the official
   checkpoints), and both matmuls run as `torch._scaled_grouped_mm` with row-wise scales, device-side offsets,
   bf16 output (`fp8_grouped_supported` says when).
@@ -39,22 +40,9 @@ def dequantize_rows(q_OK: torch.Tensor, scale_O: torch.Tensor, dtype: torch.dtyp
     return (q_OK.float() * scale_O.float()[:, None]).to(dtype)
 
 
-def fp8_expert_loop(x_RD, counts, gate_up_EDI2, down_EID, gate_up_scale_EI2, down_scale_ED) -> torch.Tensor:
-    """Rows grouped by expert through FP8 experts, one expert at a time, weights dequantized to x's dtype.
-    `gate_up_EDI2`/`down_EID` are used as x @ W (transposed views of [out, in] storage); scales are per column."""
-    y_RD = torch.empty_like(x_RD)
-    width = down_EID.shape[1]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xs = x_RD[start : start + n]
-        gate_up_DI2 = (gate_up_EDI2[e].float() * gate_up_scale_EI2[e]).to(x_RD.dtype)
-        down_ID = (down_EID[e].float() * down_scale_ED[e]).to(x_RD.dtype)
-        gate_up = xs @ gate_up_DI2
-        y_RD[start : start + n] = (gate_up[:, width:] * F.silu(gate_up[:, :width])) @ down_ID
-        start += n
-    return y_RD
+def dequantize_columns(w_KO: torch.Tensor, scale_O: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 weight used as x @ W ([in, out], a transposed view of its storage) in `dtype`, scaled per column."""
+    return (w_KO.float() * scale_O).to(dtype)
 
 
 def fp8_grouped_supported(x_RD: torch.Tensor, gate_up_EDI2: torch.Tensor, down_EID: torch.Tensor) -> bool:
