@@ -7,6 +7,11 @@ the vision tower's and projector's (`vision_model.*`, `multi_modal_projector.*`)
 Only the tensors asked for are read, and a subset of experts can be read from a fused expert tensor without
 touching the other experts' bytes (safetensors slices are read from the memory-mapped file), so an expert
 worker holds only its own experts. `bytes_read` counts what was actually materialised.
+
+FP8 checkpoints (compressed-tensors, cluster/quant_config.py): the reader parses config.json's
+`quantization_config` and checks every stored weight against it when it is opened, from the headers alone, so a
+checkpoint it would read wrongly fails before any weight is read (`fp8` holds the parsed config, None when there
+is none); `read_fp8` reads one quantized module's weight and scale.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from cluster.config import ConfigError
+from cluster.quant_config import Fp8Config, check_stored, parse_quantization
 
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_BYTES = {
@@ -49,6 +57,26 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
         self.tensors_read = 0
+        self.fp8: Fp8Config | None = _quantization(self.dir)
+        check_stored(self.fp8, self)
+
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype (e.g. "BF16", "F8_E4M3") of the stored key `key` (header only)."""
+        return self._handle_of(key).get_slice(key).get_dtype()
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle_of(key).get_slice(key).get_shape())
+
+    def is_fp8(self, module: str) -> bool:
+        """Whether module `module` (e.g. `model.layers.1.feed_forward.experts.3.up_proj`) is stored in FP8."""
+        return self.fp8 is not None and self.fp8.quantizes(module, self.prefix)
+
+    def read_fp8(self, module: str, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [out, in] float8_e4m3fn, scale [out] fp32) of FP8 module `module`, its weight checked against
+        `shape` ([out, in], from config.json)."""
+        q = self.read(f"{module}.weight", shape=shape)
+        scale = self.read(f"{module}.weight_scale", shape=(shape[0], 1))
+        return q, scale.reshape(-1).float()
 
     def key(self, name: str) -> str:
         """The stored key of `name`."""
@@ -109,13 +137,26 @@ class CheckpointReader:
         return self._handle(name).get_slice(self.key(name))
 
     def _handle(self, name: str):
-        key = self.key(name)
+        return self._handle_of(self.key(name))
+
+    def _handle_of(self, key: str):
         file = self.key_to_file.get(key)
         if file is None:
             raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {self.dir}")
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.dir / file), framework="pt", device="cpu")
         return self._handles[file]
+
+
+def _quantization(model_dir: Path) -> Fp8Config | None:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return parse_quantization(raw, str(path)) if isinstance(raw, dict) else None
 
 
 def _index(model_dir: Path) -> dict[str, str]:

@@ -43,6 +43,7 @@ def router_spec(spec, index: int, expert_map: ExpertMap | None, bind_host: str |
         router_id=index,
         log=spec.log,
         vision=VisionSettings(c.encoders, c.vision_cache_memory, c.hang_timeout_s, wait_s=c.startup_timeout_s),
+        expert_dtype=spec.expert_dtype,
     )
     return ActorSpec(index, _resources(c, index), ROUTER_CONCURRENCY, kwargs)
 
@@ -55,6 +56,7 @@ def worker_spec(spec, slot: int, expert_map: ExpertMap, bind_host: str | None, l
         expert_map=expert_map,
         device=c.device,
         dtype=spec.dtype,
+        expert_dtype=spec.expert_dtype,
         bind_host=bind_host,
         load_delay_s=load_delay_s,
         log=spec.log,

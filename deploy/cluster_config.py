@@ -140,6 +140,9 @@ class ClusterConfig(Settings):
     vision_encoders: int | None = setting(None, optional(integer(0)))  # vision encoder actors; None: 1 when the
     # checkpoint has a vision tower, else 0; 0: each router encodes images itself (on a thread beside its engine)
     vision_encoder_resources: ResourceConfig = section(ResourceConfig)
+    gpu_memory: int | None = setting(None, optional(byte_size()))  # each GPU's memory, for the memory plan that
+    # `serve` checks on cuda before placing actors (deploy/plan.py); None: the serve process's first GPU's (no
+    # check when it has none)
     vision_cache_memory: int = setting(256 * 2**20, byte_size())  # each router's cache of image features, by content
 
     def check_across(self) -> None:

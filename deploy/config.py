@@ -32,6 +32,8 @@ class ModelSource(Settings):
 
     path: str | None = setting(None, optional(text))  # None: the embedded tiny model, written on first use
     dtype: str = setting("auto", choice("auto", "float32", "bfloat16", "float16"))
+    expert_dtype: str = setting("auto", choice("auto", "fp8", "model"))  # routed experts: auto = as stored (an FP8
+    # checkpoint's stay FP8), fp8 = quantized per channel as each worker reads them, model = model.dtype
     name: str | None = setting(None, optional(text))  # the served model name that requests must match
     tiny_preset: str = setting("scout", choice(*TINY_PRESETS))  # used only when path is None
 
@@ -93,6 +95,7 @@ OVERRIDES = {
     "model_path": "model.path",
     "model_name": "model.name",
     "dtype": "model.dtype",
+    "expert_dtype": "model.expert_dtype",
     "tiny_preset": "model.tiny_preset",
     "device": "cluster.device",
     "workers": "cluster.workers",

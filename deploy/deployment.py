@@ -25,7 +25,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import CheckpointReader
-from cluster.config import ModelConfig, load_model_config
+from cluster.config import ModelConfig, load_model_config, read_config_json
 from cluster.errors import RebalanceRefused
 from cluster.expert_map import ExpertMap, PlacementError
 from cluster.vision.weights import has_vision_tower
@@ -35,6 +35,7 @@ from deploy.actor_specs import encoder_spec, router_spec, supervisor_settings, w
 from deploy.cluster_config import ClusterConfig
 from deploy.errors import ClusterStartError
 from deploy.load_display import load_with_progress
+from deploy.plan import check_plan, serve_plan
 from deploy.ray_runtime import bundles, check_fits, fit_problem, init_ray, local_ray_alive
 from deploy.supervisor import Supervisor
 from router.encoder.actor import VisionEncoderActor
@@ -60,6 +61,7 @@ class DeploymentSpec:
     router_class: type = RouterActor  # benchmarks substitute a subclass with a timing call
     replacement_load_delay_s: float = 0.0  # fault-injection tests: replacements load this much slower
     log: tuple[str, str] = ("INFO", "text")  # the actors' logging level and format
+    expert_dtype: str = "auto"  # how routed experts are held: auto (as stored), fp8, model (cluster/weights.py)
 
     @classmethod
     def from_serve(cls, cfg, model_dir: str, show_progress: bool = True) -> DeploymentSpec:
@@ -71,6 +73,7 @@ class DeploymentSpec:
             cfg.model.served_name,
             show_progress,
             log=(cfg.logging.level, cfg.logging.format),
+            expert_dtype=cfg.model.expert_dtype,
         )
 
 
@@ -91,6 +94,10 @@ class Deployment:
         """Bring it up; `on_status(message)` hears what the start-up is waiting for (the serve process shows it as
         its readiness reason)."""
         cfg = load_model_config(spec.model_dir)
+        raw, source = read_config_json(spec.model_dir)
+        plan = serve_plan(spec, raw, source)
+        if plan is not None:
+            check_plan(plan)  # before any weight is read or any actor placed
         reader = CheckpointReader(spec.model_dir)
         spec = dataclasses.replace(spec, cluster=spec.cluster.with_vision(has_vision_tower(reader)))
         expert_map = spec.cluster.expert_map(cfg)

@@ -58,10 +58,12 @@ class RouterActor:
         router_id: int = 0,
         log: tuple[str, str] = ("INFO", "text"),
         vision: VisionSettings = VisionSettings(),
+        expert_dtype: str = "auto",
     ):
         """`expert_map` None: every expert in this process. `bind_host` None: this node's IP (a cluster that
         spans nodes); "127.0.0.1" in a private local cluster. `log`: (level, format) as the serve config's.
-        `vision`: how images are encoded (by this process when `vision.encoders` is 0)."""
+        `vision`: how images are encoded (by this process when `vision.encoders` is 0). `expert_dtype`: how the
+        experts are held when this router holds them (cluster/weights.py)."""
         setup_logging(*log)
         self.expert_map, self.router_id = expert_map, router_id
         self.device = torch.device(device)
@@ -70,7 +72,7 @@ class RouterActor:
         self.config = cfg = load_model_config(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self.dtype, self.dtype_name = resolve_dtype(dtype, cfg, self.device), dtype
-        self.model_dir, self.engine_config = model_dir, engine_config
+        self.model_dir, self.engine_config, self.expert_dtype = model_dir, engine_config, expert_dtype
         self.channel_settings, self.collective_timeout_s = channel, collective_timeout_s
         self.bind_host = bind_host or ray.util.get_node_ip_address()
         self.reader = CheckpointReader(model_dir)
@@ -102,6 +104,7 @@ class RouterActor:
             self.engine_config,
             local_experts=self.local_experts,
             reader=self.reader,
+            expert_dtype=self.expert_dtype,
         )
         self.runner, self.model, self.tokenizer = engine.runner, engine.runner.model, engine.tokenizer
         device = self.device.type if self.device.index is None else str(self.device)

@@ -16,13 +16,23 @@ import torch
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig
 from cluster.expert_map import ExpertMap
-from cluster.experts import ExpertShard
+from cluster.experts import ExpertShard, gather
 from cluster.weights import load_expert_shard
 
 
 class ExpertStore:
-    def __init__(self, cfg: ModelConfig, reader: CheckpointReader, slot: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        reader: CheckpointReader,
+        slot: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        expert_dtype: str = "auto",
+    ):
+        """`dtype`: the activations'; `expert_dtype`: how experts are held (cluster/weights.py)."""
         self.cfg, self.reader, self.slot, self.device, self.dtype = cfg, reader, slot, device, dtype
+        self.expert_dtype = expert_dtype
         self.maps: dict[int, ExpertMap] = {}
         self.shards: dict[int, dict[int, ExpertShard]] = {}  # generation -> layer -> shard
         # routed tokens per (layer, global expert) since this worker started, on the device (no sync per layer)
@@ -78,6 +88,13 @@ class ExpertStore:
                 seen[id(shard.gate_up_EDI2)] = shard.nbytes
         return sum(seen.values())
 
+    @property
+    def weight_dtype(self) -> str:
+        """What the held experts' weights are: "fp8", "bfloat16", ... ("" before loading)."""
+        with self._lock:
+            shards = [s for generation in self.shards.values() for s in generation.values()]
+        return shards[0].weight_dtype if shards else ""
+
     def holdings(self) -> dict[int, list[int]]:
         """layer -> experts of the newest generation."""
         with self._lock:
@@ -98,10 +115,10 @@ class ExpertStore:
                 return shard  # the same experts in the same order: share the tensors
         have = {e: (shard, i) for shard in held for i, e in enumerate(shard.experts)}
         new = [e for e in experts if e not in have]
-        loaded = load_expert_shard(self.cfg, self.reader, layer, new, self.device, self.dtype) if new else None
+        loaded = None
+        if new:
+            loaded = load_expert_shard(self.cfg, self.reader, layer, new, self.device, self.dtype, self.expert_dtype)
         if loaded is not None and loaded.experts == experts:
             return loaded  # nothing held yet: the shard as read
         source = {**have, **({e: (loaded, i) for i, e in enumerate(new)} if loaded else {})}
-        gate_up = torch.stack([source[e][0].gate_up_EDI2[source[e][1]] for e in experts])
-        down = torch.stack([source[e][0].down_EID[source[e][1]] for e in experts])
-        return ExpertShard(experts, gate_up, down)
+        return gather(experts, [source[e] for e in experts])

@@ -32,7 +32,8 @@ from cluster.expert_map import ExpertMap, PlacementError
 from cluster.load_progress import LoadProgress
 from cluster.log_format import setup_logging
 from cluster.process_group import ChannelGroups, GroupAddress
-from cluster.weights import experts_bytes, resolve_dtype
+from cluster.weight_bytes import expert_bytes
+from cluster.weights import experts_bytes, experts_fp8, resolve_dtype
 from workers.expert_store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,15 @@ class ExpertWorker:
         expert_map: ExpertMap,
         device: str = "cpu",
         dtype: str = "auto",
+        expert_dtype: str = "auto",
         bind_host: str | None = "127.0.0.1",
         load_delay_s: float = 0.0,
         log: tuple[str, str] = ("INFO", "text"),
     ):
         """Cheap: reads config.json and the checkpoint's headers, and checks the experts fit the device.
         `load()` reads the weights. `bind_host`: where its sockets listen (None: this node's IP). `log`: (level,
-        format) as the serve config's. `load_delay_s` slows loading down (fault-injection tests only)."""
+        format) as the serve config's. `load_delay_s` slows loading down (fault-injection tests only).
+        `expert_dtype`: how the experts are held (auto: as stored; fp8: quantized on load; model: `dtype`)."""
         setup_logging(*log)
         self.slot, self.expert_map = slot, expert_map
         self.bind_host = bind_host or ray.util.get_node_ip_address()
@@ -62,9 +65,11 @@ class ExpertWorker:
         self.config = cfg = load_model_config(model_dir)
         self.dtype = resolve_dtype(dtype, cfg, self.device)
         self.reader = CheckpointReader(model_dir)
+        self.fp8 = experts_fp8(self.reader, cfg, expert_dtype)
         self.bytes_total = experts_bytes(cfg, self.reader, expert_map.slot_experts(slot))
-        _check_fits(self.device, resident_expert_bytes(cfg, expert_map, slot, self.dtype), slot)
-        self.store = ExpertStore(cfg, self.reader, slot, self.device, self.dtype)
+        held = expert_bytes(cfg, self.fp8, torch.finfo(self.dtype).bits // 8)
+        _check_fits(self.device, held * sum(len(e) for e in expert_map.slot_experts(slot).values()), slot)
+        self.store = ExpertStore(cfg, self.reader, slot, self.device, self.dtype, expert_dtype)
         self.load_delay_s = load_delay_s
         self.state = "loading"
         self.steps = 0
@@ -175,6 +180,7 @@ class ExpertWorker:
             "generation": self.store.latest if self.store.shards else -1,
             "experts": self.store.holdings() if self.store.shards else {},
             "bytes_resident": self.store.bytes_resident,
+            "expert_dtype": self.store.weight_dtype,
             "bytes_read": self.reader.bytes_read,
             "tokens_per_expert": self.store.token_counts() if self.store.shards else {},
             "steps": self.steps,
@@ -187,12 +193,6 @@ class ExpertWorker:
         for transport in channels:
             transport.groups.close()
         self._stopped.set()
-
-
-def resident_expert_bytes(cfg, expert_map: ExpertMap, slot: int, dtype: torch.dtype) -> int:
-    """Device bytes the slot's experts take once loaded (gate, up and down of each)."""
-    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * torch.finfo(dtype).bits // 8
-    return per_expert * sum(len(experts) for experts in expert_map.slot_experts(slot).values())
 
 
 def _check_fits(device: torch.device, resident_bytes: int, slot: int) -> None:

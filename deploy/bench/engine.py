@@ -32,10 +32,12 @@ def run_engine_bench(args) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     with bench_checkpoint(args.model, BENCH_MODELS[args.bench_model]) as model_dir:
         prompts = _prompts(model_dir, args)
-        rows = _in_process(model_dir, prompts, params, args)
-        for workers in (w for w in args.workers if w):  # 0: in-process only
-            for micro_batches in args.micro_batches:
-                rows += _with_workers(model_dir, prompts, params, args, workers, micro_batches)
+        rows = []
+        for expert_dtype in args.expert_dtype:
+            rows += _in_process(model_dir, prompts, params, args, expert_dtype)
+            for workers in (w for w in args.workers if w):  # 0: in-process only
+                for micro_batches in args.micro_batches:
+                    rows += _with_workers(model_dir, prompts, params, args, workers, micro_batches, expert_dtype)
         rows += _transformers(model_dir, prompts, params, args)
     _print(rows, args)
     return 0
@@ -85,19 +87,23 @@ def _warm_then_measure(stream_for, prompts, params, stats: Callable[[], dict] | 
     return result
 
 
-def _in_process(model_dir, prompts, params, args) -> list[tuple]:
+def _in_process(model_dir, prompts, params, args, expert_dtype: str = "auto") -> list[tuple]:
     config = EngineConfig(max_num_seqs=max(args.concurrency))
-    engine = AsyncEngine(Engine.from_checkpoint(model_dir, args.device, args.dtype, config))
+    engine = Engine.from_checkpoint(model_dir, args.device, args.dtype, config, expert_dtype=expert_dtype)
+    held = engine.runner.experts.shards[load_model_config(model_dir).moe_layers[0]].weight_dtype
+    engine = AsyncEngine(engine)
     try:
         return [
-            ("engine, in-process experts", n, _warm_then_measure(engine.generate, prompts[:n], params))
+            (f"engine, in-process experts {held}", n, _warm_then_measure(engine.generate, prompts[:n], params))
             for n in args.concurrency
         ]
     finally:
         engine.shutdown()
 
 
-def _with_workers(model_dir, prompts, params, args, workers: int, micro_batches: int | None) -> list[tuple]:
+def _with_workers(
+    model_dir, prompts, params, args, workers: int, micro_batches: int | None, expert_dtype: str = "auto"
+) -> list[tuple]:
     spec = DeploymentSpec(
         model_dir,
         ClusterConfig(device="cuda" if args.device.startswith("cuda") else "cpu", workers=workers),
@@ -105,8 +111,10 @@ def _with_workers(model_dir, prompts, params, args, workers: int, micro_batches:
         dtype=args.dtype,
         show_progress=False,
         router_class=ExchangeBenchRouter,
+        expert_dtype=expert_dtype,
     )
     name = f"engine, {workers} Ray worker{'s' if workers > 1 else ''}, mb {micro_batches or 'auto'}"
+    name += f", experts {expert_dtype}" if expert_dtype != "auto" else ""
     with Deployment.start(spec) as deployment:
 
         async def stream(request):
@@ -156,8 +164,8 @@ def _print(rows, args) -> None:
         f"{args.device} {args.dtype}, {torch.get_num_threads()} CPU threads in this process, model "
         f"{args.model or args.bench_model}"
     )
-    print(f"{'path':<40} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12} {'step ms':>8} {'blocked':>8}")
+    print(f"{'path':<48} {'concurrent':>10} {'tokens/s':>10} {'mean ITL ms':>12} {'step ms':>8} {'blocked':>8}")
     for name, n, m in rows:
         extra = f" {m['step_ms']:>8.2f} {m['blocked']:>8.0%}" if "blocked" in m else ""
-        print(f"{name:<40} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}{extra}")
+        print(f"{name:<48} {n:>10} {m['tokens_per_s']:>10.1f} {m['itl_ms']:>12.2f}{extra}")
     print("step ms: the router's mean forward pass; blocked: its share spent in combine waiting for the workers")

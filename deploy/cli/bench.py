@@ -80,6 +80,13 @@ def add_parser(sub) -> None:
     )
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
+    e.add_argument(
+        "--expert-dtype",
+        type=_expert_dtypes,
+        default=["auto"],
+        help="routed experts held as: auto (as stored), fp8 (quantized on load), model (--dtype); a list like "
+        "model,fp8 runs each, side by side",
+    )
     e.set_defaults(run=_run_engine)
 
     m = what.add_parser("moe-layer", help="one MoE layer's experts: loop vs grouped_mm vs transformers (dense)")
@@ -215,6 +222,13 @@ def _run_prefix(args) -> int:
     from deploy.bench.prefix import run_prefix_bench
 
     return run_prefix_bench(args)
+
+
+def _expert_dtypes(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("auto", "fp8", "model") for v in values):
+        raise argparse.ArgumentTypeError(f"expected a list of auto, fp8, model like model,fp8, got {text!r}")
+    return values
 
 
 def _bench_model(parser, default: str) -> None:

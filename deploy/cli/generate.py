@@ -87,6 +87,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument(
+        "--expert-dtype",
+        default="auto",
+        choices=["auto", "fp8", "model"],
+        help="routed experts: auto (as stored), fp8 (quantized per channel on load), model (the --dtype)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(run=run, inputs=None)
 
@@ -140,7 +146,9 @@ def run(args) -> int:
     else:
         from deploy.deployment import Deployment, DeploymentSpec
 
-        spec = DeploymentSpec(args.model, cluster_config, engine_config, dtype=args.dtype)
+        spec = DeploymentSpec(
+            args.model, cluster_config, engine_config, dtype=args.dtype, expert_dtype=args.expert_dtype
+        )
         with results_only(), Deployment.start(spec) as deployment:
             results = deployment.generate_batch(requests)
     for result in results:
@@ -159,7 +167,9 @@ async def _in_process(args, requests, engine_config) -> list[dict]:
     from router.images.features import VisionSettings, image_features_for
 
     reader = CheckpointReader(args.model)
-    engine = Engine.from_checkpoint(args.model, args.device, args.dtype, engine_config, reader=reader)
+    engine = Engine.from_checkpoint(
+        args.model, args.device, args.dtype, engine_config, reader=reader, expert_dtype=args.expert_dtype
+    )
     vision = VisionSettings(cache_bytes=ClusterConfig().vision_cache_memory)  # encoders 0: this process encodes
     engine = AsyncEngine(engine, image_features_for(args.model, vision, args.device, args.dtype, reader))
     try:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from cluster.errors import ClusterFailure, RebalanceRefused, error_summary
-from deploy.cli import bench, client, demo, generate, serve, tiny_model
+from deploy.cli import bench, client, demo, generate, plan, serve, tiny_model
 from deploy.errors import ClusterStartError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecluster", description="Serve Llama 4 mixture-of-experts models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (demo, tiny_model, generate, bench, serve, client):
+    for command in (demo, tiny_model, generate, bench, plan, serve, client):
         command.add_parser(sub)
     return parser
 

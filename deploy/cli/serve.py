@@ -79,6 +79,12 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (one GPU per actor)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
     p.add_argument(
+        "--expert-dtype",
+        default=None,
+        help="routed experts: auto (as stored: an FP8 checkpoint's stay FP8), fp8 (quantized per channel on load), "
+        "model (the --dtype; FP8 experts dequantized)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -144,6 +150,7 @@ def serve_settings(args):
             http_port=args.http_port,
             device=args.device,
             dtype=args.dtype,
+            expert_dtype=args.expert_dtype,
             max_num_seqs=args.max_num_seqs,
             kv_cache_memory=args.kv_cache_memory,
             ray_address=args.ray_address,

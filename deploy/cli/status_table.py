@@ -35,7 +35,7 @@ def format_status(status, info, readiness: str) -> str:
                     str(w.generation) if first and w.state != "dead" else "",
                     str(w.rank) if first and w.rank else "",
                     w.device if first else "",
-                    _bytes(w.bytes_resident) if first and w.bytes_resident else "",
+                    f"{_bytes(w.bytes_resident)} {w.expert_dtype}".strip() if first and w.bytes_resident else "",
                     str(layer.layer) if layer else "",
                     _ranges(layer.experts) if layer else "",
                     str(sum(layer.tokens)) if layer else "",

@@ -34,6 +34,7 @@ from cluster.experts import ExpertShard
 from cluster.model import Llama4ForCausalLM
 from cluster.vision.config import parse_vision_config
 from cluster.vision.model import VisionTower
+from deploy.tiny.fp8_layout import SCOPES, fp8_tensors
 from deploy.tiny.tokenizer import IMAGE_END, IMAGE_START, PATCH, build_tokenizer, save_tokenizer, token_ids
 from deploy.tiny.training import DEFAULT_TRAIN_STEPS, init_tiny_model, init_tiny_tower, train
 
@@ -128,6 +129,7 @@ def write_tiny_model(
     overrides: Mapping[str, Any] | None = None,
     vision: bool = False,
     vision_overrides: Mapping[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write a tiny Llama 4 checkpoint to `out_dir` (created if needed) and return its path.
 
@@ -136,9 +138,12 @@ def write_tiny_model(
     preset config fields (e.g. wider dims for benchmarks); token ids and vocab_size come from the tokenizer.
     `vision`: with a tiny vision tower (trained too: it names a square's colour), as Llama4ForConditionalGeneration;
     `vision_overrides` replaces its vision_config fields (e.g. Scout's tower widths for benchmarks).
+    `quantize` ("fp8" or "fp8-mlp", deploy/tiny/fp8_layout.py): written in the official FP8 layout instead.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    if quantize is not None and quantize not in SCOPES:
+        raise ValueError(f"quantize must be one of {sorted(SCOPES)} or None, got {quantize!r}")
     steps = DEFAULT_TRAIN_STEPS if train_steps is None else train_steps
     if steps < 0:
         raise ValueError(f"train_steps must be >= 0 (or None for {DEFAULT_TRAIN_STEPS}), got {train_steps}")
@@ -154,7 +159,10 @@ def write_tiny_model(
         log.info("training tiny %s%s for %d steps (seed %d)", preset, " with vision" if vision else "", steps, seed)
         train(model, shards, tok, steps, seed, tower)
     weights = out / "model.safetensors"
-    save_file(checkpoint_tensors(model, shards, tower), str(weights), metadata={"format": "pt"})
+    tensors = checkpoint_tensors(model, shards, tower)
+    if quantize is not None:
+        tensors, config["quantization_config"] = fp8_tensors(tensors, quantize)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     weights.chmod(0o644)  # safetensors creates it owner-only; a server in a container may run as another user
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {**token_ids(tok), "do_sample": False})

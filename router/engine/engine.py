@@ -100,17 +100,19 @@ class Engine:
         *,
         local_experts: bool = True,
         reader: CheckpointReader | None = None,
+        expert_dtype: str = "auto",
     ) -> Engine:
         """The one way an engine is built: the router-side model read from `model_dir` (with every routed expert
         when `local_experts`; otherwise the caller attaches its expert channel as `runner.experts` before the
-        first step), the tokenizer, and generation_config.json's defaults and EOS set. `reader` lets the caller watch
+        first step; held as `expert_dtype` says: cluster/weights.py), the tokenizer, and generation_config.json's
+        defaults and EOS set. `reader` lets the caller watch
         the bytes read while this loads."""
         cfg = load_model_config(model_dir)
         reader = reader or CheckpointReader(model_dir)
         dev = torch.device(device)
         dt = resolve_dtype(dtype, cfg, dev)
         if local_experts:
-            model, transport = load_in_process(cfg, reader, dev, dt)
+            model, transport = load_in_process(cfg, reader, dev, dt, expert_dtype)
         else:
             model, transport = load_router_model(cfg, reader, dev, dt), None
         tokenizer = Tokenizer.from_dir(model_dir)

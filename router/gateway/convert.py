@@ -233,6 +233,7 @@ def worker_status(slot: int, stats: dict | None, supervised: dict | None, member
     if stats is not None:
         out.device, out.bytes_resident, out.steps = stats["device"], stats["bytes_resident"], stats["steps"]
         out.generation, out.pid = stats["generation"], stats["pid"]
+        out.expert_dtype = stats.get("expert_dtype", "")
         for layer, counts in sorted(stats["tokens_per_expert"].items()):
             out.layers.append(pb.LayerExperts(layer=layer, experts=list(counts), tokens=list(counts.values())))
     return out

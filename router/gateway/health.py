@@ -135,6 +135,13 @@ class ClusterPoller:
         entry.ready, entry.engine = bool(health["ready"]), engine
         entry.reason = health.get("failure") or ("" if entry.ready else f"state {health.get('state')}")
 
+    async def _refresh_worker_bytes(self) -> None:
+        """Each worker's resident expert bytes and dtype (-> metrics); a worker that does not answer is skipped."""
+        refs = [w.stats.remote() for w in self.view.workers]
+        answers = await asyncio.gather(*(resolve(r, self.timeout_s) for r in refs), return_exceptions=True)
+        held = {s["slot"]: (s["bytes_resident"], s.get("expert_dtype", "")) for s in answers if isinstance(s, dict)}
+        self.metrics.observe_worker_bytes(held)
+
     async def _refresh_experts(self) -> None:
         ready = [e for e in self.pool.entries.values() if e.ready]
         if not ready:
@@ -145,4 +152,5 @@ class ClusterPoller:
             log.warning("expert stats: %s", e)
             return
         self.metrics.observe_experts(router_expert_tokens(router))
+        await self._refresh_worker_bytes()
         self.metrics.observe_expert_plane(router["channel"], self.view.supervision())

@@ -78,6 +78,12 @@ class GatewayMetrics:
         )
         self.prefix_cache = _PrefixCacheCollector()
         r.register(self.prefix_cache)
+        self.worker_expert_bytes = Gauge(
+            "moecluster_worker_expert_bytes",
+            "Bytes of routed-expert weights (and FP8 scales) each worker holds, by the dtype they are held in",
+            ["worker", "dtype"],
+            registry=r,
+        )
         self.expert_plane = _ExpertPlaneCollector()
         r.register(self.expert_plane)
         self._http = None
@@ -107,6 +113,12 @@ class GatewayMetrics:
 
     def observe_expert_plane(self, channel: dict | None, supervision: dict | None) -> None:
         self.expert_plane.channel, self.expert_plane.supervision = channel, supervision
+
+    def observe_worker_bytes(self, held: dict[int, tuple[int, str]]) -> None:
+        """worker slot -> (resident expert bytes, dtype), as the workers last answered."""
+        self.worker_expert_bytes.clear()
+        for slot, (nbytes, dtype) in held.items():
+            self.worker_expert_bytes.labels(worker=str(slot), dtype=dtype).set(nbytes)
 
     def observe_experts(self, tokens: dict[tuple[int, int], int]) -> None:
         for (layer, expert), count in tokens.items():

@@ -36,10 +36,13 @@ class Generator:
         self.config: ModelConfig = runner.model.config
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> Generator:
+    def from_checkpoint(
+        cls, model_dir: str | Path, device: str = "cpu", dtype: str = "auto", expert_dtype: str = "auto"
+    ) -> Generator:
         cfg = load_model_config(model_dir)
         dev = torch.device(device)
-        model, transport = load_in_process(cfg, CheckpointReader(model_dir), dev, resolve_dtype(dtype, cfg, dev))
+        reader = CheckpointReader(model_dir)
+        model, transport = load_in_process(cfg, reader, dev, resolve_dtype(dtype, cfg, dev), expert_dtype)
         return cls(ModelRunner(model, transport), eos_token_ids(model_dir, cfg))
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:

@@ -16,11 +16,13 @@ import grpc
 import pytest
 import yaml
 
+from cluster.config import read_config_json
 from cluster.settings import to_mapping
 from deploy import ray_runtime
 from deploy.actor_specs import encoder_spec, router_spec, supervisor_settings, worker_spec
 from deploy.config import ServeConfig, load_serve_config
 from deploy.deployment import DeploymentSpec
+from deploy.plan import serve_plan
 from deploy.tiny.cache import TINY_MODEL_NAME, model_dir_for
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
@@ -55,7 +57,13 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
     keys = tmp / "api_keys"
     keys.write_text(KEY + "\n")
     raw = {
-        "model": {"path": str(model_dir), "dtype": "float32", "name": "renamed", "tiny_preset": "maverick"},
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "expert_dtype": "fp8",
+            "name": "renamed",
+            "tiny_preset": "maverick",
+        },
         "cluster": {
             "device": "cuda",
             "routers": 2,
@@ -75,6 +83,7 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
             "vision_encoders": 2,
             "vision_encoder_resources": {"num_cpus": 0.375, "num_gpus": 0.5, "memory": "16MiB", "resources": {"vz": 3}},
             "vision_cache_memory": "3MiB",
+            "gpu_memory": "40GiB",
         },
         "scheduler": {
             "max_num_seqs": 5,
@@ -155,6 +164,9 @@ def test_model_and_cluster_keys_reach_the_actors_and_the_supervisor(config, mode
         == encoder.kwargs["model_dir"],
         "model.dtype": router.kwargs["dtype"] == worker.kwargs["dtype"] == encoder.kwargs["dtype"] == "float32",
         "model.name": router.kwargs["model_name"] == "renamed",
+        "model.expert_dtype": router.kwargs["expert_dtype"] == worker.kwargs["expert_dtype"] == "fp8"
+        and serve_plan(spec, *read_config_json(model_dir)).topology.expert_fp8,
+        "cluster.gpu_memory": serve_plan(spec, *read_config_json(model_dir)).topology.gpu_bytes == 40 * 2**30,
         "cluster.device": router.kwargs["device"] == worker.kwargs["device"] == encoder.kwargs["device"] == "cuda",
         "cluster.routers": (router.bundle, worker.bundle, encoder.bundle) == (1, 2 + 3, 2 + 4 + 1)
         and len(ray_runtime.bundles(c)) == 2 + 4 + 2,

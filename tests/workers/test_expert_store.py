@@ -149,3 +149,22 @@ def test_loading_a_generation_while_another_is_being_served(model_dir, cfg, full
         thread.join(10)
     assert errors == [] and seen and set(seen) == {(0, 1, 2, 3)}
     assert_holds(store, 3, full, {layer: (0, 1, 2, 3, 7) for layer in cfg.moe_layers})
+
+
+def test_a_new_fp8_generation_reuses_held_experts_and_keeps_their_layout_and_scales(model_dir, cfg):
+    reader = CheckpointReader(model_dir)
+    store = ExpertStore(cfg, reader, 0, CPU, torch.float32, expert_dtype="fp8")
+    first = ExpertMap.from_spec("0-3;4-7", NUM_EXPERTS, cfg.moe_layers)
+    store.load(first)
+    second = first.successor({layer: [[2, 5, 0], [1, 3, 4, 6, 7]] for layer in cfg.moe_layers})
+    store.load(second)
+    fresh = {
+        layer: load_expert_shard(cfg, CheckpointReader(model_dir), layer, (0, 2, 5), CPU, torch.float32, "fp8")
+        for layer in cfg.moe_layers
+    }
+    _, shards = store.generation(second.generation)
+    for layer, shard in shards.items():
+        assert shard.experts == (0, 2, 5) and shard.is_fp8 and store.weight_dtype == "fp8"
+        assert shard.gate_up_EDI2.stride() == fresh[layer].gate_up_EDI2.stride()  # column-major, as read
+        for a, b in zip(shard.pick(slice(None)), fresh[layer].pick(slice(None))):
+            assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

@@ -354,7 +354,7 @@ class RouterStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., failure: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., kv_token_capacity: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ..., images_encoded: _Optional[int] = ..., image_cache_hits: _Optional[int] = ..., image_encode_retries: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers", "state", "generation", "pid", "replacements", "last_error")
+    __slots__ = ("index", "rank", "device", "bytes_resident", "steps", "layers", "state", "generation", "pid", "replacements", "last_error", "expert_dtype")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +366,7 @@ class WorkerStatus(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     REPLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     index: int
     rank: int
     device: str
@@ -377,7 +378,8 @@ class WorkerStatus(_message.Message):
     pid: int
     replacements: int
     last_error: str
-    def __init__(self, index: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[str] = ..., bytes_resident: _Optional[int] = ..., steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    expert_dtype: str
+    def __init__(self, index: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[str] = ..., bytes_resident: _Optional[int] = ..., steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., replacements: _Optional[int] = ..., last_error: _Optional[str] = ..., expert_dtype: _Optional[str] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
     __slots__ = ("layer", "experts", "tokens")

@@ -276,3 +276,29 @@ def test_trained_vision_model_names_the_colour_of_unseen_squares(trained_dir):
         if tok.decode([int(logits[-1].argmax())]) != colour:
             wrong.append((colour, height, width))
     assert len(wrong) <= 1, wrong  # 30 unseen images (none missed on the machines we ran it on)
+
+
+@pytest.mark.parametrize("scope, mlp_fp8", [("fp8", False), ("fp8-mlp", True)])
+def test_tiny_model_in_the_official_fp8_layout(tmp_path, scope, mlp_fp8):
+    from deploy.cli.main import main
+
+    assert main(["tiny-model", str(tmp_path), "--preset", "maverick", "--train-steps", "0", "--quantize", scope]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["format"]) == ("compressed-tensors", "float-quantized")
+    assert q["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        up = "language_model.model.layers.1.feed_forward.experts.3.up_proj.weight"
+        assert f.get_slice(up).get_dtype() == "F8_E4M3" and f.get_slice(up + "_scale").get_shape() == [64, 1]
+        dense = "language_model.model.layers.0.feed_forward.gate_proj.weight"
+        assert (f.get_slice(dense).get_dtype() == "F8_E4M3") == mlp_fp8
+        assert f.get_slice("language_model.model.layers.0.self_attn.q_proj.weight").get_dtype() == "F32"
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)  # unfused, one set per expert
+
+
+def test_an_unknown_quantize_scope_is_a_usage_error(tmp_path, capsys):
+    from deploy.cli.main import main
+
+    assert main(["tiny-model", str(tmp_path), "--train-steps", "0", "--quantize", "int4"]) == 2
+    assert "--quantize: expected one of ['fp8', 'fp8-mlp'], got 'int4'" in capsys.readouterr().err
