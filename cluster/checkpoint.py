@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from cluster.config import ConfigError
-from cluster.quant_config import Fp8Config, check_stored, parse_quantization
+from cluster.quant_config import FIELD, Fp8Config, check_scale, parse_quantization
 
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_BYTES = {
@@ -189,3 +189,32 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((r, r + 1))
     return runs
+
+
+def check_stored(fp8: Fp8Config | None, reader) -> None:
+    """Header-only: every stored weight agrees with `fp8` (a CheckpointReader's view), so that no actor starts
+    loading a checkpoint it would read wrongly. Raises CheckpointError naming the tensor."""
+    for key in reader.key_to_file:
+        dtype = reader.stored_dtype(key)
+        if dtype == "F8_E5M2":
+            raise CheckpointError(f"tensor '{key}' is F8_E5M2; supported FP8 weights are F8_E4M3")
+        text = key.startswith(reader.prefix) and not key.startswith(UNPREFIXED)
+        if not key.endswith(".weight") or not text:
+            if dtype == "F8_E4M3":
+                raise CheckpointError(
+                    f"tensor '{key}' is F8_E4M3; moecluster reads FP8 only for the text model's Linear weights "
+                    f"(`*.weight` with a `*.weight_scale`); list its module in {FIELD}.ignore and store it unquantized"
+                )
+            continue
+        module = key[len(reader.prefix) : -len(".weight")]
+        wanted = fp8 is not None and fp8.quantizes(module, reader.prefix)
+        if wanted and dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"tensor '{key}' is {dtype}, but {FIELD} quantizes module '{module}' (a config group's targets match "
+                f"it and no ignore entry does): expected F8_E4M3 with a weight_scale, or the module in {FIELD}.ignore"
+            )
+        if not wanted and dtype == "F8_E4M3":
+            why = f"{FIELD} does not quantize module '{module}'" if fp8 else f"config.json has no {FIELD}"
+            raise CheckpointError(f"tensor '{key}' is F8_E4M3, but {why}: its scales would be ignored")
+        if wanted:
+            check_scale(reader, key, CheckpointError)

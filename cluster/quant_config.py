@@ -45,6 +45,9 @@ class Fp8Config:
         return _matches_any(self.targets, names, module) and not _matches_any(self.ignore, names, module)
 
 
+SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
 def module_classes(module: str) -> tuple[str, ...]:
     """The transformers classes a text-model module is (or sits in): () for modules that are not Linear layers."""
     parts = module.split(".")
@@ -149,41 +152,7 @@ def _error(source: str, field: str, value: Any, want: str) -> ConfigError:
     return ConfigError(f"{source}: {field} is {value!r}; supported: {want}")
 
 
-SCALE_DTYPES = ("F32", "BF16", "F16")
-
-
-def check_stored(fp8: Fp8Config | None, reader) -> None:
-    """Header-only: every stored weight agrees with `fp8` (a CheckpointReader's view), so that no actor starts
-    loading a checkpoint it would read wrongly. Raises CheckpointError naming the tensor."""
-    from cluster.checkpoint import UNPREFIXED, CheckpointError
-
-    for key in reader.key_to_file:
-        dtype = reader.stored_dtype(key)
-        if dtype == "F8_E5M2":
-            raise CheckpointError(f"tensor '{key}' is F8_E5M2; supported FP8 weights are F8_E4M3")
-        text = key.startswith(reader.prefix) and not key.startswith(UNPREFIXED)
-        if not key.endswith(".weight") or not text:
-            if dtype == "F8_E4M3":
-                raise CheckpointError(
-                    f"tensor '{key}' is F8_E4M3; moecluster reads FP8 only for the text model's Linear weights "
-                    f"(`*.weight` with a `*.weight_scale`); list its module in {FIELD}.ignore and store it unquantized"
-                )
-            continue
-        module = key[len(reader.prefix) : -len(".weight")]
-        wanted = fp8 is not None and fp8.quantizes(module, reader.prefix)
-        if wanted and dtype != "F8_E4M3":
-            raise CheckpointError(
-                f"tensor '{key}' is {dtype}, but {FIELD} quantizes module '{module}' (a config group's targets match "
-                f"it and no ignore entry does): expected F8_E4M3 with a weight_scale, or the module in {FIELD}.ignore"
-            )
-        if not wanted and dtype == "F8_E4M3":
-            why = f"{FIELD} does not quantize module '{module}'" if fp8 else f"config.json has no {FIELD}"
-            raise CheckpointError(f"tensor '{key}' is F8_E4M3, but {why}: its scales would be ignored")
-        if wanted:
-            _check_scale(reader, key, CheckpointError)
-
-
-def _check_scale(reader, key: str, error: type) -> None:
+def check_scale(reader, key: str, error: type) -> None:
     shape = reader.stored_shape(key)
     scale_key = key + "_scale"
     if len(shape) != 2:

@@ -7,7 +7,7 @@ head) in bf16 (FP8 modules are dequantized there), plus every routed expert when
 vision tower when there are no encoders; worker = its slot's experts of every MoE layer (cluster/weight_bytes.py:
 FP8 is 1 byte a weight plus fp32 scales per output channel); encoder = the vision tower in bf16. Every GPU keeps
 RUNTIME_RESERVE for the CUDA context and activations. A router's KV capacity is the paged cache's own layout
-(router/paged_cache.py) of what is left, at the configured block size.
+(router/engine/paged_cache.py) of what is left, at the configured block size.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cluster.vision.config import parse_vision_config
 from cluster.vision.model import VisionTower
 from cluster.weight_bytes import expert_bytes
 from deploy.cluster_config import ClusterConfig
-from router.paged_cache import plan_kv_layout
+from router.engine.paged_cache import plan_kv_layout
 
 GIB = 2**30
 GPUS = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}  # total memory as the driver reports it (80 GB, 141 GB)

@@ -30,7 +30,7 @@ def run(args) -> int:
     from cluster.settings import SettingError, parse_bytes
     from deploy.cluster_config import ClusterConfig
     from deploy.plan import GPUS, Topology, memory_plan, stored_fp8_experts  # torch: loaded only now
-    from router.engine_config import EngineConfig
+    from router.engine.config import EngineConfig
 
     raw, source = _config(args.model)
     if args.expert_dtype not in ("auto", "bf16", "fp8"):

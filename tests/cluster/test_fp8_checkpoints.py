@@ -15,7 +15,7 @@ from cluster.config import load_model_config
 from cluster.weights import load_all_experts
 from deploy.tiny.fp8_layout import write_fp8_copy
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.cluster.test_llama4_parity import full_logits, load_ours
 from tests.conftest import LLAMA3_ROPE
 

@@ -18,9 +18,9 @@ import torch
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.fp8_layout import write_fp8_copy
-from router.messages import EngineRequest
 from router.reference.decode import Generator
-from router.sampling_params import SamplingParams
+from router.request.messages import EngineRequest
+from router.request.sampling_params import SamplingParams
 from tests.cluster.test_fp8_checkpoints import MODELS, PROMPTS, dequantized_copy, hf_greedy
 from tests.conftest import make_hf_model
 from tests.deploy.test_failover import pid_of, wait_for

@@ -36,7 +36,7 @@ def tiny_parity() -> None:
 
     from deploy.tiny.fp8_layout import write_fp8_copy
     from router.reference.decode import Generator
-    from router.sampling_params import SamplingParams
+    from router.request.sampling_params import SamplingParams
     from tests.cluster.test_fp8_checkpoints import PROMPTS, dequantized_copy, hf_greedy
     from tests.conftest import make_hf_model
 
