@@ -26,10 +26,11 @@ from cluster.config import load_model_config
 from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.engine.config import EngineConfig
+from router.engine.constrained import ConstrainedRequests
 from router.engine.model_runner import ModelRunner
 from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
 from router.engine.sampler import SamplingState, resolve_seed, sample_batch
-from router.engine.scheduler import SchedRequest, Scheduler
+from router.engine.scheduler import Finished, SchedRequest, Scheduler
 from router.experts.channel import ClusterFailure
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
@@ -39,8 +40,10 @@ from router.request.messages import Delta, EngineRequest, EngineStats, Final
 from router.request.prepare import Limits, PreparedRequest, prepare_request
 from router.request.sampling_params import InvalidRequest
 from router.request.tokenizer import Tokenizer
+from router.request.tool_stream import ToolCallStream
 
 log = logging.getLogger(__name__)
+COMPILE_TIMEOUT_S = 30.0  # a constraint's grammar that takes longer to compile ends its request (INVALID_ARGUMENT)
 
 
 def kv_budget(config: EngineConfig, device: torch.device) -> int:
@@ -59,6 +62,7 @@ class _Live:
     sampling: SamplingState
     text: TextStream
     images: PromptImages | None = None
+    tools: ToolCallStream | None = None  # when the request's tool choice parses calls
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -93,7 +97,8 @@ class Engine:
             max_len,
             model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
         )
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, _Live] = {}  # every accepted request, its grammar compiling or scheduled
+        self.constrained = ConstrainedRequests(tokenizer, model_cfg.vocab_size, self.eos_ids, COMPILE_TIMEOUT_S)
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
         self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
@@ -156,19 +161,50 @@ class Engine:
         outputs = list(resume.output_ids) if resume else []
         sampling = SamplingState(p, list(prepared.prompt_ids), outputs, stop_ids, resolve_seed(p))
         text = TextStream(self.tokenizer, p.stop)
+        tools = ToolCallStream(prepared.request_id) if p.tool_calls else None
         if resume:
             text.restore(resume.output_ids, resume.text_chars)
-        self.live[prepared.request_id] = _Live(prepared, next(self._slots), sampling, text, images)
+            if tools:
+                tools.restore(text.text)
+        if p.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
+            self.constrained.start(prepared.request_id, p.constraint, None)
+        live = _Live(prepared, next(self._slots), sampling, text, images, tools)
+        self.live[prepared.request_id] = live
+        if p.constraint is None:
+            self._schedule(live)
+
+    def _schedule(self, live: _Live) -> None:
+        st = live.sampling
         self.scheduler.add(
             SchedRequest(
-                prepared.request_id,
-                list(prepared.prompt_ids),
-                p.max_tokens,
-                stop_ids,
-                p.min_tokens,
-                output_ids=sampling.output_ids,
+                live.prepared.request_id,
+                list(st.prompt_ids),
+                st.params.max_tokens,
+                st.stop_ids,
+                st.params.min_tokens,
+                output_ids=st.output_ids,
             )
         )
+
+    def _settle_compiles(self) -> list[Final]:
+        """Requests whose grammar compiled join the batch (their matcher caught up with what they streamed);
+        those whose grammar failed or timed out end with an error naming the field."""
+        ready, failed = self.constrained.settled()
+        out = []
+        for request_id, _, compiled in ready:
+            live = self.live.get(request_id)
+            if live is None:  # aborted while compiling
+                continue
+            try:
+                self.constrained.admit(request_id, compiled, live.sampling.stop_ids, tuple(live.sampling.output_ids))
+            except InvalidRequest as e:
+                out.append(self._refuse(request_id, e))
+                continue
+            self._schedule(live)
+        return out + [self._refuse(request_id, e) for request_id, e in failed if request_id in self.live]
+
+    def _refuse(self, request_id: str, e: InvalidRequest) -> Final:
+        return self._final(request_id, "error", error=str(e), error_kind="request", error_field=e.field)
 
     def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
         if len(features) != len(prepared.images):
@@ -185,7 +221,7 @@ class Engine:
         return self._final(request_id, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.constrained.pending)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def maintain(self) -> list[Final]:
@@ -198,20 +234,28 @@ class Engine:
         return []
 
     def step(self) -> list[Delta | Final]:
+        out: list[Delta | Final] = self._settle_compiles()
         plan = self.scheduler.schedule()
         if not plan.pieces:
-            return []
+            if self.constrained.pending and not out:  # only grammars compiling: wait for one, briefly
+                self.constrained.wait(0.05)
+            return out
         try:
             logits_NV = self._forward(plan)
         except ClusterFailure as e:
-            return self.fail_all(str(e))
+            return out + self.fail_all(str(e))
         sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
         states = [self.live[p.request_id].sampling for _, p in sampling_pieces]
-        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], states) if states else ([], [])
+        masks = self.constrained.masks([p.request_id for _, p in sampling_pieces])
+        rows = [i for i, _ in sampling_pieces]
+        tokens, logprobs = sample_batch(logits_NV[rows], states, masks) if states else ([], [])
         sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
         finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
+        for request_id, token in sampled.items():  # matchers advance by emitted tokens only
+            if self.constrained.accept(request_id, token) and request_id not in finished:
+                self.scheduler.finish(request_id)  # the constrained output is complete
+                finished[request_id] = Finished(request_id, "stop", token)
         self._count(len(tokens))
-        out: list[Delta | Final] = []
         for (_, piece), token, lp in zip(sampling_pieces, tokens, logprobs):
             out += self._emit(piece.request_id, token, lp, finished.get(piece.request_id))
         return out
@@ -251,6 +295,7 @@ class Engine:
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
         live = self.live[request_id]
         text = live.text.push(token)
+        text = live.tools.push(text) if live.tools else text
         if live.text.matched is not None:  # a stop string wins over whatever else ended this step
             self.scheduler.finish(request_id)
             done_reason, matched = "stop", live.text.matched
@@ -258,19 +303,33 @@ class Engine:
             done_reason, matched = done.reason, done.stop_token
         else:
             return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
-        text += live.text.flush() if live.text.matched is None else ""
+        tail, calls = live.text.flush() if live.text.matched is None else "", ()
+        if live.tools:  # the held output: calls when it parses as calls, else its text
+            tail = live.tools.push(tail)
+            rest, calls = live.tools.finish()
+            tail += rest
+        if calls and done_reason == "stop":
+            done_reason = "tool_calls"
         return [
-            Delta(request_id, (token,), text, (logprob,) if logprob else ()),
+            Delta(request_id, (token,), text + tail, (logprob,) if logprob else (), calls),
             self._final(request_id, done_reason, matched),
         ]
 
     def _final(
-        self, request_id: str, reason: str, matched=None, error: str | None = None, error_kind: str | None = None
+        self, request_id: str, reason: str, matched=None, error=None, error_kind=None, error_field=None
     ) -> Final:
         live = self.live.pop(request_id)
+        self.constrained.drop(request_id)
         self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
         return Final(
-            request_id, reason, matched, len(live.prepared.prompt_ids), len(live.sampling.output_ids), error, error_kind
+            request_id,
+            reason,
+            matched,
+            len(live.prepared.prompt_ids),
+            len(live.sampling.output_ids),
+            error,
+            error_kind,
+            error_field,
         )
 
     def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:

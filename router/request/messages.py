@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.request.sampling_params import SamplingParams
+from router.request.tools import Tool, ToolCall
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,9 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str  # system | user | assistant | ipython
+    role: str  # system | user | assistant | ipython (a tool's result; `tool` is taken as ipython)
     content: str | tuple[str | ImagePart, ...]  # text, or text and image parts in order
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, rendered after its text
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class EngineRequest:
     messages: tuple[ChatMessage, ...] | None = None
     resume: Resume | None = None
     images: tuple[ImageInput, ...] = ()  # with prompt / prompt_ids (a chat's images are parts of its messages)
+    tools: tuple[Tool, ...] = ()  # offered to the model in the chat's system message (router/request/tools.py)
+    tool_choice: str = "auto"  # auto | none | required | a tool's name
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,16 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # calls parsed from the output, each whole, in order (ids unique)
 
 
-FINISH_REASONS = ("length", "stop", "abort", "error")
+FINISH_REASONS = ("length", "stop", "abort", "error", "tool_calls")
 
 
 @dataclass(frozen=True)
 class Final:
     request_id: str
-    finish_reason: str  # one of FINISH_REASONS
+    finish_reason: str  # one of FINISH_REASONS ("tool_calls": the output was tool calls, sent in the deltas)
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it
     prompt_tokens: int = 0
     completion_tokens: int = 0
