@@ -66,9 +66,9 @@ def grammar_of(constraint: Constraint):
 
     kind = constraint.kind
     if kind == "json_schema":
-        return xgr.Grammar.from_json_schema(constraint.spec, any_whitespace=False)
+        return json_schema_grammar(constraint.spec)
     if kind == "json_object":
-        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+        return json_schema_grammar('{"type": "object"}')
     if kind == "regex":
         return xgr.Grammar.from_regex(constraint.spec)
     if kind == "grammar":
@@ -78,6 +78,22 @@ def grammar_of(constraint: Constraint):
     from router.request.tools import call_grammar
 
     return call_grammar(json.loads(constraint.spec))
+
+
+# xgrammar 0.2.8 writes a string with minLength/maxLength as characters `[^"\\\r\n]`, which admits control
+# characters JSON forbids unescaped; its unbounded strings exclude them (`[^\0-\x1f"\\\r\n]`). Ours do too.
+_BOUNDED_STRING_CHAR = '([^\\"\\\\\\r\\n])'
+_JSON_STRING_CHAR = '([^\\0-\\x1f\\"\\\\])'
+
+
+def json_schema_grammar(schema: str):
+    """The xgrammar Grammar of compact JSON valid under `schema` (JSON text)."""
+    import xgrammar as xgr
+
+    text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    if _BOUNDED_STRING_CHAR not in text:
+        return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 def _json_object(text: str, field: str) -> dict:

@@ -112,6 +112,8 @@ def call_grammar(tools: list[dict]):
     the schema's order, each valid under its property schema."""
     import xgrammar as xgr
 
+    from router.request.constraint import json_schema_grammar
+
     calls = []
     for tool in tools:
         schema = tool["parameters"]
@@ -120,7 +122,7 @@ def call_grammar(tools: list[dict]):
         parts = [_literal(f"{tool['name']}(")]
         for j, name in enumerate(required):
             parts.append(_literal(f"{', ' if j else ''}{name}="))
-            parts.append(xgr.Grammar.from_json_schema(json.dumps(props[name]), any_whitespace=False))
+            parts.append(json_schema_grammar(json.dumps(props[name])))
         parts.append(_literal(")"))
         calls.append(xgr.Grammar.concat(*parts))
     return xgr.Grammar.concat(_literal("["), xgr.Grammar.union(*calls) if len(calls) > 1 else calls[0], _literal("]"))

@@ -17,7 +17,8 @@ from tests.cluster.test_all_to_all import HostSyncs
 
 def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset(), seed=None) -> SamplingState:
     params = params.with_defaults({}).validate()
-    return SamplingState(params, list(prompt), list(output), frozenset(stop), resolve_seed(params) if seed is None else seed)
+    seed = resolve_seed(params) if seed is None else seed
+    return SamplingState(params, list(prompt), list(output), frozenset(stop), seed)
 
 
 def randn(*shape, seed=0) -> torch.Tensor:
