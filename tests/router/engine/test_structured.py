@@ -16,8 +16,9 @@ import pytest
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
 from router.request.constraint import Constraint
-from router.request.messages import Delta, EngineRequest, Final, Resume
+from router.request.messages import ChatMessage, Delta, EngineRequest, Final, Resume
 from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.tools import Tool
 
 SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 70}}, "required": ["a"]},
@@ -79,6 +80,9 @@ def engine(tiny_model_dir) -> Engine:
     return Engine.from_checkpoint(tiny_model_dir, config=cfg)
 
 
+CALLS: dict[str, list] = {}  # request id -> the tool calls its deltas carried (ids are unique per test)
+
+
 def run(engine: Engine, requests: list[EngineRequest], on_step=None) -> tuple[dict[str, str], dict[str, Final], dict]:
     texts, finals, tokens = {}, {}, {}
     for r in requests:
@@ -89,6 +93,7 @@ def run(engine: Engine, requests: list[EngineRequest], on_step=None) -> tuple[di
             if isinstance(item, Delta):
                 texts[item.request_id] = texts.get(item.request_id, "") + item.text
                 tokens.setdefault(item.request_id, []).extend(item.token_ids)
+                CALLS.setdefault(item.request_id, []).extend(item.tool_calls)
             else:
                 finals[item.request_id] = item
         steps += 1
@@ -193,3 +198,31 @@ def test_a_resumed_constrained_request_continues_exactly(engine):
     off = EngineRequest("c4", req.params, prompt=req.prompt, resume=Resume((whole[1], whole[0]), 0))
     _, finals, _ = run(engine, [off])
     assert finals["c4"].finish_reason == "error" and finals["c4"].error_field == "resume.output_ids"
+
+
+ALARM = {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+         "label": {"type": "string", "maxLength": 8}, "days": {"type": "array", "items": {"enum": ["mon", "tue"]},
+         "maxItems": 2}}, "required": ["hour", "days"]}  # fmt: skip
+NOTE = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 6}}, "required": ["text"]}
+
+
+def tool_request(rid: str, seed: int, choice: str) -> EngineRequest:
+    tools = (Tool("set_alarm", "Set an alarm", json.dumps(ALARM)), Tool("note", "Write a note", json.dumps(NOTE)))
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=120)
+    chat = (ChatMessage("user", "Wake me at seven on Mondays."),)
+    return EngineRequest(rid, params, messages=chat, tools=tools, tool_choice=choice)
+
+
+def test_named_and_required_tool_choices_give_calls_whose_arguments_validate(engine):
+    reqs = [tool_request(f"named{s}", s, "set_alarm") for s in range(3)]
+    reqs += [tool_request(f"req{s}", s, "required") for s in range(3)]
+    reqs += [tool_request(f"auto{s}", s, "auto") for s in range(2)]
+    texts, finals, tokens = run(engine, reqs)
+    for rid in [r.request_id for r in reqs[:6]]:
+        assert finals[rid].finish_reason == "tool_calls" and texts.get(rid, "") == "", (rid, texts.get(rid))
+        (call,) = CALLS[rid]
+        assert call.id == f"{rid}-call-0" and (call.name == "set_alarm" or rid.startswith("req"))
+        jsonschema.validate(json.loads(call.arguments), ALARM if call.name == "set_alarm" else NOTE)
+    for s in range(2):  # auto on a random model: text, none of it lost
+        rid = f"auto{s}"
+        assert texts[rid] == engine.tokenizer.decode(tokens[rid]) and not CALLS.get(rid)
