@@ -11,10 +11,13 @@ import dataclasses
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.images.data_url import data_url_bytes
+from router.request.constraint import Constraint
 from router.request.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final, ImageInput, ImagePart
 from router.request.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+from router.request.tools import Tool, ToolCall
 
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar", "choice")  # the proto's constraint oneof
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | frozenset(_CONSTRAINTS)
 _OPTIONAL_SCALARS = (
     "temperature",
     "top_p",
@@ -42,7 +45,18 @@ def field_path(field: str) -> str:
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields keep SamplingParams' defaults (None for temperature/top_p/top_k: the model's)."""
     given = {name: getattr(msg, name) for name in _OPTIONAL_SCALARS if msg.HasField(name)}
-    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), **given)
+    return SamplingParams(
+        stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), constraint=constraint(msg), **given
+    )
+
+
+def constraint(msg: pb.SamplingParams) -> Constraint | None:
+    kind = msg.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(msg.choice.options))
+    return Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
@@ -52,19 +66,29 @@ def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
     if kind is None:
         raise InvalidRequest("input", "the request is empty; set one of prompt, input_ids or messages")
     images = request_images(req.images)
+    tools = tuple(Tool(t.name, t.description, t.parameters or Tool.parameters) for t in req.tools)
+    choice = req.tool_choice.WhichOneof("choice")
+    tool_choice = getattr(req.tool_choice, choice) if choice else "auto"
+    if kind == "messages":
+        if images:
+            raise InvalidRequest(
+                "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
+            )
+        return EngineRequest(
+            request_id, params, messages=chat_messages(req.messages), tools=tools, tool_choice=tool_choice
+        )
+    if tools or choice:
+        raise InvalidRequest("tools", "tools are offered in a chat; send messages, not a prompt or input_ids")
     if kind == "prompt":
         return EngineRequest(request_id, params, prompt=req.prompt, images=images)
-    if kind == "input_ids":
-        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images)
-    if images:
-        raise InvalidRequest(
-            "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
-        )
-    return EngineRequest(request_id, params, messages=chat_messages(req.messages))
+    return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images)
 
 
 def chat_messages(msg: pb.ChatMessages) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(m.role, _content(i, m)) for i, m in enumerate(msg.messages))
+    return tuple(
+        ChatMessage(m.role, _content(i, m), tuple(ToolCall(c.name, c.arguments, c.id) for c in m.tool_calls))
+        for i, m in enumerate(msg.messages)
+    )
 
 
 def request_images(images) -> tuple[ImageInput, ...]:
@@ -109,7 +133,12 @@ def chunk(delta: Delta) -> pb.Chunk:
             )
             for lp in delta.logprobs
         ],
+        tool_calls=tool_calls(delta.tool_calls),
     )
+
+
+def tool_calls(calls) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
@@ -121,11 +150,13 @@ def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
     return out
 
 
-def complete(final: Final) -> pb.Complete:
+def complete(final: Final, calls=()) -> pb.Complete:
+    """`calls`: every tool call the request's deltas carried."""
     out = pb.Complete(
         finish_reason=FINISH_REASON_ENUM[final.finish_reason],
         prompt_tokens=final.prompt_tokens,
         completion_tokens=final.completion_tokens,
+        tool_calls=tool_calls(calls),
     )
     if isinstance(final.matched_stop, str):
         out.stop_string = final.matched_stop

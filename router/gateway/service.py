@@ -148,6 +148,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _stream(self, relay: StreamRelay, router: RouterEntry, stream: bool, arrived: float, context):
         rid = relay.request_id
         buffered: list[Delta] = []
+        calls: list = []  # the tool calls of the output, for the Complete
         last, final, error = None, None, None
         deadline = self._server_deadline(arrived, context)
         items = relay.items(router)
@@ -172,6 +173,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 now = time.monotonic()
                 self._observe_latency(arrived if last is None else last, now, first=last is None)
                 last = now
+                calls += item.tool_calls
                 if stream:
                     yield pb.GenerateResponse(request_id=rid, chunk=convert.chunk(item))
                 else:
@@ -215,7 +217,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             f" after {relay.failovers} router failover(s)" if relay.failovers else "",
             extra={"request_id": rid},
         )
-        yield pb.GenerateResponse(request_id=rid, complete=convert.complete(final))
+        yield pb.GenerateResponse(request_id=rid, complete=convert.complete(final, calls))
 
     def _server_deadline(self, arrived: float, context) -> float | None:
         """The server's own deadline when the client set none (a client deadline is enforced by gRPC itself)."""
