@@ -38,7 +38,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from cluster.collective import SEND_WAIT, CollectiveError, Pending, post, send_to_members, wait, wait_best_effort
+from cluster.collective import SEND_WAIT, Pending, post, send_to_members, wait, wait_best_effort
+from cluster.errors import CollectiveError
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.fixed_exchange import FENCE_WAIT, Blocks, FixedExchange

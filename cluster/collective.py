@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-
-class CollectiveError(RuntimeError):
-    """A collective of the channel failed: a peer died, its sockets closed, or the group timed out or was aborted."""
+from cluster.errors import CollectiveError
 
 
 @dataclass

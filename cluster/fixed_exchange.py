@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.collective import CollectiveError, Pending, post, send_to_members, wait, wait_best_effort
+from cluster.collective import Pending, post, send_to_members, wait, wait_best_effort
+from cluster.errors import CollectiveError
 from cluster.experts import ExpertShard
 
 # the router's best effort to deliver fence blocks and headers, shared by all members: a live member waiting on the

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
+from cluster.errors import RebalanceRefused
 from cluster.expert_map import ExpertMap, PlacementError
 from cluster.vision.weights import has_vision_tower
 from cluster.weights import experts_bytes
@@ -221,7 +222,7 @@ class Deployment:
     def rebalance(self):
         """Rebalance the expert map now (see Supervisor.rebalance)."""
         if self.supervisor is None:
-            raise RuntimeError("the router holds every expert (workers: 0): there is nothing to rebalance")
+            raise RebalanceRefused("the router holds every expert (workers: 0): there is nothing to rebalance")
         return self.supervisor.rebalance()
 
     def health(self, timeout_s: float = 10.0) -> dict:

@@ -3,5 +3,5 @@
 from __future__ import annotations
 
 
-class ClusterStartError(RuntimeError):
+class ClusterStartError(Exception):
     """The cluster cannot start as asked; the message says what to change."""

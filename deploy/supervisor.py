@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from cluster.errors import error_summary
+from cluster.errors import RebalanceRefused, error_summary
 from cluster.expert_map import ExpertMap
 from cluster.rebalance import RebalancePlan
 from deploy import rebalancer
@@ -292,16 +292,16 @@ class Supervisor:
     # ---- rebalancing -------------------------------------------------------------------------------------
     def rebalance(self) -> RebalancePlan | None:
         """Recompute the map from the routed-token counts since the last rebalance and apply it without
-        stopping; None when it would not improve the balance. Raises RuntimeError while the cluster is not at
+        stopping; None when it would not improve the balance. Raises RebalanceRefused while the cluster is not at
         full strength (try again once every actor serves)."""
         with self._lock:
             if self.map is None:
-                raise RuntimeError("the routers hold every expert (workers: 0): there is nothing to rebalance")
+                raise RebalanceRefused("the routers hold every expert (workers: 0): there is nothing to rebalance")
             if self.failure:
-                raise RuntimeError(f"the cluster gave up: {self.failure}")
+                raise RebalanceRefused(f"the cluster gave up: {self.failure}")
             busy = [m.name for m in self.members.values() if m.state != "serving"]
             if busy:
-                raise RuntimeError(f"{', '.join(busy)} are being replaced; rebalance once they serve")
+                raise RebalanceRefused(f"{', '.join(busy)} are being replaced; rebalance once they serve")
             routers, workers = self.routers, self.workers
             now = rebalancer.loads_per_expert(routers, self.ray_timeout_s)
             loads = rebalancer.difference(now, self._loads_at_last_rebalance)
@@ -318,7 +318,7 @@ class Supervisor:
     def _periodic_rebalance(self) -> None:
         try:
             self.rebalance()
-        except RuntimeError as e:
+        except RebalanceRefused as e:
             log.info("periodic rebalance skipped: %s", e)
 
     # ---- status ------------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ import time
 import ray
 import torch
 
-from cluster.all_to_all import REGROUP, RUN, STOP, AllToAllTransport, CollectiveError
+from cluster.all_to_all import REGROUP, RUN, STOP, AllToAllTransport
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
+from cluster.errors import CollectiveError
 from cluster.expert_map import ExpertMap, PlacementError
 from cluster.load_progress import LoadProgress
 from cluster.log_format import setup_logging
@@ -103,7 +104,8 @@ class ExpertWorker:
         "fenced". Raises only on a bug (the router then treats this worker as failed)."""
         try:
             groups = ChannelGroups.join(address, rank, self.bind_host)
-        except RuntimeError as e:  # a peer died before the group formed: the router forms the next one
+        except (RuntimeError, CollectiveError) as e:  # torch's rendezvous failed (a peer died before the group
+            # formed): the router forms the next one
             log.warning("worker slot %d: router %d's group %s did not form: %s", self.slot, router, address.prefix, e)
             return "fenced"
         transport = AllToAllTransport(groups, self.config.hidden_size, self.device, self.dtype)

@@ -22,10 +22,11 @@ from deploy.cli.usage import UsageError, as_flags
 from deploy.cluster_config import ClusterConfig
 from router.engine.config import EngineConfig
 from router.images.data_url import data_url_bytes
+from router.request.errors import InvalidRequest
 from router.request.generation_config import load_generation_config
 from router.request.messages import ChatMessage, EngineRequest, ImagePart
 from router.request.prepare import check_prompt
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 
 
 class _Inputs(argparse.Action):

@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 
-from cluster.errors import error_summary
+from cluster.errors import ClusterFailure, RebalanceRefused, error_summary
 from deploy.cli import bench, client, demo, generate, serve, tiny_model
+from deploy.errors import ClusterStartError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # UsageError, SettingError, ConfigError, CheckpointError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # the cluster failed or could not start: say why, in one line
+    except (ClusterStartError, ClusterFailure, RebalanceRefused, RuntimeError) as e:  # the cluster failed or could
+        # not start (or a library said why it could not go on): say why, in one line
         print(f"error: {error_summary(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from cluster.weights import resolve_dtype
 from router.images.processor import ImageProcessor
 from router.images.request import HARD_LIMITS
 from router.images.tiles import MAX_TILES
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,30 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from enum import Enum
 
+from cluster.errors import ClusterFailure
 from router.engine.engine import Engine
-from router.images.encoder_pool import EncoderUnavailable
+from router.images.errors import EncoderUnavailable
 from router.images.features import ImageFeatures
-from router.request.messages import Delta, EngineRequest, EngineStats, Final
+from router.request.errors import InvalidRequest
+from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason
 from router.request.prepare import request_images
-from router.request.sampling_params import InvalidRequest
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
+
+
+class Command(Enum):
+    """What a caller asks of the engine thread, through its queue."""
+
+    ADD = "add"  # (EngineRequest, its image features)
+    ABORT = "abort"  # request id
+    WAKE = "wake"  # nothing: look at the stop flag
+
+
+def _refused(request_id: str, e: InvalidRequest) -> Final:
+    return Final(request_id, FinishReason.ERROR, error=str(e), error_kind=ErrorKind.REQUEST, error_field=e.field)
 
 
 class AsyncEngine:
@@ -43,9 +57,10 @@ class AsyncEngine:
         if request.request_id in self._streams:
             yield Final(
                 request.request_id,
-                "error",
+                FinishReason.ERROR,
                 error=f"request_id: {request.request_id!r} is already in flight",
-                error_kind="request",
+                error_kind=ErrorKind.REQUEST,
+                error_field="request_id",
             )
             return
         self._streams[request.request_id] = (loop, q)
@@ -65,7 +80,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:  # the consumer went away: free the request's blocks
-                self._commands.put(("abort", request.request_id))
+                self._commands.put((Command.ABORT, request.request_id))
 
     async def _submit(self, request: EngineRequest) -> Final | None:
         """Queue the request for the engine thread, with its image features; a Final instead when they cannot be
@@ -73,10 +88,15 @@ class AsyncEngine:
         try:
             features = await self._features(request)
         except InvalidRequest as e:
-            return Final(request.request_id, "error", error=str(e), error_kind="request", error_field=e.field)
+            return _refused(request.request_id, e)
         except EncoderUnavailable as e:
-            return Final(request.request_id, "error", error=f"image encoding failed: {e}", error_kind="cluster")
-        self._commands.put(("add", (request, features)))
+            return Final(
+                request.request_id,
+                FinishReason.ERROR,
+                error=f"image encoding failed: {e}",
+                error_kind=ErrorKind.CLUSTER,
+            )
+        self._commands.put((Command.ADD, (request, features)))
         return None
 
     async def _features(self, request: EngineRequest) -> tuple:
@@ -87,14 +107,14 @@ class AsyncEngine:
         return tuple(await self.images.features(prepared.images))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put((Command.ABORT, request_id))
 
     def stats(self) -> EngineStats:
         return self._stats
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        self._commands.put(("wake", None))
+        self._commands.put((Command.WAKE, None))
         self._thread.join(timeout=timeout_s)
 
     # ---- engine thread -----------------------------------------------------------------------------------
@@ -107,7 +127,7 @@ class AsyncEngine:
                     outputs += self.engine.step()
             except Exception as e:
                 log.exception("engine step failed")
-                outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind="internal")
+                outputs = self.engine.fail_all(f"engine step failed: {type(e).__name__}: {e}", kind=ErrorKind.INTERNAL)
             for item in outputs:
                 self._deliver(item)
             self._stats = self.engine.stats()
@@ -126,18 +146,16 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, kind: str, arg) -> None:
-        if kind == "add":
+    def _apply(self, kind: Command, arg) -> None:
+        if kind is Command.ADD:
             request, features = arg
             try:
                 self.engine.add(request, features)
             except InvalidRequest as e:
-                self._deliver(
-                    Final(request.request_id, "error", error=str(e), error_kind="request", error_field=e.field)
-                )
-            except RuntimeError as e:  # the engine has failed (ClusterFailure): nothing can run
-                self._deliver(Final(request.request_id, "error", error=str(e), error_kind="cluster"))
-        elif kind == "abort":
+                self._deliver(_refused(request.request_id, e))
+            except ClusterFailure as e:  # the engine has failed: nothing can run
+                self._deliver(Final(request.request_id, FinishReason.ERROR, error=str(e), error_kind=ErrorKind.CLUSTER))
+        elif kind is Command.ABORT:
             final = self.engine.abort(arg)
             if final:
                 self._deliver(final)

@@ -12,7 +12,7 @@ from typing import Any
 
 from router.engine.sampler import RowMasks
 from router.request.constraint import Constraint
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 from router.request.tokenizer import Tokenizer
 
 

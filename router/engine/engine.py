@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,22 +22,22 @@ import torch
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
+from cluster.errors import ClusterFailure
 from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.engine.config import EngineConfig
 from router.engine.constrained import ConstrainedRequests
 from router.engine.model_runner import ModelRunner
 from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
-from router.engine.sampler import SamplingState, resolve_seed, sample_batch
-from router.engine.scheduler import Finished, SchedRequest, Scheduler
-from router.experts.channel import ClusterFailure
+from router.engine.sampler import sample_batch
+from router.engine.scheduler import Finished, Scheduler, StopReason
+from router.engine.sequence import Sequence
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
-from router.request.detokenizer import TextStream
+from router.request.errors import InvalidRequest
 from router.request.generation_config import eos_token_ids, load_generation_config
-from router.request.messages import Delta, EngineRequest, EngineStats, Final
+from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason
 from router.request.prepare import Limits, PreparedRequest, prepare_request
-from router.request.sampling_params import InvalidRequest
 from router.request.tokenizer import Tokenizer
 from router.request.tool_stream import ToolCallStream
 
@@ -53,17 +52,6 @@ def kv_budget(config: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 256 * 2**20
-
-
-@dataclass
-class _Live:
-    prepared: PreparedRequest
-    slot: int
-    sampling: SamplingState
-    text: TextStream
-    images: PromptImages | None = None
-    tools: ToolCallStream | None = None  # when the request's tool choice parses calls
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -97,8 +85,9 @@ class Engine:
             max_len,
             model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
         )
-        self.live: dict[str, _Live] = {}  # every accepted request, its grammar compiling or scheduled
+        self.live: dict[str, Sequence] = {}  # every request from `add` to its Final
         self.constrained = ConstrainedRequests(tokenizer, model_cfg.vocab_size, self.eos_ids, COMPILE_TIMEOUT_S)
+        self.tool_streams: dict[str, ToolCallStream] = {}  # requests whose tool choice parses calls
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
         self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
@@ -155,36 +144,15 @@ class Engine:
 
     def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
         images = self._prompt_images(prepared, features)
-        p = prepared.params
-        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-        resume = prepared.resume
-        outputs = list(resume.output_ids) if resume else []
-        sampling = SamplingState(p, list(prepared.prompt_ids), outputs, stop_ids, resolve_seed(p))
-        text = TextStream(self.tokenizer, p.stop)
-        tools = ToolCallStream(prepared.request_id) if p.tool_calls else None
-        if resume:
-            text.restore(resume.output_ids, resume.text_chars)
-            if tools:
-                tools.restore(text.text)
-        if p.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
-            self.constrained.start(prepared.request_id, p.constraint, None)
-        live = _Live(prepared, next(self._slots), sampling, text, images, tools)
-        self.live[prepared.request_id] = live
-        if p.constraint is None:
-            self._schedule(live)
-
-    def _schedule(self, live: _Live) -> None:
-        st = live.sampling
-        self.scheduler.add(
-            SchedRequest(
-                live.prepared.request_id,
-                list(st.prompt_ids),
-                st.params.max_tokens,
-                st.stop_ids,
-                st.params.min_tokens,
-                output_ids=st.output_ids,
-            )
-        )
+        seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images)
+        if seq.params.tool_calls:
+            self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id)
+            tools.restore(seq.text.text)  # a resumed stream: what it already streamed
+        if seq.params.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
+            self.constrained.start(seq.request_id, seq.params.constraint, None)
+        self.live[seq.request_id] = seq
+        if seq.params.constraint is None:
+            self.scheduler.add(seq)
 
     def _settle_compiles(self) -> list[Final]:
         """Requests whose grammar compiled join the batch (their matcher caught up with what they streamed);
@@ -192,19 +160,19 @@ class Engine:
         ready, failed = self.constrained.settled()
         out = []
         for request_id, _, compiled in ready:
-            live = self.live.get(request_id)
-            if live is None:  # aborted while compiling
+            seq = self.live.get(request_id)
+            if seq is None:  # aborted while compiling
                 continue
             try:
-                self.constrained.admit(request_id, compiled, live.sampling.stop_ids, tuple(live.sampling.output_ids))
+                self.constrained.admit(request_id, compiled, seq.stop_ids, seq.output_ids)
             except InvalidRequest as e:
                 out.append(self._refuse(request_id, e))
                 continue
-            self._schedule(live)
+            self.scheduler.add(seq)
         return out + [self._refuse(request_id, e) for request_id, e in failed if request_id in self.live]
 
     def _refuse(self, request_id: str, e: InvalidRequest) -> Final:
-        return self._final(request_id, "error", error=str(e), error_kind="request", error_field=e.field)
+        return self._final(request_id, FinishReason.ERROR, error=str(e), error_kind=ErrorKind.REQUEST, field=e.field)
 
     def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
         if len(features) != len(prepared.images):
@@ -218,7 +186,7 @@ class Engine:
         if live is None:
             return None
         self.scheduler.abort(request_id)
-        return self._final(request_id, "abort")
+        return self._final(request_id, FinishReason.ABORT)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.constrained.pending)
@@ -245,16 +213,16 @@ class Engine:
         except ClusterFailure as e:
             return out + self.fail_all(str(e))
         sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
-        states = [self.live[p.request_id].sampling for _, p in sampling_pieces]
+        seqs = [self.live[p.request_id] for _, p in sampling_pieces]
         masks = self.constrained.masks([p.request_id for _, p in sampling_pieces])
         rows = [i for i, _ in sampling_pieces]
-        tokens, logprobs = sample_batch(logits_NV[rows], states, masks) if states else ([], [])
+        tokens, logprobs = sample_batch(logits_NV[rows], seqs, masks) if seqs else ([], [])
         sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
         finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
         for request_id, token in sampled.items():  # matchers advance by emitted tokens only
             if self.constrained.accept(request_id, token) and request_id not in finished:
                 self.scheduler.finish(request_id)  # the constrained output is complete
-                finished[request_id] = Finished(request_id, "stop", token)
+                finished[request_id] = Finished(request_id, StopReason.STOP, token)
         self._count(len(tokens))
         for (_, piece), token, lp in zip(sampling_pieces, tokens, logprobs):
             out += self._emit(piece.request_id, token, lp, finished.get(piece.request_id))
@@ -293,46 +261,45 @@ class Engine:
         return scatter_rows(self.runner.embed(ids_T), rows_R, torch.cat(features))
 
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
-        live = self.live[request_id]
-        text = live.text.push(token)
-        text = live.tools.push(text) if live.tools else text
-        if live.text.matched is not None:  # a stop string wins over whatever else ended this step
+        seq, tools = self.live[request_id], self.tool_streams.get(request_id)
+        text = seq.text.push(token)
+        text = tools.push(text) if tools else text
+        if seq.text.matched is not None:  # a stop string wins over whatever else ended this step
             self.scheduler.finish(request_id)
-            done_reason, matched = "stop", live.text.matched
+            done_reason, matched = FinishReason.STOP, seq.text.matched
         elif done is not None:
-            done_reason, matched = done.reason, done.stop_token
+            done_reason, matched = FinishReason(done.reason.value), done.stop_token
         else:
             return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
-        tail, calls = live.text.flush() if live.text.matched is None else "", ()
-        if live.tools:  # the held output: calls when it parses as calls, else its text
-            tail = live.tools.push(tail)
-            rest, calls = live.tools.finish()
+        tail, calls = seq.text.flush() if seq.text.matched is None else "", ()
+        if tools:  # the held output: calls when it parses as calls, else its text
+            tail = tools.push(tail)
+            rest, calls = tools.finish()
             tail += rest
-        if calls and done_reason == "stop":
-            done_reason = "tool_calls"
+        if calls and done_reason == FinishReason.STOP:
+            done_reason = FinishReason.TOOL_CALLS
         return [
             Delta(request_id, (token,), text + tail, (logprob,) if logprob else (), calls),
             self._final(request_id, done_reason, matched),
         ]
 
     def _final(
-        self, request_id: str, reason: str, matched=None, error=None, error_kind=None, error_field=None
+        self,
+        request_id: str,
+        reason: FinishReason,
+        matched=None,
+        error: str | None = None,
+        error_kind: ErrorKind | None = None,
+        field: str | None = None,
     ) -> Final:
-        live = self.live.pop(request_id)
+        seq = self.live.pop(request_id)
         self.constrained.drop(request_id)
-        self.finish_counts[reason] = self.finish_counts.get(reason, 0) + 1
-        return Final(
-            request_id,
-            reason,
-            matched,
-            len(live.prepared.prompt_ids),
-            len(live.sampling.output_ids),
-            error,
-            error_kind,
-            error_field,
-        )
+        self.tool_streams.pop(request_id, None)
+        self.finish_counts[reason.value] = self.finish_counts.get(reason.value, 0) + 1
+        counts = (seq.num_prompt_tokens, seq.num_output_tokens)
+        return Final(request_id, reason, matched, *counts, error, error_kind, field)
 
-    def fail_all(self, reason: str, kind: str = "cluster") -> list[Final]:
+    def fail_all(self, reason: str, kind: ErrorKind = ErrorKind.CLUSTER) -> list[Final]:
         """The expert side is gone (or a step hit a bug): every request in flight ends with an error naming why;
         the engine then refuses new requests."""
         self.failure = reason
@@ -340,7 +307,7 @@ class Engine:
         finals = []
         for request_id in list(self.live):
             self.scheduler.abort(request_id)
-            finals.append(self._final(request_id, "error", error=reason, error_kind=kind))
+            finals.append(self._final(request_id, FinishReason.ERROR, error=reason, error_kind=kind))
         return finals
 
     # ---- stats -------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ Legend: N rows, V vocab, R rows of one kind, K candidates per row, W bitmask wor
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,19 +31,11 @@ from router.engine.noise import gumbel, row_key
 from router.request.messages import TokenLogprob
 from router.request.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from router.engine.sequence import Sequence
+
 CANDIDATES = 1024  # top-k/top-p rows draw among this many best tokens (more when a row's top_k asks for more)
 FULL_ROW_CHUNK = 16  # rows of whole-vocabulary noise hashed at once (bounds the int64 temporaries)
-
-
-@dataclass
-class SamplingState:
-    """What the sampler needs of one request, kept by the engine across steps."""
-
-    params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
-    stop_ids: frozenset[int]
-    seed: int  # the draws' seed (the request's, or a random one when it gave none)
 
 
 @dataclass(frozen=True)
@@ -55,16 +47,11 @@ class RowMasks:
     bitmask_RW: torch.Tensor
 
 
-def resolve_seed(params: SamplingParams) -> int:
-    """The request's seed, or a fresh random one (it then stays with the request, failovers included)."""
-    return params.seed if params.seed is not None else secrets.randbelow(2**63)
-
-
 def sample_batch(
-    logits_NV: torch.Tensor, states: list, masks: RowMasks | None = None, candidates: int = CANDIDATES
+    logits_NV: torch.Tensor, states: list[Sequence], masks: RowMasks | None = None, candidates: int = CANDIDATES
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row (and its logprob when the row asks). `states`: per row, anything with `params`,
-    `prompt_ids`, `output_ids`, `stop_ids` and `seed` (a SamplingState, or the engine's Sequence)."""
+    """One token per row (and its logprob when the row asks): row i samples for `states[i]` (the sampler reads its
+    params, prompt_ids, output_ids, stop_ids and seed)."""
     raw_NV = logits_NV.float()
     logits_NV = adjusted_logits(raw_NV, states, masks)
     n, vocab = logits_NV.shape

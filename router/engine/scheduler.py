@@ -11,29 +11,11 @@ A piece never crosses an attention-chunk boundary, so RoPE layers hold at most o
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 
 from router.engine.block_manager import KVBlockManager
-
-
-@dataclass
-class SchedRequest:
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()
-    min_tokens: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    num_preemptions: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def token(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+from router.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)
@@ -56,10 +38,15 @@ class StepPlan:
         return sum(len(p.token_ids) for p in self.pieces)
 
 
+class StopReason(Enum):
+    STOP = "stop"  # a stop token (after min_tokens)
+    LENGTH = "length"  # max_tokens, or the context length
+
+
 @dataclass(frozen=True)
 class Finished:
     request_id: str
-    reason: str  # "stop" | "length"
+    reason: StopReason
     stop_token: int | None = None
 
 
@@ -75,25 +62,27 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.chunk_size = max_model_len, chunk_size
-        self.waiting: deque[SchedRequest] = deque()
-        self.running: list[SchedRequest] = []
-        self.requests: dict[str, SchedRequest] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
         self.preemptions = 0
 
-    def add(self, req: SchedRequest) -> None:
-        assert req.request_id not in self.requests, req.request_id
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
+    def add(self, seq: Sequence) -> None:
+        assert seq.request_id not in self.requests, seq.request_id
+        self.requests[seq.request_id] = seq
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
-        req = self.requests.pop(request_id, None)
-        if req is None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
             return False
-        if req in self.running:
-            self.running.remove(req)
+        if seq in self.running:
+            self.running.remove(seq)
         else:
-            self.waiting.remove(req)
+            self.waiting.remove(seq)
         self.blocks.free(request_id)
+        seq.status = SeqStatus.FINISHED
         return True
 
     def has_work(self) -> bool:
@@ -101,29 +90,30 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget, pieces, preempted = self.budget, [], []
-        for req in list(self.running):
-            if req not in self.running:  # preempted earlier in this loop
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = self._piece_len(req, budget)
-            while not self.blocks.allocate(req.request_id, req.num_computed, n):
+            n = self._piece_len(seq, budget)
+            while not self.blocks.allocate(seq.request_id, seq.num_computed, n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
-                if victim is req:
+                if victim is seq:
                     break
-            if req in self.running:
-                pieces.append(self._piece(req, n))
+            if seq in self.running:
+                pieces.append(self._piece(seq, n))
                 budget -= n
             if budget == 0:
                 break
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            req = self.waiting[0]
-            n = self._piece_len(req, budget)
-            if not self.blocks.allocate(req.request_id, req.num_computed, n):
+            seq = self.waiting[0]
+            n = self._piece_len(seq, budget)
+            if not self.blocks.allocate(seq.request_id, seq.num_computed, n):
                 break
             self.waiting.popleft()
-            self.running.append(req)
-            pieces.append(self._piece(req, n))
+            self.running.append(seq)
+            seq.status = SeqStatus.RUNNING
+            pieces.append(self._piece(seq, n))
             budget -= n
         return StepPlan(tuple(pieces), tuple(preempted))
 
@@ -131,47 +121,49 @@ class Scheduler:
         """Advance computed counts, append sampled tokens, and finish on stop token / length."""
         finished = []
         for piece in plan.pieces:
-            req = self.requests.get(piece.request_id)
-            if req is None:  # aborted while the step ran
+            seq = self.requests.get(piece.request_id)
+            if seq is None:  # aborted while the step ran
                 continue
-            req.num_computed += len(piece.token_ids)
+            seq.num_computed += len(piece.token_ids)
             if piece.samples:
-                token = sampled[req.request_id]
-                req.output_ids.append(token)
-                done = self._check_stop(req, token)
+                token = sampled[seq.request_id]
+                seq.append(token)
+                done = self._check_stop(seq, token)
                 if done:
                     finished.append(done)
-                    self.finish(req.request_id)
+                    self.finish(seq.request_id)
                     continue
-            self.blocks.release_finished_chunks(req.request_id, req.num_computed)
+            self.blocks.release_finished_chunks(seq.request_id, seq.num_computed)
         return finished
 
     def finish(self, request_id: str) -> None:
         """Remove a request that ended (stop, length, stop string seen by the output processor)."""
         self.abort(request_id)
 
-    def _check_stop(self, req: SchedRequest, token: int) -> Finished | None:
-        if token in req.stop_token_ids and len(req.output_ids) >= req.min_tokens:
-            return Finished(req.request_id, "stop", token)
-        if len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return Finished(req.request_id, "length")
+    def _check_stop(self, seq: Sequence, token: int) -> Finished | None:
+        n, params = seq.num_output_tokens, seq.params
+        if token in seq.stop_ids and n >= params.min_tokens:
+            return Finished(seq.request_id, StopReason.STOP, token)
+        if n >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return Finished(seq.request_id, StopReason.LENGTH)
         return None
 
-    def _piece_len(self, req: SchedRequest, budget: int) -> int:
-        n = min(req.num_tokens - req.num_computed, budget)
+    def _piece_len(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_tokens - seq.num_computed, budget)
         if self.chunk_size:
-            n = min(n, self.chunk_size - req.num_computed % self.chunk_size)
-        assert n >= 1, (req.request_id, req.num_tokens, req.num_computed, budget)
+            n = min(n, self.chunk_size - seq.num_computed % self.chunk_size)
+        assert n >= 1, (seq.request_id, seq.num_tokens, seq.num_computed, budget)
         return n
 
-    def _piece(self, req: SchedRequest, n: int) -> Piece:
-        ids = tuple(req.token(i) for i in range(req.num_computed, req.num_computed + n))
-        return Piece(req.request_id, ids, req.num_computed, req.num_computed + n == req.num_tokens)
+    def _piece(self, seq: Sequence, n: int) -> Piece:
+        ids = tuple(seq.token(i) for i in range(seq.num_computed, seq.num_computed + n))
+        return Piece(seq.request_id, ids, seq.num_computed, seq.num_computed + n == seq.num_tokens)
 
-    def _preempt(self, req: SchedRequest) -> None:
-        self.running.remove(req)
-        self.blocks.free(req.request_id)
-        req.num_computed = 0
-        req.num_preemptions += 1
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(req)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from cluster.all_to_all import REGROUP, RUN, STOP, CollectiveError
+from cluster.all_to_all import REGROUP, RUN, STOP
+from cluster.errors import ClusterFailure, CollectiveError
 from cluster.expert_map import ExpertMap
 from cluster.process_group import GroupAddress
 from router.experts.monitor import ChannelMonitor
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STALLS_KEPT = 256
 STALL_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # upper bounds, for the metrics
-
-
-class ClusterFailure(RuntimeError):
-    """The expert side cannot serve and will not recover (the supervisor gave up); the message says why."""
 
 
 @dataclass(frozen=True)

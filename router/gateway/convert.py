@@ -12,8 +12,9 @@ import dataclasses
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.images.data_url import data_url_bytes
 from router.request.constraint import Constraint
-from router.request.messages import FINISH_REASONS, ChatMessage, Delta, EngineRequest, Final, ImageInput, ImagePart
-from router.request.sampling_params import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
+from router.request.errors import InvalidRequest
+from router.request.messages import ChatMessage, Delta, EngineRequest, Final, FinishReason, ImageInput, ImagePart
+from router.request.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from router.request.tools import Tool, ToolCall
 
 _CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar", "choice")  # the proto's constraint oneof
@@ -34,7 +35,7 @@ _OPTIONAL_SCALARS = (
     "top_logprobs",
 )
 # the engine's finish reasons (router/request/messages.py) -> the wire enum, FINISH_REASON_<NAME>
-FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.upper()}") for reason in FINISH_REASONS}
+FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 
 
 def field_path(field: str) -> str:

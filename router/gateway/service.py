@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from cluster.errors import RebalanceRefused, error_summary
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
-from router.engine.sampler import resolve_seed
 from router.gateway import convert
 from router.gateway.cluster_status import gather_status
 from router.gateway.cluster_view import ClusterView
@@ -35,9 +35,10 @@ from router.gateway.metrics import GatewayMetrics
 from router.gateway.router_pool import RouterEntry, RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
-from router.request.messages import Delta, EngineRequest, Final
+from router.request.errors import InvalidRequest
+from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
 from router.request.prepare import prepare_request, prompt_with_images
-from router.request.sampling_params import InvalidRequest
+from router.request.sampling_params import resolve_seed
 from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 relay.abort()  # frees its KV blocks on the router holding it; a no-op if it already ended
         if error is None and final is None:
             error = GatewayError(Code.UNAVAILABLE, "the engine stream ended without a final message")
-        elif final is not None and final.finish_reason == "error":
+        elif final is not None and final.finish_reason is FinishReason.ERROR:
             error = self._engine_error(final)
         if error is not None:
             self.metrics.requests.labels(error.outcome).inc()
@@ -232,7 +233,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _engine_error(final: Final) -> GatewayError:
         """An engine-side error after admission: a bad request the engine caught (INVALID_ARGUMENT), or an expert
         side that gave up (UNAVAILABLE). A router whose step raised is not one: the relay moved the request."""
-        if final.error_kind == "request":
+        if final.error_kind is ErrorKind.REQUEST:
             return GatewayError(Code.INVALID_ARGUMENT, final.error or "invalid request", final.error_field or "")
         return GatewayError(Code.UNAVAILABLE, f"the cluster failed: {final.error}")
 
@@ -292,8 +293,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             plan = await asyncio.to_thread(backend.view.rebalance)
         except GatewayError as e:
             await context.abort(e.code, e.message)
-        except RuntimeError as e:
-            await context.abort(Code.FAILED_PRECONDITION, str(e))
+        except RebalanceRefused as e:
+            await context.abort(Code.FAILED_PRECONDITION, error_summary(e))
         generation = backend.view.supervision()["generation"]
         if plan is None:
             return pb.RebalanceResponse(

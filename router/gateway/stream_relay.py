@@ -1,7 +1,7 @@
 """One Generate call, relayed from a router to the client, surviving the router's death.
 
 The relay keeps what the client has been sent: the tokens and the number of characters of their text. When the
-router dies (its Ray streaming call fails) or its step raises (a Final with error_kind "internal"), the relay
+router dies (its Ray streaming call fails) or its step raises (a Final with ErrorKind.INTERNAL), the relay
 re-admits the request on another ready router (or waits, within `failover_timeout_s`, for one: with a single
 router, for its replacement) with the prompt plus the tokens already streamed (`Resume`). A request's images stay
 with the relay (their bytes and grids: the prompt ids already hold their tokens) and go along each time. The new router
@@ -20,7 +20,7 @@ import ray
 
 from router.gateway.health import first_line
 from router.gateway.router_pool import RouterEntry, RouterPool
-from router.request.messages import Delta, EngineRequest, Final, Resume
+from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason, Resume
 from router.request.prepare import PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class StreamRelay:
             async for ref in gen:
                 item = await ref
                 if isinstance(item, Final):
-                    if item.finish_reason == "error" and item.error_kind == "internal":
+                    if item.finish_reason is FinishReason.ERROR and item.error_kind is ErrorKind.INTERNAL:
                         raise RouterLost(f"its step failed: {item.error}")
                     yield item
                     return

@@ -7,7 +7,7 @@ import base64
 import binascii
 import urllib.parse
 
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 SCHEME = "data:"
 

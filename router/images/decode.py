@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from router.images.header import HeaderError, ImageHeader, read_header
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
 

@@ -23,17 +23,10 @@ from typing import Protocol
 import ray
 
 from cluster.errors import error_summary
+from router.images.errors import EncoderLost, EncoderUnavailable
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
-
-
-class EncoderLost(Exception):
-    """The encoder's call failed because the encoder is gone."""
-
-
-class EncoderUnavailable(RuntimeError):
-    """No encoder could encode the image; the message says why."""
 
 
 class EncoderLink(Protocol):

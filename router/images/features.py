@@ -19,8 +19,8 @@ from cluster.vision.weights import vision_config_of
 from router.encoder.image_encoder import ImageEncoder, Refusal
 from router.images.encoder_pool import EncoderPool
 from router.images.feature_cache import FeatureCache
+from router.request.errors import InvalidRequest
 from router.request.messages import ImageInput
-from router.request.sampling_params import InvalidRequest
 
 HASH_OFF_LOOP_BYTES = 1 << 20  # hash larger images on a thread: the event loop also delivers every stream's tokens
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 
 class PromptImages:

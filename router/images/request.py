@@ -23,8 +23,8 @@ from router.images.header import PILLOW_MAX_PIXELS
 from router.images.processor import ImageProcessor
 from router.images.tiles import MAX_TILES
 from router.images.tokens import ImageTokens, expand_image_placeholders, image_token_count
+from router.request.errors import InvalidRequest
 from router.request.messages import ImageInput
-from router.request.sampling_params import InvalidRequest
 from router.request.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

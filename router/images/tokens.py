@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

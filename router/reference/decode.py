@@ -16,11 +16,12 @@ from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config
 from cluster.weights import load_in_process, resolve_dtype
 from router.engine.model_runner import ModelRunner
-from router.engine.sampler import SamplingState, resolve_seed, sample_batch
+from router.engine.sampler import sample_batch
+from router.engine.sequence import Sequence
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.request.generation_config import eos_token_ids
 from router.request.prepare import check_prompt
-from router.request.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams, resolve_seed
 
 
 @dataclass
@@ -48,13 +49,14 @@ class Generator:
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         self.check_prompt(prompt_ids, params.max_tokens)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
-        state = SamplingState(params, list(prompt_ids), [], frozenset(stop), resolve_seed(params))
-        cache, out = ContiguousKVCache(), state.output_ids
+        seq = Sequence("reference", prompt_ids, params, seed=resolve_seed(params), stop_ids=frozenset(stop))
+        cache, out = ContiguousKVCache(), []
         ids, pos = list(prompt_ids), 0
         while True:
             batch = ForwardBatch((SeqSlice(0, len(ids), pos, 0),))
             logits = self.runner.forward(torch.tensor(ids, device=self.model.device), batch, cache)
-            token = sample_batch(logits, [state])[0][0]
+            token = sample_batch(logits, [seq])[0][0]
+            seq.append(token)
             out.append(token)
             if token in stop and len(out) >= params.min_tokens:
                 return GenerationResult(out, "stop")

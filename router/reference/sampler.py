@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from router.engine.noise import row_key
-from router.engine.sampler import SamplingState
+from router.engine.sequence import Sequence
 from router.request.messages import TokenLogprob
 from router.request.sampling_params import SamplingParams
 
@@ -30,7 +30,7 @@ def draw_generator(seed: int, position: int, device: torch.device) -> torch.Gene
     return gen
 
 
-def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample_batch(logits_NV: torch.Tensor, states: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     logits_NV = logits_NV.float()
     tokens: list[int | None] = [None] * len(states)
     plain = [i for i, st in enumerate(states) if _plain_greedy(st)]
@@ -47,13 +47,13 @@ def sample_batch(logits_NV: torch.Tensor, states: list[SamplingState]) -> tuple[
     return tokens, logprobs
 
 
-def _plain_greedy(state: SamplingState) -> bool:
+def _plain_greedy(state: Sequence) -> bool:
     """Greedy with nothing that changes the logits first: argmax of the raw row."""
     p = state.params
     return p.greedy and not p.needs_penalties and not (len(state.output_ids) < p.min_tokens and state.stop_ids)
 
 
-def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tensor:
+def adjusted_logits(logits_V: torch.Tensor, state: Sequence) -> torch.Tensor:
     p = state.params
     if p.needs_penalties:
         logits_V = logits_V.clone()
@@ -74,7 +74,7 @@ def adjusted_logits(logits_V: torch.Tensor, state: SamplingState) -> torch.Tenso
     return logits_V
 
 
-def sample_row(logits_V: torch.Tensor, state: SamplingState) -> int:
+def sample_row(logits_V: torch.Tensor, state: Sequence) -> int:
     p = state.params
     if p.greedy:
         return int(torch.argmax(logits_V))

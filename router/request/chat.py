@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, ImageInput, ImagePart
-from router.request.sampling_params import InvalidRequest
 from router.request.tools import render_calls, tools_system_prompt
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "tool_call")
 MAX_SPEC_CHARS = 64 * 1024  # a larger schema, regex or grammar is refused

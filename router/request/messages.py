@@ -5,6 +5,7 @@ engine answers each with a stream of `Delta`s and exactly one `Final`. Deltas ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from router.request.sampling_params import SamplingParams
 from router.request.tools import Tool, ToolCall
@@ -81,19 +82,34 @@ class Delta:
     tool_calls: tuple[ToolCall, ...] = ()  # calls parsed from the output, each whole, in order (ids unique)
 
 
-FINISH_REASONS = ("length", "stop", "abort", "error", "tool_calls")
+class FinishReason(str, Enum):
+    """How a request ended; the values are the wire contract's names (FINISH_REASON_<NAME> in the proto)."""
+
+    LENGTH = "length"  # max_tokens or the context length
+    STOP = "stop"  # a stop token or stop string
+    ABORT = "abort"  # the client cancelled, its deadline passed, or the server shut down
+    ERROR = "error"  # see Final.error_kind
+    TOOL_CALLS = "tool_calls"  # the output was tool calls (sent whole in the deltas)
+
+
+class ErrorKind(str, Enum):
+    """Whose fault an error is, which decides what the gateway does with it."""
+
+    REQUEST = "request"  # bad input: INVALID_ARGUMENT naming the field, never retried
+    CLUSTER = "cluster"  # the workers or encoders are gone: UNAVAILABLE
+    INTERNAL = "internal"  # the router's step raised: the gateway moves the stream to another router
 
 
 @dataclass(frozen=True)
 class Final:
     request_id: str
-    finish_reason: str  # one of FINISH_REASONS ("tool_calls": the output was tool calls, sent in the deltas)
+    finish_reason: FinishReason
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None  # for finish_reason "error": what went wrong, naming the field if it was the request
-    error_kind: str | None = None  # for "error": "request" (bad input), "cluster" (workers/router gone), "internal"
-    error_field: str | None = None  # for error_kind "request": the request field at fault
+    error: str | None = None  # for FinishReason.ERROR: what went wrong, naming the field if it was the request
+    error_kind: ErrorKind | None = None  # for FinishReason.ERROR
+    error_field: str | None = None  # for ErrorKind.REQUEST: the request field at fault
 
 
 @dataclass

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from cluster.config import ModelConfig
 from router.request.chat import chat_images, render_chat
 from router.request.constraint import Constraint
+from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, ImageInput, Resume
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from router.request.tokenizer import Tokenizer
 from router.request.tools import CHOICES, check_tools
 

@@ -8,21 +8,16 @@ and the output processor (stop strings). `None` for temperature / top_p / top_k 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from router.request.constraint import Constraint
 
+from router.request.errors import InvalidRequest
+
 MAX_TOP_LOGPROBS = 20
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot run; the message names the offending field and what is allowed."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.problem = field, message
 
 
 @dataclass(frozen=True)
@@ -109,6 +104,11 @@ class SamplingParams:
             self.constraint.validate()
             _check(self.min_tokens == 0, "min_tokens", "must be 0 with a constraint (the constraint decides the end)")
         return self
+
+
+def resolve_seed(params: SamplingParams) -> int:
+    """The request's seed, or a fresh random one (it then stays with the request, failovers included)."""
+    return params.seed if params.seed is not None else secrets.randbelow(2**63)
 
 
 def _num(x: Any) -> bool:

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 CHOICES = ("auto", "none", "required")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

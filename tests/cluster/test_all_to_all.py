@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.all_to_all import FIXED_MAX_ROWS, RUN, STOP, AllToAllTransport, CollectiveError, RouteTables
+from cluster.all_to_all import FIXED_MAX_ROWS, RUN, STOP, AllToAllTransport, RouteTables
 from cluster.collective import SEND_WAIT
+from cluster.errors import CollectiveError
 from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.process_group import ChannelGroups, GroupAddress, Rendezvous

@@ -9,8 +9,9 @@ import torch
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
 from router.reference.decode import Generator
+from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, Final
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from tests.conftest import make_hf_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

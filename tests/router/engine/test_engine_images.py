@@ -19,8 +19,9 @@ from router.engine.config import EngineConfig
 from router.engine.engine import Engine
 from router.images.features import VisionSettings, image_features_for
 from router.images.positions import PromptImages
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, ImageInput, ImagePart
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)

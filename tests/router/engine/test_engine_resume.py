@@ -8,8 +8,9 @@ import pytest
 
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
+from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, Final, Resume
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 
 PROMPT = (1, 40, 41, 42, 7)
 

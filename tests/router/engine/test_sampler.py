@@ -9,16 +9,17 @@ import math
 import torch
 
 from router.engine import sampler
-from router.engine.sampler import RowMasks, SamplingState, adjusted_logits, resolve_seed, sample_batch
+from router.engine.sampler import RowMasks, adjusted_logits, sample_batch
+from router.engine.sequence import Sequence
 from router.reference import sampler as reference
-from router.request.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams, resolve_seed
 from tests.cluster.test_all_to_all import HostSyncs
 
 
-def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset(), seed=None) -> SamplingState:
+def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset(), seed=None) -> Sequence:
     params = params.with_defaults({}).validate()
     seed = resolve_seed(params) if seed is None else seed
-    return SamplingState(params, list(prompt), list(output), frozenset(stop), seed)
+    return Sequence("r", prompt, params, seed=seed, stop_ids=frozenset(stop), output_ids=output)
 
 
 def randn(*shape, seed=0) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_min_tokens_suppresses_stop_tokens_until_reached():
     st = state(SamplingParams(temperature=0.0, min_tokens=2), output=(3,), stop={7})
     assert sample_batch(logits[None], [st])[0] == [int(torch.argmax(reference.adjusted_logits(logits, st)))]
     assert sample_batch(logits[None], [st])[0] != [7]
-    st.output_ids.append(4)
+    st.append(4)
     assert sample_batch(logits[None], [st])[0] == [7]
 
 
@@ -70,7 +71,7 @@ def test_penalties_follow_their_definitions_and_match_the_reference_row_by_row()
         )
         for r, p, f, n, m in [(1.3, 0.0, 0.0, 5, 3), (1.0, 0.7, -0.4, 2, 9), (0.8, -1.0, 2.0, 9, 0), (1.0, 0, 0, 3, 1)]
     ]
-    states[3].params = SamplingParams(temperature=1.0, min_tokens=4).with_defaults({}).validate()
+    states[3] = state(SamplingParams(temperature=1.0, min_tokens=4), prompt=(3,), output=(1,), stop={5, 9})
     batch = randn(4, 60)
     out = adjusted_logits(batch, states)
     for i, st in enumerate(states):
@@ -134,8 +135,8 @@ def test_a_seeded_request_draws_the_same_tokens_whatever_else_is_in_the_batch():
             crowd = [state(others[j % len(others)], output=(j,)) for j in range(len(others) * 12)]
             together = sample_batch(step, [batch_state, *crowd])[0][0]
             assert alone == together
-            alone_state.output_ids.append(alone)
-            batch_state.output_ids.append(together)
+            alone_state.append(alone)
+            batch_state.append(together)
 
 
 def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position():
@@ -145,19 +146,19 @@ def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position():
     drawn = []
     for _ in range(12):  # one request drawing 12 tokens in a row
         token = sample_batch(logits[None], [straight])[0][0]
-        straight.output_ids.append(token)
+        straight.append(token)
         drawn.append(token)
     resumed = state(params, output=drawn[:7])  # the same request resumed elsewhere after 7 tokens
     rest = []
     for _ in range(5):
         token = sample_batch(logits[None], [resumed])[0][0]
-        resumed.output_ids.append(token)
+        resumed.append(token)
         rest.append(token)
     assert rest == drawn[7:]
     other = state(SamplingParams(temperature=1.0, seed=12))  # another seed draws other tokens
     for _ in range(12):
-        other.output_ids.append(sample_batch(logits[None], [other])[0][0])
-    assert other.output_ids != drawn
+        other.append(sample_batch(logits[None], [other])[0][0])
+    assert list(other.output_ids) != drawn
 
 
 def test_a_request_without_a_seed_gets_one_that_stays_with_it():
@@ -166,7 +167,7 @@ def test_a_request_without_a_seed_gets_one_that_stays_with_it():
     assert resolve_seed(SamplingParams(temperature=1.0, seed=4)) == 4
 
 
-def mixed_batch(vocab: int) -> tuple[torch.Tensor, list[SamplingState], RowMasks]:
+def mixed_batch(vocab: int) -> tuple[torch.Tensor, list[Sequence], RowMasks]:
     params = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.0, frequency_penalty=0.5, logprobs=True, top_logprobs=4),

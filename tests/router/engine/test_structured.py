@@ -16,8 +16,9 @@ import pytest
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
 from router.request.constraint import Constraint
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, Final, Resume
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from router.request.tools import Tool
 
 SCHEMAS = [

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from cluster.all_to_all import REGROUP, RUN, STOP, CollectiveError
+from cluster.all_to_all import REGROUP, RUN, STOP
+from cluster.errors import ClusterFailure, CollectiveError
 from cluster.expert_map import ExpertMap
 from cluster.process_group import GroupAddress
-from router.experts.channel import ChannelSettings, ClusterFailure, ExpertChannel
+from router.experts.channel import ChannelSettings, ExpertChannel
 
 NCCL_TIMEOUT_S = 30.0  # what a fake NCCL collective would wait without an abort
 SETTINGS = ChannelSettings(join_timeout_s=5.0, hang_timeout_s=0.5, ping_timeout_s=0.3, poll_s=0.02)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from router.images.decode import ImageLimits, check_image, decode_image
 from router.images.header import read_header
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 FIELD = "messages[0].content[1].image"
 LIMITS = ImageLimits()

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from router.encoder.image_encoder import Refusal
-from router.images.encoder_pool import EncoderLost, EncoderPool, EncoderUnavailable
+from router.images.encoder_pool import EncoderPool
+from router.images.errors import EncoderLost, EncoderUnavailable
 from router.images.feature_cache import FeatureCache
 from router.images.features import ImageFeatures
+from router.request.errors import InvalidRequest
 from router.request.messages import ImageInput
-from router.request.sampling_params import InvalidRequest
 
 
 class FakeEncoder:

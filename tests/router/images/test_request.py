@@ -20,9 +20,10 @@ from router.images.processor import ImageProcessor
 from router.images.request import HARD_LIMITS, VisionPrompt
 from router.images.tokens import ImageTokens, image_token_ids
 from router.request.chat import chat_images, render_chat
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest, ImageInput, ImagePart
 from router.request.prepare import Limits, prepare_request
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from router.request.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer(build_tokenizer())

@@ -15,7 +15,7 @@ from router.images.tokens import (
     image_token_ids,
     patches_per_tile,
 )
-from router.request.sampling_params import InvalidRequest
+from router.request.errors import InvalidRequest
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 3), (3, 5), (4, 4), (8, 2), (1, 16)]
 

@@ -8,8 +8,8 @@ import pytest
 from deploy.tiny.tokenizer import build_tokenizer
 from router.request.chat import render_chat
 from router.request.detokenizer import TextStream
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage
-from router.request.sampling_params import InvalidRequest
 from router.request.tokenizer import Tokenizer
 
 

@@ -9,9 +9,10 @@ import json
 import pytest
 
 from router.request.chat import render_chat
+from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest
 from router.request.prepare import with_tools
-from router.request.sampling_params import InvalidRequest, SamplingParams
+from router.request.sampling_params import SamplingParams
 from router.request.tool_stream import ToolCallStream
 from router.request.tools import Tool, ToolCall, check_tools, parse_calls
 
