@@ -37,6 +37,7 @@ FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_ABORT: "abort",
     pb.FINISH_REASON_ERROR: "error",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
     pb.FINISH_REASON_UNSPECIFIED: "unspecified",
 }
 
@@ -66,11 +67,12 @@ class GenerationResult:
     request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # length | stop | abort
+    finish_reason: str = ""  # length | stop | abort | tool_calls
     matched_stop: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    tool_calls: list[pb.ToolCall] = field(default_factory=list)  # the output's tool calls (name, JSON arguments)
 
 
 def build_request(
@@ -186,6 +188,7 @@ class StreamFolder:
             stop = c.WhichOneof("matched_stop")
             r.matched_stop = getattr(c, stop) if stop else None
             r.prompt_tokens, r.completion_tokens = c.prompt_tokens, c.completion_tokens
+            r.tool_calls = list(c.tool_calls)
             self.done = True
         elif kind == "error":
             self.error = response.error
