@@ -145,11 +145,11 @@ class Engine:
     def add_prepared(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...] = ()) -> None:
         images = self._prompt_images(prepared, features)
         seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images)
+        if seq.params.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
+            self.constrained.start(seq.request_id, seq.params.constraint, None)
         if seq.params.tool_calls:
             self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id)
             tools.restore(seq.text.text)  # a resumed stream: what it already streamed
-        if seq.params.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
-            self.constrained.start(seq.request_id, seq.params.constraint, None)
         self.live[seq.request_id] = seq
         if seq.params.constraint is None:
             self.scheduler.add(seq)
