@@ -3,7 +3,7 @@ function of (s, i, t), computed for a whole batch in a few integer tensor ops on
 object, no state: a row's draw does not depend on what else is in the batch, on the device's random state, or on the
 router that computes it (so a seeded stream continues exactly after a failover).
 
-A row's key is `splitmix64(seed ^ splitmix64(position))` (on the host, one Python int per row); a token's 24-bit
+A row's key is `splitmix64(seed ^ splitmix64(position))` (on the host, one Python int per row); a token's 23-bit
 uniform is two rounds of the lowbias32 integer hash over (key, token id), kept in 32 bits inside int64 tensors
 (products wrap modulo 2**64, whose low 32 bits are the ones kept). Gumbel-max (argmax of logprob + noise) then draws
 from the softmax of the logprobs exactly.
@@ -44,8 +44,14 @@ def uniforms(keys_R: torch.Tensor, ids_RK: torch.Tensor) -> torch.Tensor:
     """Uniforms in (0, 1), float32 [R, K], of token ids_RK under row keys keys_R (int64)."""
     h = (ids_RK * _TOKEN_MULT + (keys_R & _MASK32)[:, None]) & _MASK32
     h = _lowbias32(h) ^ (keys_R >> 32)[:, None]
-    h = _lowbias32(h)
-    return ((h >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    return unit(_lowbias32(h))
+
+
+def unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1): 23 bits, centred, so that 1 - 2**-24 at most (24
+    bits would round the largest to 1.0, whose Gumbel noise is +inf: a masked token's -inf + inf is NaN, which argmax
+    picks)."""
+    return ((h >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def gumbel(keys_R: torch.Tensor, ids_RK: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import math
 import torch
 
 from router.engine import sampler
+from router.engine.noise import gumbel, row_key, unit
 from router.engine.sampler import RowMasks, adjusted_logits, sample_batch
 from router.engine.sequence import Sequence
 from router.reference import sampler as reference
@@ -214,3 +215,13 @@ def test_a_top_p_set_past_the_candidates_is_drawn_over_the_whole_vocabulary():
     assert syncs.calls == 2  # the step's read, then the redrawn rows'
     assert few == sample_batch(flat, states, candidates=4096)
     assert sampler.CANDIDATES < 4096
+
+
+def test_the_noise_is_finite_for_every_hash_so_a_masked_token_is_never_drawn():
+    extremes = torch.tensor([0, 1, 2**8 - 1, 2**9, 2**31, 2**32 - 2**9, 2**32 - 1], dtype=torch.int64)
+    u = unit(extremes)
+    assert bool(((u > 0) & (u < 1)).all())
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+    keys = torch.tensor([row_key(s, p) for s in range(64) for p in range(4)])
+    noise = gumbel(keys, torch.arange(4096).expand(len(keys), -1))
+    assert bool(torch.isfinite(noise).all())

@@ -5,6 +5,7 @@ or times out ends only its request naming the field; a resumed request's matcher
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -227,3 +228,13 @@ def test_named_and_required_tool_choices_give_calls_whose_arguments_validate(eng
     for s in range(2):  # auto on a random model: text, none of it lost
         rid = f"auto{s}"
         assert texts[rid] == engine.tokenizer.decode(tokens[rid]) and not CALLS.get(rid)
+
+
+def test_a_resumed_tool_call_stream_gives_the_same_whole_call(engine):
+    req = tool_request("resumed", 4, "set_alarm")
+    _, _, tokens = run(engine, [req])
+    whole, first = tokens["resumed"], CALLS.pop("resumed")
+    k = len(whole) // 2  # the old router held the call's text back: the client has none of it
+    _, finals, rest = run(engine, [dataclasses.replace(req, resume=Resume(tuple(whole[:k]), 0))])
+    assert rest["resumed"] == whole[k:] and finals["resumed"].finish_reason == "tool_calls"
+    assert CALLS["resumed"] == first
