@@ -149,7 +149,8 @@ class Engine:
             self.constrained.start(seq.request_id, seq.params.constraint, None)
         if seq.params.tool_calls:
             self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id)
-            tools.restore(seq.text.text)  # a resumed stream: what it already streamed
+            tools.restore(seq.text.text[: seq.text.emitted])  # a resumed stream: the text its client has (the
+            # rest, held back by the router that died, comes out of the text stream again)
         self.live[seq.request_id] = seq
         if seq.params.constraint is None:
             self.scheduler.add(seq)

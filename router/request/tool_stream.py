@@ -33,7 +33,7 @@ class ToolCallStream:
         return out
 
     def restore(self, text: str) -> None:
-        """On a resumed request: the text of the tokens already streamed (what was sent of it is sent)."""
+        """On a resumed request: the text its client already has (held-back text is not part of it)."""
         self.push(text)
 
     def finish(self) -> tuple[str, tuple[ToolCall, ...]]:
