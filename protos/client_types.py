@@ -45,12 +45,13 @@ class GenerationResult:
     request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # length | stop | abort
+    finish_reason: str = ""  # length | stop | abort | tool_calls
     matched_stop: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    tool_calls: list[pb.ToolCall] = field(default_factory=list)  # the output's tool calls (name, JSON arguments)
 
 
 def build_request(
@@ -170,6 +171,7 @@ class StreamFolder:
             r.matched_stop = getattr(c, stop) if stop else None
             r.prompt_tokens, r.completion_tokens = c.prompt_tokens, c.completion_tokens
             r.cached_tokens = c.cached_tokens
+            r.tool_calls = list(c.tool_calls)
             self.done = True
         elif kind == "error":
             self.error = response.error

@@ -33,13 +33,19 @@ _KINDS = {
 }
 
 
+CONSTRAINT_ONEOF = "constraint"  # SamplingParams' oneof of output constraints: one engine field, `constraint`
+CONSTRAINT_NAMES: tuple[str, ...] = tuple(
+    f.name for f in pb.SamplingParams.DESCRIPTOR.oneofs_by_name[CONSTRAINT_ONEOF].fields
+)
+
+
 def _sampling_fields() -> tuple[SamplingField, ...]:
-    """The SamplingParams fields of plain values, in proto order (message-typed fields, such as a constraint, are
-    converted by name where they are used)."""
+    """The SamplingParams fields of plain values, in proto order, each a field of the engine's SamplingParams of the
+    same name (the constraint oneof is converted on its own: router/gateway/convert.py)."""
     return tuple(
         SamplingField(f.name, _KINDS[f.type], f.is_repeated)
         for f in pb.SamplingParams.DESCRIPTOR.fields
-        if f.type in _KINDS
+        if f.type in _KINDS and f.name not in CONSTRAINT_NAMES
     )
 
 

@@ -125,6 +125,18 @@ def add_parser(sub) -> None:
     v.add_argument("--rounds", type=int, default=3, help="itl: runs with and without images, interleaved")
     v.set_defaults(run=_run_vision)
 
+    s = what.add_parser("sampler", help="sampler time per step, per-row vs batched; tok/s with 0/50/100%% constrained")
+    s.add_argument("--parts", type=_choices(("step", "constraints")), default=["step", "constraints"])
+    s.add_argument("--rows", type=positive_ints, default=[1, 64, 256], help="step: batch sizes")
+    s.add_argument("--vocab", type=int, default=202048, help="step: vocabulary size (Llama 4's by default)")
+    s.add_argument("--iters", type=int, default=8, help="step: timed steps per row (median; the per-row one fewer)")
+    s.add_argument("--model", default=None, help="constraints: checkpoint directory (default: a fresh tiny model)")
+    s.add_argument("--streams", type=int, default=32, help="constraints: concurrent streams")
+    s.add_argument("--constrained", type=_percentages, default=[0, 50, 100], help="constraints: percentages")
+    s.add_argument("--rounds", type=int, default=3, help="constraints: runs per row (median)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(run=_run_sampler)
+
     models = tuple(BENCH_MODELS)  # deploy/bench/presets.py: the tiny Scout, and hidden 256 x 8 MoE layers
     f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
     f.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
@@ -198,6 +210,19 @@ def _non_negative_ints(text: str) -> list[int]:
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
     return values
+
+
+def _percentages(text: str) -> list[int]:
+    values = _non_negative_ints(text)
+    if max(values) > 100:
+        raise argparse.ArgumentTypeError(f"expected percentages in [0, 100], got {text!r}")
+    return values
+
+
+def _run_sampler(args) -> int:
+    from deploy.bench.sampler import run_sampler_bench
+
+    return run_sampler_bench(args)
 
 
 def _run_failover(args) -> int:

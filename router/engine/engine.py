@@ -26,10 +26,11 @@ from cluster.errors import ClusterFailure
 from cluster.vision.merge import scatter_rows
 from cluster.weights import load_in_process, load_router_model, resolve_dtype
 from router.engine.config import EngineConfig
+from router.engine.constrained import ConstrainedRequests
 from router.engine.model_runner import ModelRunner
 from router.engine.paged_cache import KVLayout, PagedKVCache, block_manager_for, plan_kv_layout
 from router.engine.sampler import sample_batch
-from router.engine.scheduler import Scheduler
+from router.engine.scheduler import Finished, Scheduler, StopReason
 from router.engine.sequence import Sequence
 from router.images.positions import PromptImages
 from router.images.request import VisionPrompt, checkpoint_vision
@@ -39,8 +40,10 @@ from router.request.generation_config import eos_token_ids, load_generation_conf
 from router.request.messages import Delta, EngineRequest, EngineStats, ErrorKind, Final, FinishReason
 from router.request.prepare import Limits, PreparedRequest, prepare_request
 from router.request.tokenizer import Tokenizer
+from router.request.tool_stream import ToolCallStream
 
 log = logging.getLogger(__name__)
+COMPILE_TIMEOUT_S = 30.0  # a constraint's grammar that takes longer to compile ends its request (INVALID_ARGUMENT)
 
 
 def kv_budget(config: EngineConfig, device: torch.device) -> int:
@@ -84,6 +87,8 @@ class Engine:
             model_cfg.attention_chunk_size if self.kv.chunk_layers else None,
         )
         self.live: dict[str, Sequence] = {}  # every request from `add` to its Final
+        self.constrained = ConstrainedRequests(tokenizer, model_cfg.vocab_size, self.eos_ids, COMPILE_TIMEOUT_S)
+        self.tool_streams: dict[str, ToolCallStream] = {}  # requests whose tool choice parses calls
         self._slots = itertools.count()  # a slot names a sequence to the KV cache for one step
         self.failure: str | None = None
         self.finish_counts: dict[str, int] = {}  # finish reason -> requests ended with it
@@ -144,8 +149,35 @@ class Engine:
         images = self._prompt_images(prepared, features)
         hashes = self._block_hashes(prepared, features)
         seq = Sequence.admit(prepared, next(self._slots), self.eos_ids, self.tokenizer, images, hashes)
+        if seq.params.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
+            self.constrained.start(seq.request_id, seq.params.constraint, None)
+        if seq.params.tool_calls:
+            self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id)
+            tools.restore(seq.text.text[: seq.text.emitted])  # a resumed stream: the text its client has (the
+            # rest, held back by the router that died, comes out of the text stream again)
         self.live[seq.request_id] = seq
-        self.scheduler.add(seq)
+        if seq.params.constraint is None:
+            self.scheduler.add(seq)
+
+    def _settle_compiles(self) -> list[Final]:
+        """Requests whose grammar compiled join the batch (their matcher caught up with what they streamed);
+        those whose grammar failed or timed out end with an error naming the field."""
+        ready, failed = self.constrained.settled()
+        out = []
+        for request_id, _, compiled in ready:
+            seq = self.live.get(request_id)
+            if seq is None:  # aborted while compiling
+                continue
+            try:
+                self.constrained.admit(request_id, compiled, seq.stop_ids, seq.output_ids)
+            except InvalidRequest as e:
+                out.append(self._refuse(request_id, e))
+                continue
+            self.scheduler.add(seq)
+        return out + [self._refuse(request_id, e) for request_id, e in failed if request_id in self.live]
+
+    def _refuse(self, request_id: str, e: InvalidRequest) -> Final:
+        return self._final(request_id, FinishReason.ERROR, error=str(e), error_kind=ErrorKind.REQUEST, field=e.field)
 
     def _prompt_images(self, prepared: PreparedRequest, features: tuple[torch.Tensor, ...]) -> PromptImages | None:
         if len(features) != len(prepared.images):
@@ -171,7 +203,7 @@ class Engine:
         return self._final(request_id, FinishReason.ABORT)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.constrained.pending)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def maintain(self) -> list[Final]:
@@ -184,20 +216,28 @@ class Engine:
         return []
 
     def step(self) -> list[Delta | Final]:
+        out: list[Delta | Final] = self._settle_compiles()
         plan = self.scheduler.schedule()
         if not plan.pieces:
-            return []
+            if self.constrained.pending and not out:  # only grammars compiling: wait for one, briefly
+                self.constrained.wait(0.05)
+            return out
         try:
             logits_NV = self._forward(plan)
         except ClusterFailure as e:
-            return self.fail_all(str(e))
+            return out + self.fail_all(str(e))
         sampling_pieces = [(i, p) for i, p in enumerate(plan.pieces) if p.samples]
         seqs = [self.live[p.request_id] for _, p in sampling_pieces]
-        tokens, logprobs = sample_batch(logits_NV[[i for i, _ in sampling_pieces]], seqs) if seqs else ([], [])
+        masks = self.constrained.masks([p.request_id for _, p in sampling_pieces])
+        rows = [i for i, _ in sampling_pieces]
+        tokens, logprobs = sample_batch(logits_NV[rows], seqs, masks) if seqs else ([], [])
         sampled = {p.request_id: t for (_, p), t in zip(sampling_pieces, tokens)}
         finished = {f.request_id: f for f in self.scheduler.update(plan, sampled)}
+        for request_id, token in sampled.items():  # matchers advance by emitted tokens only
+            if self.constrained.accept(request_id, token) and request_id not in finished:
+                self.scheduler.finish(request_id)  # the constrained output is complete
+                finished[request_id] = Finished(request_id, StopReason.STOP, token)
         self._count(len(tokens))
-        out: list[Delta | Final] = []
         for (_, piece), token, lp in zip(sampling_pieces, tokens, logprobs):
             out += self._emit(piece.request_id, token, lp, finished.get(piece.request_id))
         return out
@@ -235,8 +275,9 @@ class Engine:
         return scatter_rows(self.runner.embed(ids_T), rows_R, torch.cat(features))
 
     def _emit(self, request_id: str, token: int, logprob, done) -> list[Delta | Final]:
-        seq = self.live[request_id]
+        seq, tools = self.live[request_id], self.tool_streams.get(request_id)
         text = seq.text.push(token)
+        text = tools.push(text) if tools else text
         if seq.text.matched is not None:  # a stop string wins over whatever else ended this step
             self.scheduler.finish(request_id)
             done_reason, matched = FinishReason.STOP, seq.text.matched
@@ -244,9 +285,15 @@ class Engine:
             done_reason, matched = FinishReason(done.reason.value), done.stop_token
         else:
             return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
-        text += seq.text.flush() if seq.text.matched is None else ""
+        tail, calls = seq.text.flush() if seq.text.matched is None else "", ()
+        if tools:  # the held output: calls when it parses as calls, else its text
+            tail = tools.push(tail)
+            rest, calls = tools.finish()
+            tail += rest
+        if calls and done_reason == FinishReason.STOP:
+            done_reason = FinishReason.TOOL_CALLS
         return [
-            Delta(request_id, (token,), text, (logprob,) if logprob else ()),
+            Delta(request_id, (token,), text + tail, (logprob,) if logprob else (), calls),
             self._final(request_id, done_reason, matched),
         ]
 
@@ -257,10 +304,12 @@ class Engine:
         matched=None,
         error: str | None = None,
         error_kind: ErrorKind | None = None,
+        field: str | None = None,
     ) -> Final:
         seq = self.live.pop(request_id)
+        self.constrained.drop(request_id)
+        self.tool_streams.pop(request_id, None)
         self.finish_counts[reason.value] = self.finish_counts.get(reason.value, 0) + 1
-        cached = min(seq.num_cached or 0, seq.num_prompt_tokens)
         return Final(
             request_id,
             reason,
@@ -269,7 +318,8 @@ class Engine:
             seq.num_output_tokens,
             error,
             error_kind,
-            cached_tokens=cached,
+            field,
+            cached_tokens=min(seq.num_cached or 0, seq.num_prompt_tokens),
         )
 
     def fail_all(self, reason: str, kind: ErrorKind = ErrorKind.CLUSTER) -> list[Final]:

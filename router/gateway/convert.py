@@ -10,9 +10,11 @@ from __future__ import annotations
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.vocabulary import SAMPLING_FIELDS, SAMPLING_NAMES
 from router.images.data_url import data_url_bytes
+from router.request.constraint import Constraint
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, Final, FinishReason, ImageInput, ImagePart
 from router.request.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from router.request.tools import Tool, ToolCall
 
 _SAMPLING_NAMES = frozenset(SAMPLING_NAMES)
 # the engine's finish reasons (router/request/messages.py) -> the wire enum, FINISH_REASON_<NAME>
@@ -31,7 +33,16 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         for f in SAMPLING_FIELDS
         if f.repeated or msg.HasField(f.name)
     }
-    return SamplingParams(**given)
+    return SamplingParams(**given, constraint=constraint(msg))
+
+
+def constraint(msg: pb.SamplingParams) -> Constraint | None:
+    kind = msg.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(msg.choice.options))
+    return Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
@@ -42,19 +53,28 @@ def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:
         raise InvalidRequest("input", "the request is empty; set one of prompt, input_ids or messages")
     images = request_images(req.images)
     salt = req.cache_salt or None
+    tools = tuple(Tool(t.name, t.description, t.parameters or Tool.parameters) for t in req.tools)
+    choice = req.tool_choice.WhichOneof("choice")
+    tool_choice = getattr(req.tool_choice, choice) if choice else "auto"
+    if kind == "messages":
+        if images:
+            raise InvalidRequest(
+                "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
+            )
+        chat = chat_messages(req.messages)
+        return EngineRequest(request_id, params, messages=chat, tools=tools, tool_choice=tool_choice, cache_salt=salt)
+    if tools or choice:
+        raise InvalidRequest("tools", "tools are offered in a chat; send messages, not a prompt or input_ids")
     if kind == "prompt":
         return EngineRequest(request_id, params, prompt=req.prompt, images=images, cache_salt=salt)
-    if kind == "input_ids":
-        return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images, cache_salt=salt)
-    if images:
-        raise InvalidRequest(
-            "images", "a chat's images go in its messages' parts; `images` is for prompt and input_ids"
-        )
-    return EngineRequest(request_id, params, messages=chat_messages(req.messages), cache_salt=salt)
+    return EngineRequest(request_id, params, prompt_ids=tuple(req.input_ids.ids), images=images, cache_salt=salt)
 
 
 def chat_messages(msg: pb.ChatMessages) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(m.role, _content(i, m)) for i, m in enumerate(msg.messages))
+    return tuple(
+        ChatMessage(m.role, _content(i, m), tuple(ToolCall(c.name, c.arguments, c.id) for c in m.tool_calls))
+        for i, m in enumerate(msg.messages)
+    )
 
 
 def request_images(images) -> tuple[ImageInput, ...]:
@@ -99,7 +119,12 @@ def chunk(delta: Delta) -> pb.Chunk:
             )
             for lp in delta.logprobs
         ],
+        tool_calls=tool_calls(delta.tool_calls),
     )
+
+
+def tool_calls(calls) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
@@ -111,12 +136,14 @@ def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
     return out
 
 
-def complete(final: Final) -> pb.Complete:
+def complete(final: Final, calls=()) -> pb.Complete:
+    """`calls`: every tool call the request's deltas carried."""
     out = pb.Complete(
         finish_reason=FINISH_REASON_ENUM[final.finish_reason],
         prompt_tokens=final.prompt_tokens,
         completion_tokens=final.completion_tokens,
         cached_tokens=final.cached_tokens,
+        tool_calls=tool_calls(calls),
     )
     if isinstance(final.matched_stop, str):
         out.stop_string = final.matched_stop

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import ipaddress
 import logging
 import os
@@ -150,6 +151,8 @@ class Gateway:
         """Serve through this cluster: readiness follows its routers' health from now on (SERVING while at least
         one takes requests)."""
         info = await resolve(view.routers[0].model_info.remote(), self.config.ray_timeout_s)
+        await asyncio.to_thread(importlib.import_module, "xgrammar")  # constraints are parsed at the door: load
+        # it here, off the event loop, not on the first constrained request
         pool = router_pool(view, info, self.config.routing)
         poller = ClusterPoller(
             view,

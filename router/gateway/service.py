@@ -45,13 +45,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         client_deadline = context.time_remaining() is not None  # enforced by gRPC itself
         expired = lambda: context.time_remaining() is not None and context.time_remaining() <= 0  # noqa: E731
         buffered: list[Delta] = []
+        calls: list = []  # the tool calls of the output, for the Complete
         try:
             async for item in self.generations.run(admitted, math.inf if client_deadline else None, expired):
                 if isinstance(item, Final):
                     if buffered:
                         yield pb.GenerateResponse(request_id=rid, chunk=convert.merged_chunk(buffered))
-                    yield pb.GenerateResponse(request_id=rid, complete=convert.complete(item))
-                elif request.stream:
+                    yield pb.GenerateResponse(request_id=rid, complete=convert.complete(item, calls))
+                    continue
+                calls += item.tool_calls
+                if request.stream:
                     yield pb.GenerateResponse(request_id=rid, chunk=convert.chunk(item))
                 else:
                     buffered.append(item)

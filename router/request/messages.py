@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from router.request.sampling_params import SamplingParams
+from router.request.tools import Tool, ToolCall
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,9 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str  # system | user | assistant | ipython
+    role: str  # system | user | assistant | ipython (a tool's result; `tool` is taken as ipython)
     content: str | tuple[str | ImagePart, ...]  # text, or text and image parts in order
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, rendered after its text
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class EngineRequest:
     resume: Resume | None = None
     images: tuple[ImageInput, ...] = ()  # with prompt / prompt_ids (a chat's images are parts of its messages)
     cache_salt: str | None = None  # requests with different salts share no cached KV (tenant isolation)
+    tools: tuple[Tool, ...] = ()  # offered to the model in the chat's system message (router/request/tools.py)
+    tool_choice: str = "auto"  # auto | none | required | a tool's name
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # calls parsed from the output, each whole, in order (ids unique)
 
 
 class WireName(str, Enum):
@@ -96,6 +101,7 @@ class FinishReason(WireName):
     STOP = "stop"  # a stop token or stop string
     ABORT = "abort"  # the client cancelled, its deadline passed, or the server shut down
     ERROR = "error"  # see Final.error_kind
+    TOOL_CALLS = "tool_calls"  # the output was tool calls (sent whole in the deltas)
 
 
 class ErrorKind(WireName):

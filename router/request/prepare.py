@@ -7,15 +7,18 @@ trusts its caller). Every failure is an `InvalidRequest` naming the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cluster.config import ModelConfig
 from router.request.chat import chat_images, render_chat
+from router.request.constraint import Constraint
 from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, ImageInput, Resume
 from router.request.sampling_params import SamplingParams
 from router.request.tokenizer import Tokenizer
+from router.request.tools import CHOICES, check_tools
 
 if TYPE_CHECKING:  # torch-free at import: the command line checks prompts before loading torch
     from router.images.request import VisionPrompt
@@ -58,7 +61,7 @@ def prepare_request(
         raise InvalidRequest("prompt", f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
     ids, images = prompt_with_images(req, tokenizer, vision, given[0])
     check_token_ids(ids, limits.vocab_size, given[0], "input_ids")
-    params = req.params.with_defaults(defaults).validate(limits.vocab_size)
+    params = with_tools(req, req.params).with_defaults(defaults).validate(limits.vocab_size)
     check_length(len(ids), params.max_tokens, limits, given[0])
     if req.resume is not None:
         check_resume(req.resume, params, limits)
@@ -76,6 +79,24 @@ def prompt_with_images(
     if vision is None:
         raise InvalidRequest(images[0].field, NO_VISION)
     return vision.expand(ids, images, field)
+
+
+def with_tools(req: EngineRequest, params: SamplingParams) -> SamplingParams:
+    """The request's tool choice in its sampling parameters: parse calls (unless `none`), and constrain decoding to a
+    call for `required` or a named tool."""
+    if not req.tools and req.tool_choice == "auto":
+        return params
+    if req.messages is None:
+        raise InvalidRequest("tools", "tools are offered in a chat; send messages, not a prompt or input_ids")
+    tools = check_tools(req.tools, req.tool_choice)
+    if req.tool_choice == "none":
+        return params
+    if req.tool_choice == "auto":
+        return replace(params, tool_calls=True)
+    if params.constraint is not None:
+        raise InvalidRequest("tool_choice", f"{req.tool_choice!r} constrains the output; drop the sampling constraint")
+    chosen = tools if req.tool_choice in CHOICES else [t for t in tools if t["name"] == req.tool_choice]
+    return replace(params, tool_calls=True, constraint=Constraint("tool_call", json.dumps(chosen)))
 
 
 def request_images(req: EngineRequest) -> tuple[ImageInput, ...]:
@@ -146,7 +167,8 @@ def _prompt_ids(req: EngineRequest, tokenizer: Tokenizer | None) -> list[int]:
         if not isinstance(req.prompt, str):
             raise InvalidRequest("prompt", "must be a string")
         return tokenizer.encode(req.prompt) if req.prompt else []
-    return tokenizer.encode(render_chat(req.messages), add_special_tokens=False)
+    tools = check_tools(req.tools, req.tool_choice) if req.tools else None
+    return tokenizer.encode(render_chat(req.messages, tools), add_special_tokens=False)
 
 
 def check_prompt(cfg: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.request.constraint import Constraint
 
 from router.request.errors import InvalidRequest
 
@@ -34,6 +37,8 @@ class SamplingParams:
     ignore_eos: bool = False  # the EOS set does not stop (stop_token_ids still do)
     logprobs: bool = False  # return the sampled token's logprob
     top_logprobs: int = 0  # and this many alternatives (0..20)
+    constraint: Constraint | None = None  # structured output (router/request/constraint.py)
+    tool_calls: bool = False  # parse the output for Llama 4 tool calls (set from the request's tools)
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +100,9 @@ class SamplingParams:
             "top_logprobs",
             f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
         )
+        if self.constraint is not None:
+            self.constraint.validate()
+            _check(self.min_tokens == 0, "min_tokens", "must be 0 with a constraint (the constraint decides the end)")
         return self
 
 

@@ -29,3 +29,21 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special (control) tokens: never part of generated text."""
+        return {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+
+    def encoded_vocab(self, size: int) -> list[str]:
+        """Each id's token string as the tokenizer stores it (byte-level encoded); "" for ids without a token and for
+        special tokens (so a grammar never allows them inside text)."""
+        out = [""] * size
+        special = self.special_ids()
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i < size and i not in special:
+                out[i] = token
+        return out
+
+    def serialized(self) -> str:
+        """tokenizer.json's text (its pre-tokenizer and decoder say how tokens are encoded)."""
+        return self._tok.to_str()

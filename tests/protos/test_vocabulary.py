@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from protos.vocabulary import FINISH_REASON_NAMES, SAMPLING_FIELDS, SAMPLING_NAMES
+from protos.vocabulary import CONSTRAINT_NAMES, FINISH_REASON_NAMES, SAMPLING_FIELDS, SAMPLING_NAMES
+from router.request.constraint import KINDS as CONSTRAINT_KINDS
 from router.request.messages import FinishReason
 from router.request.sampling_params import SamplingParams
 
 
 def test_every_proto_sampling_field_is_a_field_of_the_engines_sampling_params():
     engine_fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    missing = [name for name in SAMPLING_NAMES if name not in engine_fields]
+    missing = [name for name in SAMPLING_NAMES if name not in engine_fields and name not in CONSTRAINT_NAMES]
     assert not missing, f"inference.proto SamplingParams fields without a SamplingParams counterpart: {missing}"
 
 
@@ -28,3 +29,9 @@ def test_plain_sampling_fields_carry_their_kinds():
 def test_finish_reasons_match_the_engines_both_ways():
     wire = {name for name in FINISH_REASON_NAMES.values() if name != "unspecified"}
     assert wire == {reason.value for reason in FinishReason}
+
+
+def test_every_constraint_of_the_proto_is_a_kind_of_the_engines_constraint():
+    assert "constraint" in {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(CONSTRAINT_NAMES) <= set(CONSTRAINT_KINDS), set(CONSTRAINT_NAMES) - set(CONSTRAINT_KINDS)
+    assert not {f.name for f in SAMPLING_FIELDS} & set(CONSTRAINT_NAMES)

@@ -1,0 +1,132 @@
+"""Structured output and tool calls through gRPC, on a real local cluster (2 routers, 2 expert workers): a named tool
+choice streams a call whose arguments validate, with finish reason TOOL_CALLS and the call in Complete; JSON-schema
+output validates; a bad constraint or tool is INVALID_ARGUMENT naming its field; seeded constrained streams continue
+exactly, and still validate, when their router is killed and when a worker is killed."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import jsonschema
+import pytest
+import ray
+
+from protos.moecluster.v1 import inference_pb2 as pb
+from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from tests.router.gateway.test_routers import kill_mid_stream, router_pid, serve
+
+pytestmark = pytest.mark.slow  # one server for the module (its teardown stops every process it started)
+
+ALARM = {
+    "type": "object",
+    "properties": {
+        "hour": {"type": "integer", "minimum": 0, "maximum": 23},
+        "days": {"type": "array", "items": {"enum": ["mon", "tue", "wed"]}, "minItems": 1, "maxItems": 3},
+        "label": {"type": "string", "maxLength": 8},
+    },
+    "required": ["hour", "days", "label"],
+}
+LONG = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 40, "maxItems": 40}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    srv = serve(tiny_model_dir, routers=2)
+    try:
+        yield srv
+    finally:
+        srv.stop(grace_s=2.0)
+
+
+def generate(target: str, request: pb.GenerateRequest) -> dict:
+    """Every chunk's tokens, text and calls, and the Complete."""
+    out = {"tokens": [], "text": "", "calls": [], "complete": None}
+    with grpc.insecure_channel(target) as channel:
+        for msg in pb_grpc.InferenceStub(channel).Generate(request, timeout=300):
+            if msg.HasField("chunk"):
+                out["tokens"] += msg.chunk.token_ids
+                out["text"] += msg.chunk.text
+                out["calls"] += msg.chunk.tool_calls
+            elif msg.HasField("complete"):
+                out["complete"] = msg.complete
+    return out
+
+
+def json_request(seed: int, schema: dict) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(temperature=1.0, seed=seed, max_tokens=200, json_schema=json.dumps(schema))
+    return pb.GenerateRequest(prompt="Numbers: ", sampling=sampling, stream=True)
+
+
+def test_a_named_tool_choice_streams_a_call_whose_arguments_validate(server):
+    tools = [
+        pb.Tool(name="set_alarm", description="Set an alarm", parameters=json.dumps(ALARM)),
+        pb.Tool(name="note", description="Write a note", parameters='{"type": "object", "properties": {}}'),
+    ]
+    for seed in range(3):
+        request = pb.GenerateRequest(
+            messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Wake me at 7 on Mondays")]),
+            sampling=pb.SamplingParams(temperature=1.0, seed=seed, max_tokens=120),
+            tools=tools,
+            tool_choice=pb.ToolChoice(function="set_alarm"),
+            stream=True,
+        )
+        out = generate(server.target, request)
+        assert out["complete"].finish_reason == pb.FINISH_REASON_TOOL_CALLS and out["text"] == ""
+        (call,) = out["calls"]
+        assert call.name == "set_alarm" and list(out["complete"].tool_calls) == [call]
+        jsonschema.validate(json.loads(call.arguments), ALARM)
+
+
+def test_json_schema_output_validates_and_bad_constraints_name_their_field(server):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]}
+    out = generate(server.target, json_request(5, schema))
+    assert out["complete"].finish_reason == pb.FINISH_REASON_STOP
+    jsonschema.validate(json.loads(out["text"]), schema)
+    bad = [
+        (pb.SamplingParams(json_schema="{nope"), "sampling.json_schema"),
+        (pb.SamplingParams(regex="(open"), "sampling.regex"),
+        (pb.SamplingParams(choice=pb.Choice(options=[])), "sampling.choice"),
+    ]
+    for sampling, field in bad:
+        with pytest.raises(grpc.RpcError) as e:
+            generate(server.target, pb.GenerateRequest(prompt="x", sampling=sampling))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+    with pytest.raises(grpc.RpcError) as e:
+        generate(server.target, pb.GenerateRequest(messages=chat, tools=[pb.Tool(name="bad name")]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("tools[0].name")
+
+
+def streams(target: str, n: int, during=None) -> dict[int, dict]:
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            results[i] = generate(target, json_request(100 + i, LONG))
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    if during is not None:
+        during()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+def test_seeded_constrained_streams_continue_exactly_through_router_and_worker_deaths(server):
+    undisturbed = streams(server.target, 6)
+    for out in undisturbed.values():
+        jsonschema.validate(json.loads(out["text"]), LONG)
+    victim = router_pid(server, 0)
+    after_router = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, victim, router=0))
+    worker = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+    after_worker = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, worker))
+    for got in (after_router, after_worker):
+        assert {i: o["tokens"] for i, o in got.items()} == {i: o["tokens"] for i, o in undisturbed.items()}
+        assert {i: o["text"] for i, o in got.items()} == {i: o["text"] for i, o in undisturbed.items()}
