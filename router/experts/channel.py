@@ -32,14 +32,13 @@ from typing import TypeVar
 from cluster.all_to_all import REGROUP, RUN, STOP
 from cluster.errors import ClusterFailure, CollectiveError
 from cluster.expert_map import ExpertMap
+from cluster.failover_buckets import STALL_BUCKETS_S, STALLS_KEPT
 from cluster.process_group import GroupAddress
 from router.experts.monitor import ChannelMonitor
 from router.experts.worker_link import ALIVE, WorkerLink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-STALLS_KEPT = 256
-STALL_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # upper bounds, for the metrics
 
 
 @dataclass(frozen=True)

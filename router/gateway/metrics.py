@@ -11,7 +11,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from router.experts.channel import STALL_BUCKETS_S
+from cluster.failover_buckets import STALL_BUCKETS_S
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,27 @@ class GatewayMetrics:
             "moecluster_inter_token_latency_seconds",
             "Between consecutive tokens of a stream",
             buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        # the same per front: moecluster (moecluster.v1), kserve (KServe v2 gRPC), openai (the HTTP API)
+        self.front_requests = Counter(
+            "moecluster_front_requests",
+            "Generation requests per front and outcome (the outcomes of moecluster_requests)",
+            ["front", "outcome"],
+            registry=r,
+        )
+        self.front_seconds = Histogram(
+            "moecluster_front_request_seconds",
+            "From arrival to the last token of a finished request, per front",
+            ["front"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.front_ttft = Histogram(
+            "moecluster_front_time_to_first_token_seconds",
+            "From arrival to the first token, per front",
+            ["front"],
+            buckets=_TTFT_BUCKETS,
             registry=r,
         )
         self.active_streams = Gauge("moecluster_active_streams", "Generate streams open on the gateway", registry=r)
