@@ -45,7 +45,7 @@ from router.reference.contiguous_cache import ContiguousKVCache
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAIN_STEPS = 400
+DEFAULT_TRAIN_STEPS = 800  # 400 learnt "count from 76" on one CPU but not on another; 800 learns it there too
 COUNT_LENGTH = 8  # numbers in a chat answer
 MAX_NUMBER = 99
 CHAT_PROMPTS = ("count from {n}", "Count from {n}.")

@@ -1,5 +1,5 @@
-"""The README's first command, as a new user runs it: `moecluster demo` on an empty cache trains the tiny
-model, serves it on a local Ray with 2 expert workers and a vision encoder, streams checkable answers over gRPC
+"""The README's first command, as a new user runs it: `moecluster demo` on an empty cache copies the shipped
+tiny model, serves it on a local Ray with 2 expert workers and a vision encoder, streams checkable answers over gRPC
 (an image's among them), and stops cleanly."""
 
 from __future__ import annotations
@@ -27,5 +27,5 @@ def test_demo_streams_counting_and_image_answers_and_leaves_nothing_running(tmp_
     assert "assistant: 59 60 61 62 63 64 65 66" in out
     assert "square, " in out and "What colour is the square?\nassistant: red   [stop" in out  # the image, answered
     assert "0-7" in out and "8-15" in out  # the status table: where the experts live (16 on 2 workers)
-    assert (tmp_path / "cache" / "tiny-scout-v2" / "config.json").is_file()
+    assert (tmp_path / "cache" / "tiny-scout-v3" / "config.json").is_file()
     assert ray_gone(), ray_processes()

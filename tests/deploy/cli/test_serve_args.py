@@ -40,9 +40,9 @@ def test_cache_dir_prefers_moecluster_cache_then_xdg_then_home(tmp_path, monkeyp
 
 
 def test_the_tiny_model_is_written_once_and_reused(tmp_path):
-    path = tiny_model(tmp_path, train_steps=0)
+    path = tiny_model(tmp_path)
     assert path == tmp_path / TINY_MODEL_NAME and (path / "config.json").is_file()
     written = (path / "model.safetensors").stat().st_mtime_ns
-    assert tiny_model(tmp_path, train_steps=0) == path
+    assert tiny_model(tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == written
     assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL_NAME]  # no temporary directory left

@@ -1,5 +1,6 @@
 """The tiny Llama 4 checkpoints: Hugging Face layout, equal logits in transformers and our loader, the presets'
-distinguishing features, the tokenizer, determinism, and (slow) that the trained model counts."""
+distinguishing features, the tokenizer, determinism, and that the shipped trained models (deploy/tiny/shipped.py)
+count and name colours on prompts and images training never showed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cluster.rope import inverse_frequencies
 from cluster.transport import LocalTransport
 from cluster.weights import load_all_experts, load_router_model
 from deploy.tiny.model import PRESETS, write_tiny_model
+from deploy.tiny.shipped import shipped_dir
 from deploy.tiny.tokenizer import EOS_TOKENS, SPECIAL_TOKENS, chat_text
 from deploy.tiny.training import held_out_prompts
 from router.reference.contiguous_cache import ContiguousKVCache
@@ -180,15 +182,22 @@ def test_same_seed_writes_identical_files_and_another_seed_other_weights(tmp_pat
     assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-    """The embedded default's model: trained for the default number of steps, with its vision tower."""
-    return write_tiny_model(tmp_path_factory.mktemp("trained"), "scout", seed=0, vision=True)
+def test_the_callers_thread_count_does_not_change_training(tmp_path):
+    """Training pins its own thread count (deploy/tiny/training.py), so torch.set_num_threads before it changes
+    nothing; another CPU still may (hence the shipped checkpoints)."""
+    before, written = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            written.append(write_tiny_model(tmp_path / str(threads), "scout", seed=3, train_steps=2))
+            assert torch.get_num_threads() == threads  # restored after training
+    finally:
+        torch.set_num_threads(before)
+    one, two = written
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
 
 
-@pytest.mark.slow
-def test_trained_model_counts_on_held_out_prompts(trained_dir):
-    model_dir = trained_dir
+def assert_counts_on_held_out_prompts(model_dir):
     model, transport = ours(model_dir)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     eos = set(model.config.eos_token_ids)
@@ -198,6 +207,12 @@ def test_trained_model_counts_on_held_out_prompts(trained_dir):
         assert got == answer + "<|eot|>", user
     continued = greedy(model, transport, tok.encode("37 38 39 40").ids, 10, set())
     assert tok.decode(continued) == " 41 42 43 44 45"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_trained_model_counts_on_held_out_prompts(preset):
+    """The shipped checkpoint, which the embedded default and the demo copy: the same on any CPU."""
+    assert_counts_on_held_out_prompts(shipped_dir(preset))
 
 
 # ---- the vision tower ----------------------------------------------------------------------------------------
@@ -248,8 +263,8 @@ def test_a_vision_checkpoint_is_llama4_for_conditional_generation_in_transformer
         assert (all_logits(model, transport, ids_T) - expected_TV).abs().max() < 1e-5
 
 
-@pytest.mark.slow
-def test_trained_vision_model_names_the_colour_of_unseen_squares(trained_dir):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_trained_vision_model_names_the_colour_of_unseen_squares(preset):
     import random
 
     from cluster.vision.config import load_vision_config
@@ -259,7 +274,7 @@ def test_trained_vision_model_names_the_colour_of_unseen_squares(trained_dir):
     from deploy.tiny.tokenizer import COLOURS
     from router.images.processor import ImageProcessor
 
-    model_dir = trained_dir
+    model_dir = shipped_dir(preset)
     model, transport = ours(model_dir)
     tower = load_vision_tower(load_vision_config(model_dir), CheckpointReader(model_dir), CPU, torch.float32)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
