@@ -5,7 +5,8 @@ setting is in `SAMPLING` (body key -> SamplingParams field; SamplingParams.valid
 names the body key), a key this server refuses in `REFUSED`. `SAMPLING` holds every scalar sampling parameter of the
 wire contract (protos/vocabulary.py) under its own name, so one added to the proto is taken here too; our extras
 (top_k, min_p, min_tokens, repetition_penalty, ignore_eos, stop_token_ids) go at the top level of the body, as vLLM
-takes them (the openai SDK's `extra_body`). Keys in neither table are ignored, as OpenAI-compatible servers do
+takes them (the openai SDK's `extra_body`). `tools`, `tool_choice` and `response_format` (or vLLM's `guided_*`) are
+translated in openai_tools.py. Keys in neither table are ignored, as OpenAI-compatible servers do
 (`user`, `metadata`, `store`, ...).
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from protos.vocabulary import SAMPLING_FIELDS
+from router.gateway.openai_tools import constraint_of, tool_calls_of, tool_choice_of, tools_of
+from router.gateway.openai_tools import field_name as tool_field_name
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest, ImagePart
@@ -27,13 +30,10 @@ SAMPLING = {
     "max_completion_tokens": "max_tokens",  # the chat API's newer name; wins over max_tokens
 }
 CHAT_ONLY = {"top_logprobs": "top_logprobs"}
-# body key -> why it is refused (a later issue brings tools and structured output to the sampler)
+# body key -> why it is refused
 REFUSED = {
-    "tools": "tool calls are not supported by this server yet",
-    "tool_choice": "tool calls are not supported by this server yet",
     "functions": "function calls are not supported by this server",
     "function_call": "function calls are not supported by this server",
-    "response_format": "structured output is not supported by this server yet",
     "suffix": "is not supported by this server",
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
@@ -52,6 +52,9 @@ class OpenAIRequest:
 def completion_request(body: dict, request_id: str) -> OpenAIRequest:
     """POST /v1/completions: `prompt` (a string, a list of one string, or token ids)."""
     _check_common(body)
+    for key in ("tools", "tool_choice"):
+        if body.get(key) not in (None, []):
+            raise InvalidRequest(key, "tools are offered in chat completions (POST /v1/chat/completions)")
     if body.get("echo"):
         raise InvalidRequest("echo", "is not supported by this server (the prompt is never repeated)")
     if body.get("best_of") not in (None, 1):
@@ -88,7 +91,8 @@ def chat_request(body: dict, request_id: str) -> OpenAIRequest:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages", "must be a non-empty list of {role, content} objects")
     chat = tuple(_message(f"messages[{i}]", m) for i, m in enumerate(messages))
-    return _request(body, EngineRequest(request_id, params, messages=chat))
+    engine = EngineRequest(request_id, params, messages=chat, tools=tools_of(body), tool_choice=tool_choice_of(body))
+    return _request(body, engine)
 
 
 def sampling_params(body: dict, extra: dict, more: dict | None = None) -> SamplingParams:
@@ -103,6 +107,9 @@ def sampling_params(body: dict, extra: dict, more: dict | None = None) -> Sampli
         if not isinstance(given["stop"], list | tuple) or not all(isinstance(s, str) for s in given["stop"]):
             raise InvalidRequest("stop", f"must be a string or a list of strings, got {stop!r}")
         given["stop"] = tuple(given["stop"])
+    constraint = constraint_of(body)
+    if constraint is not None:
+        given["constraint"] = constraint
     if "stop_token_ids" in given:
         if not isinstance(given["stop_token_ids"], list):
             raise InvalidRequest("stop_token_ids", "must be a list of token ids")
@@ -114,7 +121,7 @@ def field_name(field: str) -> str:
     """An engine field as this front's client wrote it: the body key of a sampling setting, a message's parts."""
     if field == "max_tokens":
         return "max_tokens (or max_completion_tokens)"
-    return field.replace(".parts[", ".content[")
+    return tool_field_name(field).replace(".parts[", ".content[")
 
 
 def _check_common(body: dict) -> None:
@@ -157,11 +164,13 @@ def _message(field: str, m) -> ChatMessage:
     content = m.get("content")
     if content is None:
         content = ""
+    calls = tool_calls_of(field, m) if role == "assistant" else ()
     if isinstance(content, str):
-        return ChatMessage(CHAT_ROLES[role], content)
+        return ChatMessage(CHAT_ROLES[role], content, calls)
     if not isinstance(content, list):
         raise InvalidRequest(f"{field}.content", "must be a string or a list of content parts")
-    return ChatMessage(CHAT_ROLES[role], tuple(_part(f"{field}.content[{j}]", p) for j, p in enumerate(content)))
+    parts = tuple(_part(f"{field}.content[{j}]", p) for j, p in enumerate(content))
+    return ChatMessage(CHAT_ROLES[role], parts, calls)
 
 
 def _part(field: str, part) -> str | ImagePart:

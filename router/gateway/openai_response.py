@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from router.gateway.openai_tools import openai_tool_call
 from router.request.messages import Delta, Final, TokenLogprob
 from router.request.tokenizer import Tokenizer
 
@@ -61,6 +62,7 @@ class Reply:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     want_logprobs: bool = False
     chunks_sent: int = 0
+    tool_calls: list[dict] = field(default_factory=list)  # the output's calls, OpenAI's shape
 
     @property
     def object(self) -> str:
@@ -69,13 +71,23 @@ class Reply:
     def add(self, delta: Delta) -> None:
         self.text.append(delta.text)
         self.logprobs.extend(delta.logprobs)
+        self._calls(delta)
+
+    def _calls(self, delta: Delta) -> list[dict]:
+        """The delta's tool calls, numbered on from those before (OpenAI's `index`)."""
+        new = [openai_tool_call(c, len(self.tool_calls) + i) for i, c in enumerate(delta.tool_calls)]
+        self.tool_calls += new
+        return new
 
     def whole(self, final: Final) -> dict:
         """The non-streamed response."""
         text = "".join(self.text)
         logprobs = self._logprobs(self.logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+            message = {"role": "assistant", "content": text if text or not self.tool_calls else None}
+            if self.tool_calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls]
+            choice = {"index": 0, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = final.finish_reason.value
@@ -84,7 +96,11 @@ class Reply:
     def chunk(self, delta: Delta) -> dict:
         """One stream chunk for a Delta."""
         self.chunks_sent += 1
-        return self._chunk_with(delta.text, self._logprobs(list(delta.logprobs)), None)
+        out = self._chunk_with(delta.text, self._logprobs(list(delta.logprobs)), None)
+        calls = self._calls(delta)
+        if calls and self.chat:
+            out["choices"][0]["delta"]["tool_calls"] = calls
+        return out
 
     def last_chunks(self, final: Final, include_usage: bool) -> list[dict]:
         """The chunk with the finish_reason, then (include_usage) the usage chunk."""

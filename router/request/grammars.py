@@ -31,10 +31,12 @@ def grammar_of(constraint: Constraint):
     return call_grammar(json.loads(constraint.spec))
 
 
-# xgrammar 0.2.8 writes a string with minLength/maxLength as characters `[^"\\\r\n]`, which admits control
-# characters JSON forbids unescaped; its unbounded strings exclude them (`[^\0-\x1f"\\\r\n]`). Ours do too.
-_BOUNDED_STRING_CHAR = '([^\\"\\\\\\r\\n])'
-_JSON_STRING_CHAR = '([^\\0-\\x1f\\"\\\\])'
+# xgrammar 0.2.8 writes a JSON string's characters as `[^"\\\r\n]` (with minLength/maxLength, admitting control
+# characters JSON forbids unescaped) or `[^\0-\x1f"\\\r\n]`, and both admit the UTF-16 surrogates U+D800-U+DFFF as
+# 3-byte UTF-8, which no UTF-8 decoder takes: a byte-level tokenizer then streams replacement characters and the
+# string's length no longer matches its bound. Ours exclude both.
+_STRING_CHARS = ('[^\\"\\\\\\r\\n]', '[^\\0-\\x1f\\"\\\\\\r\\n]')
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\\\ud800-\\udfff]'
 
 
 def json_schema_grammar(schema: str):
@@ -42,9 +44,9 @@ def json_schema_grammar(schema: str):
     import xgrammar as xgr
 
     text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
-    if _BOUNDED_STRING_CHAR not in text:
-        return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+    for chars in _STRING_CHARS:
+        text = text.replace(chars, _JSON_STRING_CHAR)
+    return xgr.Grammar.from_ebnf(text)
 
 
 def call_grammar(tools: list[dict]):

@@ -238,3 +238,32 @@ def test_a_resumed_tool_call_stream_gives_the_same_whole_call(engine):
     _, finals, rest = run(engine, [dataclasses.replace(req, resume=Resume(tuple(whole[:k]), 0))])
     assert rest["resumed"] == whole[k:] and finals["resumed"].finish_reason == "tool_calls"
     assert CALLS["resumed"] == first
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "string", "maxLength": 8}])
+def test_json_strings_take_no_utf16_surrogate_and_no_control_character(engine, schema):
+    """xgrammar's own string rule admits ED A0-BF xx (a surrogate as 3-byte UTF-8, which no decoder takes) and,
+    with a length bound, control characters: ours refuse both, byte by byte, and still take real characters."""
+    from router.engine.grammar import Grammars, Matcher
+
+    tok = engine.tokenizer
+    grammars = Grammars(tok, engine.runner.model.config.vocab_size, engine.eos_ids)
+    compiled = grammars.submit(Constraint("json_schema", json.dumps(schema))).result(timeout=60)
+
+    def accepts(prefix: bytes) -> bool:
+        m = Matcher(compiled, engine.eos_ids)
+        ids = [tok.token_id(_byte_level(b)) for b in b'"' + prefix]
+        return all(m._m.accept_token(i) for i in ids)
+
+    assert accepts("é€".encode()) and accepts(b"ab")
+    assert not accepts(b"\xed\xab\xbd")  # U+DAFD, a surrogate
+    assert not accepts(b"\x01")
+    grammars.shutdown()
+
+
+def _byte_level(b: int) -> str:
+    """The byte-level BPE symbol of one byte (GPT-2's printable mapping, which the tiny tokenizer uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [x for x in range(256) if x not in printable]
+    table = {x: chr(x) for x in printable} | {x: chr(256 + i) for i, x in enumerate(extra)}
+    return table[b]

@@ -155,3 +155,57 @@ def test_openai_usage_reports_the_prompt_tokens_served_from_the_prefix_cache():
         "total_tokens": 45,
         "prompt_tokens_details": {"cached_tokens": 32},
     }
+
+
+def test_openai_tools_tool_choice_and_earlier_calls_reach_the_engine_request():
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    messages = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]  # fmt: skip
+    r = chat_request({"messages": messages, "tools": [tool], "tool_choice": {"function": {"name": "f"}}}, "id")
+    (t,) = r.engine.tools
+    assert (t.name, t.description, t.parameters) == ("f", "d", '{"type": "object"}')
+    assert r.engine.tool_choice == "f"
+    assert r.engine.messages[1].tool_calls[0].arguments == '{"x": 1}' and r.engine.messages[2].role == "ipython"
+    assert chat_request({"messages": messages[:1], "tool_choice": "none"}, "id").engine.tool_choice == "none"
+
+
+@pytest.mark.parametrize(
+    "body, kind",
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}, "json_schema"),
+        ({"guided_regex": "[a-z]+"}, "regex"),
+        ({"guided_choice": ["yes", "no"]}, "choice"),
+        ({"guided_json": {"type": "object"}}, "json_schema"),
+    ],
+)
+def test_openai_output_constraints_become_the_engines_constraint(body, kind):
+    r = completion_request({"prompt": "hi", **body}, "id")
+    assert r.engine.params.constraint.kind == kind
+    assert (
+        completion_request({"prompt": "hi", "response_format": {"type": "text"}}, "id").engine.params.constraint is None
+    )
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"tools": {"name": "f"}}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ],
+)
+def test_openai_bad_tools_and_constraints_name_their_key(body, field):
+    with pytest.raises(InvalidRequest) as e:
+        chat_request({"messages": [{"role": "user", "content": "hi"}], **body}, "id")
+    assert e.value.field == field

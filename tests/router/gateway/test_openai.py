@@ -119,8 +119,12 @@ def test_bad_completions_are_400_naming_the_field(url, body, param, words):
             {},
             "messages[0].content[0].image_url.url",
         ),
-        ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
-        ([{"role": "user", "content": "x"}], {"response_format": {"type": "json_object"}}, "response_format"),
+        ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools[0].function"),
+        (
+            [{"role": "user", "content": "x"}],
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema.schema",
+        ),
         ([{"role": "user", "content": "x"}], {"logprobs": 3}, "logprobs"),
     ],
 )
@@ -176,3 +180,78 @@ def test_a_client_that_disconnects_before_a_whole_answer_frees_its_kv_blocks(url
         while c.cluster_status().router.finished.get("abort", 0) == aborted:
             assert time.monotonic() < deadline, "the request was not aborted"
             time.sleep(0.1)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+
+
+def test_a_named_tool_choice_gives_a_call_whose_arguments_validate_whole_and_streamed(client, server):
+    import jsonschema
+
+    kw = dict(
+        model=server.model_name,
+        messages=[{"role": "user", "content": "weather in Paris for 3 days?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=160,
+        temperature=1.0,
+        seed=5,
+    )
+    whole = client.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [("get_weather", call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_response_format_json_schema_gives_valid_json_at_temperature_one(client, server):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "maximum": 120}},
+        "required": ["name", "age"],
+    }
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=server.model_name,
+            messages=[{"role": "user", "content": "a person"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+            max_tokens=160,
+            temperature=1.0,
+            seed=seed,
+        )
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+def test_bad_tools_and_constraints_are_400s_naming_the_body_key(client, server):
+    base = dict(model=server.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    bad_tool = {"type": "function", "function": {"name": "not a name", "parameters": {"type": "object"}}}
+    for extra, param in [
+        (dict(tools=[bad_tool]), "tools[0].function.name"),
+        (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+        (dict(response_format={"type": "xml"}), "response_format.type"),
+        (dict(extra_body={"guided_regex": "(unclosed"}), "guided_regex"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**base, **extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
