@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import ray
 import torch
 
+from cluster.actor_reports import RouterHealth, RouterStats
+from cluster.actor_state import ChannelState
 from cluster.all_to_all import AllToAllTransport
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
@@ -33,7 +34,8 @@ from cluster.weights import experts_bytes, resolve_dtype, router_bytes
 from router.engine.async_engine import AsyncEngine, collect
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
-from router.experts.channel import ChannelSettings, ExpertChannel
+from router.experts.channel import ExpertChannel
+from router.experts.settings import ChannelSettings
 from router.experts.worker_link import RayWorkerLink
 from router.images.encoder_pool import EncoderPool, RayEncoderLink
 from router.images.features import VisionSettings, image_features_for
@@ -229,41 +231,40 @@ class RouterActor:
     def engine_stats(self):
         return self.engine.stats()
 
-    def health(self) -> dict:
+    def health(self) -> RouterHealth:
         """Ready while it can take requests: loaded, and its channel serving or recovering (a failover holds
         requests, it does not refuse them)."""
         failure = self.engine.engine.failure if self.engine else None
         if self.expert_map is not None:
-            state = self.channel.stats.state if self.channel else "starting"
+            state = self.channel.stats.state if self.channel else ChannelState.STARTING
         else:
-            state = "serving" if self._loaded else "starting"
-        return {
-            "ready": self._loaded and failure is None and state in ("serving", "recovering", "holding"),
-            "failure": failure,
-            "state": state,
-            "steps": self.runner.steps if self.runner else 0,
-            "pid": os.getpid(),
-        }
+            state = ChannelState.SERVING if self._loaded else ChannelState.STARTING
+        return RouterHealth(
+            ready=self._loaded and failure is None and state.takes_requests,
+            failure=failure,
+            state=state,
+            steps=self.runner.steps if self.runner else 0,
+            pid=os.getpid(),
+        )
 
-    def stats(self) -> dict:
+    def stats(self) -> RouterStats:
         moe = (
             [(layer, m.feed_forward) for layer, m in enumerate(self.model.model.layers) if m.is_moe]
             if self.model
             else []
         )
-        channel = self.channel.stats if self.channel else None
-        return {
-            "router": self.router_id,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "bytes_read": self.bytes_read,
-            "steps": self.runner.steps if self.runner else 0,
+        return RouterStats(
+            router=self.router_id,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            bytes_read=self.bytes_read,
+            steps=self.runner.steps if self.runner else 0,
             # routed tokens per expert since start (every expert's, wherever it lives)
-            "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
-            "expert_map": self.channel.map if self.channel else self.expert_map,
-            "channel": asdict(channel) if channel else None,
-            "vision": self.images.stats() if self.images else None,
-        }
+            tokens_per_expert={layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
+            expert_map=self.channel.map if self.channel else self.expert_map,
+            channel=self.channel.stats if self.channel else None,
+            vision=self.images.stats() if self.images else None,
+        )
 
     def shutdown(self) -> None:
         self._stopped.set()

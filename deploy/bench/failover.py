@@ -14,6 +14,7 @@ import uuid
 
 import ray
 
+from cluster.actor_state import MemberState
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
@@ -41,7 +42,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
         stalls, gaps, during = [], [], []
         for k in range(args.kills):
             victim = d.workers[k % args.workers]
-            pid = ray.get(victim.ping.remote(), timeout=30)["pid"]
+            pid = ray.get(victim.ping.remote(), timeout=30).pid
             mark = load.tokens
             killed = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
@@ -50,8 +51,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
             gaps.append(load.longest_gap_since(killed))
             time.sleep(args.settle_s)
         after = load.rate(args.window_s)
-        channel = d.stats()["router"]["channel"]
-        stalls = channel["stalls_s"][-args.kills :]
+        stalls = list(d.stats().router.channel.stalls_s[-args.kills :])
         load.stop()
         return {
             "stalls": stalls,
@@ -66,7 +66,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
 def _wait_serving(deployment, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     time.sleep(0.5)  # the supervisor notices the death first
-    while any(s["state"] != "serving" for s in deployment.supervision()["slots"]):
+    while any(s.state is not MemberState.SERVING for s in deployment.supervision().slots):
         if time.monotonic() > deadline:
             raise RuntimeError("the cluster did not return to full strength")
         time.sleep(0.05)

@@ -77,7 +77,7 @@ async def _one(client, i: int, tokens: int) -> tuple[int, list[float], int]:
 
 
 def _router_failover(server: Server, args) -> dict:
-    pid = ray.get(server.cluster.routers[0].health.remote(), timeout=30)["pid"]
+    pid = ray.get(server.cluster.routers[0].health.remote(), timeout=30).pid
 
     async def under_load():
         load = asyncio.create_task(_streams(server.target, max(args.concurrency[0], 8), args.tokens))

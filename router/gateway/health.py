@@ -109,9 +109,9 @@ class ClusterPoller:
         next_experts = loop.time()
         while True:
             try:
-                verdict = (self.view.supervision() or {}).get("failure")
-                if verdict:
-                    await self.health.set_dead(verdict)
+                supervision = self.view.supervision()
+                if supervision is not None and supervision.failure:
+                    await self.health.set_dead(supervision.failure)
                 await self.health.set_ready(*await self.check())
                 self.metrics.observe_load([e.engine for e in self.pool.entries.values() if e.engine])
                 if loop.time() >= next_experts:
@@ -130,8 +130,8 @@ class ClusterPoller:
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             entry.ready, entry.reason, entry.engine = False, f"unreachable: {first_line(e)}", None
             return
-        entry.ready, entry.engine = bool(health["ready"]), engine
-        entry.reason = health.get("failure") or ("" if entry.ready else f"state {health.get('state')}")
+        entry.ready, entry.engine = health.ready, engine
+        entry.reason = health.failure or ("" if entry.ready else f"state {health.state.value}")
 
     async def _refresh_experts(self) -> None:
         ready = [e for e in self.pool.entries.values() if e.ready]
@@ -143,4 +143,4 @@ class ClusterPoller:
             log.warning("expert stats: %s", e)
             return
         self.metrics.observe_experts(router_expert_tokens(router))
-        self.metrics.observe_expert_plane(router["channel"], self.view.supervision())
+        self.metrics.observe_expert_plane(router.channel, self.view.supervision())

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import ray
 
+from cluster.actor_state import ActorKind, MemberState
 from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
@@ -45,7 +46,7 @@ def reference(tiny_model_dir):
 
 
 def pid_of(worker) -> int:
-    return ray.get(worker.ping.remote(), timeout=30)["pid"]
+    return ray.get(worker.ping.remote(), timeout=30).pid
 
 
 def run_while(deployment, action) -> list[dict]:
@@ -66,7 +67,7 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "the cluster to rec
 
 
 def all_serving(deployment) -> bool:
-    return all(s["state"] == "serving" for s in deployment.supervision()["slots"])
+    return all(s.state is MemberState.SERVING for s in deployment.supervision().slots)
 
 
 def assert_complete_and_identical(results, reference):
@@ -82,11 +83,11 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         results = run_while(d, lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
         assert_complete_and_identical(results, reference)
         wait_for(lambda: all_serving(d))
-        channel = d.stats()["router"]["channel"]
-        assert channel["failovers"] >= 1 and channel["members"] == (0, 1)
-        assert d.supervision()["counters"]["replacements_succeeded"] == 1
+        channel = d.stats().router.channel
+        assert channel.failovers >= 1 and channel.members == (0, 1)
+        assert d.supervision().counters.replacements_succeeded == 1
         if replicas == 2:
-            assert min(channel["stalls_s"]) < 1.0  # the surviving copies cover at once
+            assert min(channel.stalls_s) < 1.0  # the surviving copies cover at once
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference  # full strength again
 
 
@@ -103,7 +104,7 @@ def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
 
         assert_complete_and_identical(run_while(d, kill_twice), reference)
         wait_for(lambda: all_serving(d))
-        assert d.supervision()["counters"]["replacements_succeeded"] == 2
+        assert d.supervision().counters.replacements_succeeded == 2
 
 
 def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_model_dir, reference):
@@ -114,15 +115,15 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
         def faults():
             time.sleep(0.8)
             os.kill(first, signal.SIGKILL)  # slot 1 dies; its replacement takes 3 s to load
-            wait_for(lambda: d.supervision()["slots"][1]["state"] == "loading", what="the replacement to start")
+            wait_for(lambda: d.supervision().slots[1].state is MemberState.LOADING, what="the replacement to start")
             os.kill(pid_of(d.workers[1]), signal.SIGKILL)  # the replacement dies while loading
             time.sleep(0.5)
             os.kill(pid_of(d.workers[0]), signal.SIGKILL)  # and slot 0 dies while the next one loads
 
         assert_complete_and_identical(run_while(d, faults), reference)
         wait_for(lambda: all_serving(d))
-        counters = d.supervision()["counters"]
-        assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
+        counters = d.supervision().counters
+        assert counters.replacements_failed == 1 and counters.replacements_succeeded == 2
 
 
 def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_model_dir, reference):
@@ -145,7 +146,7 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_mode
                 pass
         assert_complete_and_identical(results, reference)
         wait_for(lambda: all_serving(d))
-        assert d.supervision()["counters"]["worker_deaths"] == 1
+        assert d.supervision().counters.died(ActorKind.WORKER) == 1
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed, not just waited out
 
@@ -159,7 +160,7 @@ def skewed_model_dir(tmp_path_factory):
 
 
 def worker_loads(deployment) -> list[int]:
-    return [sum(sum(c.values()) for c in s["tokens_per_expert"].values()) for s in deployment.stats()["workers"]]
+    return [sum(sum(c.values()) for c in s.tokens_per_expert.values()) for s in deployment.stats().workers]
 
 
 def test_rebalancing_a_skewed_load_evens_the_workers_while_requests_run(skewed_model_dir):
@@ -173,7 +174,7 @@ def test_rebalancing_a_skewed_load_evens_the_workers_while_requests_run(skewed_m
         assert_complete_and_identical(results, reference)  # nothing failed during the switch
         plan = plans[0]
         assert plan is not None and plan.after < plan.before
-        assert d.stats()["router"]["channel"]["map_generation"] == plan.expert_map.generation == 1
+        assert d.stats().router.channel.map_generation == plan.expert_map.generation == 1
         mark = worker_loads(d)
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference
         after = [b - a for a, b in zip(mark, worker_loads(d))]

@@ -69,7 +69,7 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
         for t in run_streams(server.target, undisturbed, errors):
             t.join(timeout=120)
         assert not errors and len(undisturbed) == STREAMS
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30).pid
         results, readiness = {}, []
         with InferenceClient(server.target) as client:
             threads = run_streams(server.target, results, errors)
@@ -104,7 +104,7 @@ def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fa
     try:
         with InferenceClient(server.target) as client:
             client.wait_until_serving(timeout=30)
-            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30)["pid"]
+            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30).pid
             shutil.move(copy, tmp_path / "gone")  # running actors keep their weights; a replacement cannot load
             gen = client.generate(input_ids=[1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True)
             got, errors = [], []

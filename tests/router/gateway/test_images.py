@@ -159,7 +159,7 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
 
 
 def pid_of(actor) -> int:
-    return ray.get(actor.ping.remote(), timeout=30)["pid"]
+    return ray.get(actor.ping.remote(), timeout=30).pid
 
 
 def retries(client) -> int:
@@ -312,4 +312,4 @@ def test_a_router_killed_mid_stream_of_an_image_request_costs_it_nothing(server,
 
 
 def pid_of_router(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
+    return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid

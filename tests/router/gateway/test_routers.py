@@ -88,7 +88,7 @@ def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
 
 
 def router_pid(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
+    return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid
 
 
 def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(tiny_model_dir, one_router_tokens):
@@ -158,7 +158,7 @@ def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(tiny_
 def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_router_tokens):
     server = serve(tiny_model_dir, routers=2)
     try:
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30).pid
         got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim))
         assert got == {i: one_router_tokens[i] for i in range(8)}
         with InferenceClient(server.target) as client:
