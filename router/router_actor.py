@@ -41,6 +41,7 @@ from router.images.encoder_pool import EncoderPool, RayEncoderLink
 from router.images.features import VisionSettings, image_features_for
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.request.messages import EngineRequest
+from router.request.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -204,29 +205,29 @@ class RouterActor:
         return logits.float().cpu()
 
     # ---- operations --------------------------------------------------------------------------------------
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         """What the gateway needs to validate requests and answer GetModelInfo."""
         cfg, engine = self.config, self.engine.engine
-        return {
-            "name": self.model_name,
-            "architecture": cfg.architecture,
-            "context_length": engine.limits.max_model_len,
-            "vocab_size": cfg.vocab_size,
-            "num_experts": cfg.num_local_experts,
-            "experts_per_token": cfg.num_experts_per_tok,
-            "num_layers": cfg.num_hidden_layers,
-            "moe_layers": list(cfg.moe_layers),
-            "hidden_size": cfg.hidden_size,
-            "limits": engine.limits,
-            "generation_defaults": engine.defaults,
-            "eos_token_ids": sorted(engine.eos_ids),
-            "kv_token_capacity": engine.kv.token_capacity,
-            "kv_bytes_per_token": engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "workers": self.expert_map.num_workers if self.expert_map else 0,
-            "vision": engine.vision,  # a VisionPrompt (its tokens, tile size, tokens per tile), or None
-        }
+        return ModelInfo(
+            name=self.model_name,
+            architecture=cfg.architecture,
+            context_length=engine.limits.max_model_len,
+            vocab_size=cfg.vocab_size,
+            num_experts=cfg.num_local_experts,
+            experts_per_token=cfg.num_experts_per_tok,
+            num_layers=cfg.num_hidden_layers,
+            moe_layers=tuple(cfg.moe_layers),
+            hidden_size=cfg.hidden_size,
+            limits=engine.limits,
+            generation_defaults=engine.defaults,
+            eos_token_ids=tuple(sorted(engine.eos_ids)),
+            kv_token_capacity=engine.kv.token_capacity,
+            kv_bytes_per_token=engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            workers=self.expert_map.num_workers if self.expert_map else 0,
+            vision=engine.vision,
+        )
 
     def engine_stats(self):
         return self.engine.stats()

@@ -23,6 +23,7 @@ from protos.moecluster.v1 import inference_pb2 as pb
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, Final, FinishReason, ImageInput, ImagePart
+from router.request.model_info import ModelInfo
 from router.request.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -145,23 +146,23 @@ def complete(final: Final) -> pb.Complete:
     return out
 
 
-def model_info(info: dict, vision=None) -> pb.GetModelInfoResponse:
+def model_info(info: ModelInfo, vision=None) -> pb.GetModelInfoResponse:
     """`vision`: the gateway's VisionPrompt (its limits), or None when the model takes no images."""
     return pb.GetModelInfoResponse(
-        name=info["name"],
-        architecture=info["architecture"],
-        context_length=info["context_length"],
-        num_experts=info["num_experts"],
-        experts_per_token=info["experts_per_token"],
-        num_layers=info["num_layers"],
-        moe_layers=info["moe_layers"],
-        vocab_size=info["vocab_size"],
-        hidden_size=info["hidden_size"],
-        dtype=info["dtype"],
-        device=info["device"],
-        num_workers=info["workers"],
-        eos_token_ids=info["eos_token_ids"],
-        kv_token_capacity=info["kv_token_capacity"],
+        name=info.name,
+        architecture=info.architecture,
+        context_length=info.context_length,
+        num_experts=info.num_experts,
+        experts_per_token=info.experts_per_token,
+        num_layers=info.num_layers,
+        moe_layers=info.moe_layers,
+        vocab_size=info.vocab_size,
+        hidden_size=info.hidden_size,
+        dtype=info.dtype,
+        device=info.device,
+        num_workers=info.workers,
+        eos_token_ids=info.eos_token_ids,
+        kv_token_capacity=info.kv_token_capacity,
         max_top_logprobs=MAX_TOP_LOGPROBS,
         **(_image_info(vision) if vision is not None else {}),
     )

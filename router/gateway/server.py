@@ -118,7 +118,7 @@ class Gateway:
             self.config.expert_stats_interval_s,
             self.config.ray_timeout_s,
         )
-        vision = gateway_vision(info["vision"], self.config)
+        vision = gateway_vision(info.vision, self.config)
         self.service.backend = Backend(pool, view, info, Tokenizer.from_dir(model_dir), poller, vision)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")

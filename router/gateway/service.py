@@ -37,6 +37,7 @@ from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
 from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
+from router.request.model_info import ModelInfo
 from router.request.prepare import prepare_request, prompt_with_images
 from router.request.sampling_params import resolve_seed
 from router.request.tokenizer import Tokenizer
@@ -74,7 +75,7 @@ class Backend:
 
     pool: RouterPool  # the routers, their readiness and load
     view: ClusterView  # the routers, workers and supervisor behind it
-    info: dict  # RouterActor.model_info() of the first router
+    info: ModelInfo  # RouterActor.model_info() of the first router
     tokenizer: Tokenizer | None
     poller: ClusterPoller
     vision: VisionPrompt | None = None  # the model's image tokens with the gateway's image limits; None: no images
@@ -105,7 +106,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _admit(self, request: pb.GenerateRequest, request_id: str) -> tuple[Backend, StreamRelay, RouterEntry]:
         """No await in here: the checks and the registration of the stream happen as one step."""
         backend = self._backend()
-        name = backend.info["name"]
+        name = backend.info.name
         if request.model and request.model != name:
             raise GatewayError(
                 Code.NOT_FOUND,
@@ -116,8 +117,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             prepared = prepare_request(
                 convert.engine_request(request, request_id),
                 backend.tokenizer,
-                backend.info["generation_defaults"],
-                backend.info["limits"],
+                backend.info.generation_defaults,
+                backend.info.limits,
                 backend.vision,
             )
         except InvalidRequest as e:
