@@ -42,6 +42,10 @@ _OPTIONAL_SCALARS = (
     "logprobs",
     "top_logprobs",
 )
+# ModelInfo's fields that GetModelInfoResponse carries under the same name (model_info sets the others)
+_MODEL_INFO_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelInfo) if f.name in pb.GetModelInfoResponse.DESCRIPTOR.fields_by_name
+)
 # the engine's finish reasons (router/request/messages.py) -> the wire enum, FINISH_REASON_<NAME>
 FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 
@@ -149,20 +153,8 @@ def complete(final: Final) -> pb.Complete:
 def model_info(info: ModelInfo, vision=None) -> pb.GetModelInfoResponse:
     """`vision`: the gateway's VisionPrompt (its limits), or None when the model takes no images."""
     return pb.GetModelInfoResponse(
-        name=info.name,
-        architecture=info.architecture,
-        context_length=info.context_length,
-        num_experts=info.num_experts,
-        experts_per_token=info.experts_per_token,
-        num_layers=info.num_layers,
-        moe_layers=info.moe_layers,
-        vocab_size=info.vocab_size,
-        hidden_size=info.hidden_size,
-        dtype=info.dtype,
-        device=info.device,
+        **{name: getattr(info, name) for name in _MODEL_INFO_FIELDS},
         num_workers=info.workers,
-        eos_token_ids=info.eos_token_ids,
-        kv_token_capacity=info.kv_token_capacity,
         max_top_logprobs=MAX_TOP_LOGPROBS,
         **(_image_info(vision) if vision is not None else {}),
     )
