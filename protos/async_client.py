@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -49,17 +49,9 @@ class AsyncInferenceClient(ClientBase[AsyncGeneration]):
             pass
         return gen.result
 
-    async def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        add_special_tokens: bool = True,
-        timeout: float | None = 30,
-    ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens, images)
-        return list((await self._unary(self.stub.Tokenize, request, timeout)).token_ids)
+    async def tokenize(self, prompt: str | None = None, *, timeout: float | None = 30, **inputs) -> list[int]:
+        """`inputs`: messages, images, add_special_tokens (see client_types.tokenize_request)."""
+        return list((await self._unary(self.stub.Tokenize, tokenize_request(prompt, **inputs), timeout)).token_ids)
 
     async def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
         return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)

@@ -22,7 +22,7 @@ A gateway with TLS, mutual TLS or API keys (README "Security"):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -62,17 +62,9 @@ class InferenceClient(ClientBase[Generation]):
             pass
         return gen.result
 
-    def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        add_special_tokens: bool = True,
-        timeout: float | None = 30,
-    ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens, images)
-        return list(self._unary(self.stub.Tokenize, request, timeout).token_ids)
+    def tokenize(self, prompt: str | None = None, *, timeout: float | None = 30, **inputs) -> list[int]:
+        """`inputs`: messages, images, add_special_tokens (see client_types.tokenize_request)."""
+        return list(self._unary(self.stub.Tokenize, tokenize_request(prompt, **inputs), timeout).token_ids)
 
     def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
         return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
