@@ -12,9 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from cluster.actor_state import ActorKind, ChannelState, MemberState
 from cluster.expert_map import ExpertMap
-
-STALLS_KEPT = 256  # ChannelStats.stalls_s keeps the latest this many
-STALL_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # upper bounds, for the metrics
+from cluster.failover_buckets import STALL_BUCKETS_S, STALLS_KEPT
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,9 @@ class ClusterConfig(Settings):
     collective_timeout_s: float = setting(60.0, number(0, above=True))  # a stuck collective fails after this
     startup_timeout_s: float = setting(600.0, number(0, above=True))  # placement + weights + rendezvous, together
     ray_address: str | None = setting(None, optional(text))  # None: a private local Ray; "auto": join the cluster
-    hang_timeout_s: float = setting(5.0, number(0, above=True))  # a step without progress this long: workers that
-    # do not answer a ping are declared hung and killed (then replaced)
+    hang_timeout_s: float = setting(5.0, number(0, above=True))  # two stalls, one bound: a step without progress
+    # this long (workers that do not answer a ping are declared hung and killed, then replaced), and an image encode
+    # without an answer this long (the encoder is pinged; no answer: killed, the image retried elsewhere)
     max_replacement_failures: int = setting(3, integer(1))  # replacements of one slot that may fail within
     replacement_window_s: float = setting(300.0, number(0, above=True))  # this window before giving up on it
     rebalance_interval_s: float | None = setting(None, optional(number(0, above=True)))  # None: rebalance only on

@@ -13,32 +13,11 @@ from pathlib import Path
 import grpc
 
 from protos.moecluster.v1 import inference_pb2 as pb
+from protos.vocabulary import FINISH_REASON_NAMES, SAMPLING_NAMES
 
 READINESS = "moecluster.v1.Inference"  # the grpc.health.v1 name that is SERVING when generations can run
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "max_tokens",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "ignore_eos",
-    "logprobs",
-    "top_logprobs",
-    "stop",
-    "stop_token_ids",
-)
-FINISH_REASONS = {
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_ABORT: "abort",
-    pb.FINISH_REASON_ERROR: "error",
-    pb.FINISH_REASON_UNSPECIFIED: "unspecified",
-}
+SAMPLING_FIELDS = SAMPLING_NAMES  # the names `generate` takes as keywords
+FINISH_REASONS = FINISH_REASON_NAMES
 
 
 class GenerationError(Exception):

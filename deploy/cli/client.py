@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from deploy.cli.arg_types import token_ids
+from deploy.cli.sampling_args import add_sampling_args, sampling_from_args
 from deploy.cli.status_table import format_status
 from deploy.cli.usage import UsageError
 from protos.client import InferenceClient
@@ -50,18 +51,7 @@ def add_parser(sub) -> None:
         help="an image to send (repeatable): with --chat, before the text in the user message; otherwise one per "
         "<|image|> in the prompt",
     )
-    g.add_argument("--max-tokens", type=int, default=None)
-    g.add_argument("--min-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", default=None)
+    add_sampling_args(g)
     g.add_argument("--model", default="", help="model name to check against the server's (default: any)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--json", action="store_true", help="print one JSON object with the whole result")
@@ -132,22 +122,7 @@ def run_generate(args) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs a prompt text")
     images = [_read_image(path) for path in args.image]
-    sampling = {
-        k: getattr(args, k)
-        for k in (
-            "max_tokens",
-            "min_tokens",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "ignore_eos",
-        )
-    }
+    sampling = sampling_from_args(args)
     if args.chat:
         inputs = {"messages": [("user", [*images, args.prompt] if images else args.prompt)]}
     else:
@@ -158,7 +133,7 @@ def run_generate(args) -> int:
 
 
 def _generate(client, args, inputs: dict, sampling: dict) -> int:
-    gen = client.generate(**inputs, model=args.model, timeout=args.timeout, stop=args.stop or (), **sampling)
+    gen = client.generate(**inputs, model=args.model, timeout=args.timeout, **sampling)
     for chunk in gen:
         if not args.json:
             sys.stdout.write(chunk.text)

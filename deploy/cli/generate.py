@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cluster.config import load_model_config
 from deploy.cli.arg_types import byte_size, token_ids
+from deploy.cli.sampling_args import add_sampling_args, sampling_from_args
 from deploy.cli.stdout import results_only
 from deploy.cli.usage import UsageError, as_flags
 from deploy.cluster_config import ClusterConfig
@@ -49,19 +50,7 @@ def add_parser(sub) -> None:
         type=_messages,
         help="JSON file: a list of {role, content}, content a string or a list of text and image parts (repeatable)",
     )
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--min-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config.json")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", type=token_ids, default=[], help="comma-separated extra stop token ids")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(p, skip=("logprobs", "top_logprobs"))
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="return logprobs with N alternatives")
     p.add_argument("--workers", type=int, default=0, help="expert workers on an embedded Ray cluster (0: in-process)")
     p.add_argument(
@@ -191,21 +180,7 @@ def _prepare(args):
     _check_device(args.device)
     cfg = load_model_config(args.model)
     params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        min_tokens=args.min_tokens,
-        stop=tuple(args.stop),
-        stop_token_ids=tuple(args.stop_token_ids),
-        ignore_eos=args.ignore_eos,
-        logprobs=args.logprobs is not None,
-        top_logprobs=args.logprobs or 0,
+        **sampling_from_args(args), logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0
     )
     params.with_defaults(load_generation_config(args.model)).validate(cfg.vocab_size)
     has_tokenizer = (Path(args.model) / "tokenizer.json").is_file()

@@ -19,7 +19,8 @@ class EngineConfig(Settings):
     kv_cache_memory: int | None = setting(None, optional(byte_size()))  # bytes; None: 256 MiB on CPU, on CUDA
     # half the GPU memory left free after loading
     micro_batches: int | None = setting(None, optional(integer(1, 8)))  # micro-batches per step, run ping-pong
-    # so that attention overlaps the remote experts; None: 2 with expert workers and 8+ sequences, else 1
+    # so that attention overlaps the remote experts; None: 2 on a CUDA router with expert workers and 8+
+    # sequences, else 1 (on CPU they measured slower)
 
     def check_across(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:

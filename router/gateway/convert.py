@@ -20,28 +20,14 @@ from cluster.actor_reports import (
 )
 from cluster.actor_state import ActorKind, MemberState
 from protos.moecluster.v1 import inference_pb2 as pb
+from protos.vocabulary import SAMPLING_FIELDS, SAMPLING_NAMES
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, Final, FinishReason, ImageInput, ImagePart
 from router.request.model_info import ModelInfo
 from router.request.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-_OPTIONAL_SCALARS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "max_tokens",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "ignore_eos",
-    "logprobs",
-    "top_logprobs",
-)
+_SAMPLING_NAMES = frozenset(SAMPLING_NAMES)
 # ModelInfo's fields that GetModelInfoResponse carries under the same name (model_info sets the others)
 _MODEL_INFO_FIELDS = tuple(
     f.name for f in dataclasses.fields(ModelInfo) if f.name in pb.GetModelInfoResponse.DESCRIPTOR.fields_by_name
@@ -52,13 +38,17 @@ FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name
 
 def field_path(field: str) -> str:
     """The proto path of an engine-side field name: sampling parameters live under `sampling.`."""
-    return f"sampling.{field}" if field in _SAMPLING_FIELDS else field
+    return f"sampling.{field}" if field in _SAMPLING_NAMES else field
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields keep SamplingParams' defaults (None for temperature/top_p/top_k: the model's)."""
-    given = {name: getattr(msg, name) for name in _OPTIONAL_SCALARS if msg.HasField(name)}
-    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), **given)
+    given = {
+        f.name: tuple(getattr(msg, f.name)) if f.repeated else getattr(msg, f.name)
+        for f in SAMPLING_FIELDS
+        if f.repeated or msg.HasField(f.name)
+    }
+    return SamplingParams(**given)
 
 
 def engine_request(req: pb.GenerateRequest, request_id: str) -> EngineRequest:

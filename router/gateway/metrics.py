@@ -11,8 +11,9 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from cluster.actor_reports import STALL_BUCKETS_S, ChannelStats, SupervisorStatus
+from cluster.actor_reports import ChannelStats, SupervisorStatus
 from cluster.actor_state import ActorKind
+from cluster.failover_buckets import STALL_BUCKETS_S
 
 log = logging.getLogger(__name__)
 

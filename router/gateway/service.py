@@ -205,7 +205,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(error.code, error.message)
         if buffered:
             yield pb.GenerateResponse(request_id=rid, chunk=convert.merged_chunk(buffered))
-        self.metrics.requests.labels(final.finish_reason).inc()
+        self.metrics.requests.labels(final.finish_reason.value).inc()
         self.metrics.prompt_tokens.inc(final.prompt_tokens)
         self.metrics.completion_tokens.inc(final.completion_tokens)
         log.info(
