@@ -109,6 +109,7 @@ OVERRIDES = {
     "kv_cache_memory": "scheduler.kv_cache_memory",
     "host": "gateway.host",
     "port": "gateway.port",
+    "http_port": "gateway.http_port",
     "max_concurrent_streams": "gateway.max_concurrent_streams",
     "max_queued_requests": "gateway.max_queued_requests",
     "max_message_bytes": "gateway.max_message_bytes",

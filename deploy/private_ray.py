@@ -3,8 +3,10 @@ only, and only by processes that hold its token. Anyone who can reach a Ray clus
 embedded default must not listen on the network ("ShadowRay").
 
   start(num_cpus)   a new local Ray (never an existing one), every server on 127.0.0.1, RAY_AUTH_MODE=token with
-                    a fresh random token in a 0600 file (never on a command line)
-  shutdown()        ray.shutdown(); if start() made the Ray: delete the token, restore the environment
+                    a fresh random token in a 0600 file (never on a command line), and a reaper that stops this
+                    Ray once this process is gone, however it died (deploy/ray_reaper.py)
+  shutdown()        ray.shutdown(); if start() made the Ray: restore the environment, let the reaper stop what
+                    is left of the Ray, delete the token
 
 How, in Ray 2.60 (measured with the sockets in /proc; tests/deploy/test_private_ray.py checks it):
   * Loopback. Ray has no bind-address option. Its servers (GCS, raylet, object manager, core workers, the agents)
@@ -18,6 +20,10 @@ How, in Ray 2.60 (measured with the sockets in /proc; tests/deploy/test_private_
     cached, so it is re-read) and by every process Ray starts (they inherit it). A client without the token is
     refused by the GCS (UNAUTHENTICATED).
   * address="local": ray.init() with no address would join a Ray that `ray start` left running on this machine.
+  * Lifetime. This Ray must not outlive this process, however it dies: a reaper process (deploy/ray_reaper.py),
+    started before ray.init, stops every process of this Ray (they carry a mark in their environment) once this
+    process has exited or shutdown() has run, and deletes the token. Ray's own fate sharing (PR_SET_PDEATHSIG on
+    the GCS and raylet) leaves the raylet's agents running after a SIGKILL of the driver.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ray._private import ray_constants
 from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
 
 from deploy.errors import ClusterStartError
+from deploy.ray_reaper import MARK_ENV, Reaper, ReaperError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # what st
 class _Started:
     token_dir: Path
     saved_env: dict[str, str | None]
+    reaper: Reaper
 
 
 _started: _Started | None = None
@@ -61,10 +69,16 @@ def start(num_cpus: int) -> None:
         assert _started is None, "a private Ray is already running in this process"
         saved = {name: os.environ.get(name) for name in AUTH_ENV}
         token_dir = Path(tempfile.mkdtemp(prefix="moecluster-ray-"))  # mode 0700
-        _started = _Started(token_dir, saved)
+        mark = secrets.token_hex(16)
+        try:
+            reaper = Reaper.start(mark, token_dir)
+        except ReaperError as e:
+            shutil.rmtree(token_dir, ignore_errors=True)
+            raise ClusterStartError(str(e)) from None
+        _started = _Started(token_dir, saved, reaper)
         _use_token(_write_token(token_dir))
     try:
-        with _node_ip_on_loopback():
+        with _node_ip_on_loopback(), _marked(mark):
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
@@ -94,6 +108,10 @@ def shutdown() -> None:
         else:
             os.environ[name] = value
     _reload_auth_config()
+    if not started.reaper.alive:
+        log.warning("the private Ray's reaper had exited early (code %s)", started.reaper.proc.returncode)
+    elif not started.reaper.stop():
+        log.warning("the private Ray's reaper did not finish its sweep; some of its processes may be left")
     shutil.rmtree(started.token_dir, ignore_errors=True)
 
 
@@ -117,6 +135,17 @@ def _reload_auth_config() -> None:
     config first: a token dropped while the config still says `token` is fatal to Ray's gRPC threads."""
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def _marked(mark: str):
+    """The reaper's mark in the environment while ray.init starts the GCS and raylet (everything else of this Ray
+    inherits it from them); gone afterwards, so that nothing else this process starts carries it."""
+    os.environ[MARK_ENV] = mark
+    try:
+        yield
+    finally:
+        os.environ.pop(MARK_ENV, None)
 
 
 @contextmanager

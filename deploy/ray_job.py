@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", dest="model_path", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None)
     p.add_argument(
         "--drain-grace-s",
         type=float,
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = apply_overrides(
-            load_serve_config(args.config), model_path=args.model_path, workers=args.workers, port=args.port
+            load_serve_config(args.config),
+            model_path=args.model_path,
+            workers=args.workers,
+            port=args.port,
+            http_port=args.http_port,
         )
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)

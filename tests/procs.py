@@ -1,7 +1,9 @@
-"""Processes a test started, found by ancestry (never by name alone), and a check that no Ray is left behind."""
+"""Processes a test started, found by ancestry (never by name alone) or asked of a Ray actor, and a check that no
+Ray is left behind."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -20,6 +22,15 @@ def _parent(pid: int | str) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far; 0.0 once it is gone."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(root: int) -> list[int]:
@@ -55,3 +66,10 @@ def ray_gone(timeout_s: float = 20.0) -> bool:
             return False
         time.sleep(0.25)
     return True
+
+
+def pid_of(actor) -> int:
+    """The process id of a Ray actor that answers `ping()` (an expert worker, a vision encoder)."""
+    import ray
+
+    return ray.get(actor.ping.remote(), timeout=30).pid

@@ -1,7 +1,13 @@
 """What a worker's death costs: for each model and replica count, streams run continuously while expert workers
 are killed (SIGKILL) one at a time; printed per row: the failover stall as the router measured it (p50, p99), the
 longest gap a client saw between two tokens, and tokens/s before, during and after the failovers, beside the same
-streams undisturbed in the same run (the baseline)."""
+streams undisturbed in the same run (the baseline).
+
+Each kill lands while every stream generates (deploy/bench/interruption.py): once each stream's current request has
+a token and tokens left; the requests restart as they finish, so the load runs on until every kill has been
+recovered from. Afterwards every kill is checked against the token arrival times (each stream got tokens before it
+and after it, before the next kill); a row with a kill that did not interrupt every stream says so instead of the
+stall figures."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import uuid
 import ray
 
 from cluster.actor_state import MemberState
+from deploy.bench.interruption import AFTER_LOAD, StreamLog, interrupted, kill_when_ready, ready_to_kill
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
@@ -39,20 +46,22 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
         load.start()
         time.sleep(args.settle_s)
         before = load.rate(args.window_s)
-        stalls, gaps, during = [], [], []
+        gaps, during, kills = [], [], []
         for k in range(args.kills):
             victim = d.workers[k % args.workers]
             pid = ray.get(victim.ping.remote(), timeout=30).pid
-            mark = load.tokens
-            killed = time.perf_counter()
-            os.kill(pid, signal.SIGKILL)
+            marks = []
+            kill = lambda: (marks.append(load.tokens), os.kill(pid, signal.SIGKILL))  # noqa: E731
+            kills.append(kill_when_ready(lambda: ready_to_kill(load.current), lambda: False, kill))
             _wait_serving(d)
-            during.append((load.tokens - mark) / (time.perf_counter() - killed))
-            gaps.append(load.longest_gap_since(killed))
+            during.append((load.tokens - marks[0]) / (time.perf_counter() - kills[-1]))
+            gaps.append(load.longest_gap_since(kills[-1]))
             time.sleep(args.settle_s)
         after = load.rate(args.window_s)
-        stalls = list(d.stats().router.channel.stalls_s[-args.kills :])
+        channel = d.stats().router.channel
+        stalls = list(channel.stalls_s[-args.kills :])
         load.stop()
+        ends = [*kills[1:], time.perf_counter()]
         return {
             "stalls": stalls,
             "gaps": gaps,
@@ -60,6 +69,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
             "during": statistics.mean(during),
             "after": after,
             "errors": load.errors,
+            "missed": sum(not interrupted(load.times, at, until) for at, until in zip(kills, ends)),
         }
 
 
@@ -78,8 +88,8 @@ class _Load:
     def __init__(self, deployment, streams: int, tokens: int):
         self.router, self.streams, self.tokens_per_request = deployment.router, streams, tokens
         self.tokens, self.errors = 0, 0
-        self.arrivals: list[float] = []
-        self._last_per_stream: dict[int, float] = {}
+        self.current = [StreamLog(tokens) for _ in range(streams)]  # each stream's request in progress
+        self.times: list[list[float]] = [[] for _ in range(streams)]  # each stream's token arrivals, all requests
         self._gaps: list[tuple[float, float]] = []  # (time, gap) per token
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(streams)]
@@ -105,17 +115,19 @@ class _Load:
         params = SamplingParams(temperature=0.0, max_tokens=self.tokens_per_request, ignore_eos=True)
         while not self._stop.is_set():
             request = EngineRequest(uuid.uuid4().hex, params, prompt_ids=(1, 5 + i, 9, 40 + i))
-            last = None
+            log = self.current[i] = StreamLog(self.tokens_per_request)
             for ref in self.router.generate_stream.options(num_returns="streaming").remote(request):
                 item = ray.get(ref)
                 now = time.perf_counter()
-                if isinstance(item, Delta):
+                if isinstance(item, Delta) and item.token_ids:
                     self.tokens += len(item.token_ids)
-                    if last is not None:
-                        self._gaps.append((now, now - last))
-                    last = now
-                elif item.finish_reason == "error":
+                    if log.times:
+                        self._gaps.append((now, now - log.times[-1]))
+                    log.add(len(item.token_ids), now)
+                    self.times[i].append(now)
+                elif not isinstance(item, Delta) and item.finish_reason == "error":
                     self.errors += 1
+            log.done = True
 
 
 def _print(rows, args) -> None:
@@ -137,13 +149,14 @@ def _print(rows, args) -> None:
     table = [header]
     for name, replicas, m in rows:
         stalls = sorted(m["stalls"])
+        figures = (f"{_quantile(stalls, 0.5):.3f}", f"{_quantile(stalls, 0.99):.3f}", f"{max(m['gaps']):.3f}")
+        if m["missed"]:
+            figures = ("-", "-", f"{AFTER_LOAD} ({m['missed']} of {args.kills} kills)")
         table.append(
             (
                 name,
                 str(replicas),
-                f"{_quantile(stalls, 0.5):.3f}",
-                f"{_quantile(stalls, 0.99):.3f}",
-                f"{max(m['gaps']):.3f}",
+                *figures,
                 f"{m['before']:.0f}",
                 f"{m['during']:.0f}",
                 f"{m['after']:.0f}",

@@ -1,7 +1,9 @@
-"""Latency through the gRPC gateway beside the engine called directly (router.generate_stream over Ray from
-this process, no gRPC), same server, same run, rounds interleaved: time to first token and inter-token
+"""Latency through the gateway's fronts beside the engine called directly (router.generate_stream over Ray from
+this process, no gateway), same server, same run, rounds interleaved: time to first token and inter-token
 latency for 1 and N concurrent streams. The difference is what the gateway costs (admission, validation,
-protobuf, HTTP/2, one more event loop). Several `--workers` counts run one server each, in the same run, so the
+protobuf, HTTP/2, one more event loop). `--front` picks the fronts, each driven by its own client library:
+moecluster (protos.async_client), kserve (tritonclient.grpc.aio, ModelStreamInfer) and openai (the openai SDK's
+AsyncOpenAI, streamed completions). Several `--workers` counts run one server each, in the same run, so the
 expert workers' cost reads off the same table (0: every expert in the router)."""
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def run_grpc_bench(args) -> int:
                 dtype=args.dtype,
                 model_name=None if args.model else f"{args.bench_model} (random weights)",
                 port=0,
+                http_port=0,
                 max_concurrent_streams=max(args.concurrency) + 8,
             )
             with Server(config) as server:
@@ -50,10 +53,13 @@ def _measure(server, args) -> list[tuple]:
         torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(max(args.concurrency))
     ]
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.new_tokens, ignore_eos=True)
-    paths = {
-        "engine via Ray (baseline)": lambda n: _direct(server.cluster.router, prompts[:n], params),
-        "gRPC gateway": lambda n: _grpc(server.target, prompts[:n], params),
+    paths = {"engine via Ray (baseline)": lambda n: _direct(server.cluster.router, prompts[:n], params)}
+    clients = {
+        "moecluster": ("moecluster.v1 (gRPC)", lambda n: _grpc(server.target, prompts[:n], params)),
+        "kserve": ("KServe v2 (tritonclient)", lambda n: _kserve(server.target, prompts[:n], params)),
+        "openai": ("OpenAI (openai SDK)", lambda n: _openai(server, prompts[:n], params)),
     }
+    paths.update(clients[front] for front in args.front)
     for run in paths.values():  # warm-up: first calls pay for imports, connections and allocator growth
         asyncio.run(run(1))
     rows = []
@@ -124,12 +130,65 @@ async def _grpc(target, prompts, params):
         return await _timed([stream(ids) for ids in prompts])
 
 
+async def _kserve(target, prompts, params):
+    import numpy as np
+    import tritonclient.grpc.aio as triton
+
+    client = triton.InferenceServerClient(target)
+    sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, ignore_eos=True)
+
+    async def stream(ids):
+        tensor = triton.InferInput("input_ids", [len(ids)], "INT64")
+        tensor.set_data_from_numpy(np.array(ids, dtype=np.int64))
+
+        async def one_request():
+            yield {"model_name": "", "inputs": [tensor], "parameters": {"max_tokens": params.max_tokens, **sampling}}
+
+        async for result, error in client.stream_infer(one_request()):
+            if error is not None:
+                raise error
+            out = result.as_numpy("output_ids")
+            if out is not None and len(out):
+                yield len(out)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+
+    try:
+        return await _timed([stream(ids) for ids in prompts])
+    finally:
+        await client.close()
+
+
+async def _openai(server, prompts, params):
+    """Streamed completions; each chunk is one engine Delta (one token while decoding)."""
+    import openai
+
+    base = f"http://127.0.0.1:{server.gateway.http_port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0) as client:
+
+        async def stream(ids):
+            chunks = await client.completions.create(
+                model=server.model_name,
+                prompt=ids,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stream=True,
+                extra_body={"top_k": params.top_k, "ignore_eos": True},
+            )
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].finish_reason is None:
+                    yield 1
+
+        return await _timed([stream(ids) for ids in prompts])
+
+
 def _print(rows, args, model_dir: str, model_name: str) -> None:
     print(
         f"model {model_name} ({model_dir}) on {args.device}, prompt {args.prompt_len} tokens, {args.new_tokens} new "
         f"tokens, greedy, {args.rounds} rounds per row; times in ms"
     )
-    header = ("workers", "streams", "path", "TTFT mean", "p50", "p90", "ITL mean", "p50", "p90", "tokens/s")
+    header = ("workers", "streams", "path", "TTFT mean", "p50", "p99", "ITL mean", "p50", "p99", "tokens/s")
     table = [header] + [
         (str(w), str(n), name, *_ms(ttft), *_ms(itl), f"{rate:.0f}") for w, n, name, ttft, itl, rate in rows
     ]
@@ -146,4 +205,4 @@ def _ms(values: list[float]) -> tuple[str, str, str]:
     def pick(q: float) -> float:
         return s[min(len(s) - 1, int(q * len(s)))]
 
-    return f"{1000 * statistics.mean(s):.1f}", f"{1000 * pick(0.5):.1f}", f"{1000 * pick(0.9):.1f}"
+    return f"{1000 * statistics.mean(s):.1f}", f"{1000 * pick(0.5):.1f}", f"{1000 * pick(0.99):.1f}"

@@ -61,7 +61,7 @@ def _serve(model_dir: str, encoders: int, args) -> Server:
         {
             "model": {"path": model_dir},
             "cluster": {"workers": args.workers, "vision_encoders": encoders},
-            "gateway": {"port": 0},
+            "gateway": {"port": 0, "http_port": 0},
         }
     )
     return Server(config, show_progress=False).start()

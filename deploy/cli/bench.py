@@ -7,6 +7,8 @@ import argparse
 from deploy.bench.presets import BENCH_MODELS
 from deploy.cli.arg_types import positive_ints
 
+FRONTS = ("moecluster", "kserve", "openai")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark and print a table")
@@ -42,7 +44,9 @@ def add_parser(sub) -> None:
     x.add_argument("--dtype", default="auto")
     x.set_defaults(run=_run_exchange)
 
-    g = what.add_parser("grpc", help="time to first token and inter-token latency: through gRPC vs the engine via Ray")
+    g = what.add_parser(
+        "grpc", help="time to first token and inter-token latency: through the gateway's fronts vs the engine via Ray"
+    )
     g.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
     _bench_model(g, "tiny")
     g.add_argument("--workers", type=_counts, default=[2], help="expert workers, one server each, e.g. 0,1,2")
@@ -50,6 +54,13 @@ def add_parser(sub) -> None:
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--rounds", type=int, default=3, help="rounds per path and concurrency (interleaved)")
+    g.add_argument(
+        "--front",
+        type=_fronts,
+        default=["moecluster"],
+        help="the fronts to drive, each with its own client library: moecluster, kserve (tritonclient), openai (the "
+        "openai SDK), e.g. moecluster,kserve,openai (kserve and openai need the test extras)",
+    )
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="auto")
     g.set_defaults(run=_run_grpc)
@@ -241,6 +252,14 @@ def _run_engine(args) -> int:
     from deploy.bench.engine import run_engine_bench
 
     return run_engine_bench(args)
+
+
+def _fronts(text: str) -> list[str]:
+    fronts = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in fronts if f not in FRONTS]
+    if bad or not fronts:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(FRONTS)} separated by commas, got {text!r}")
+    return list(dict.fromkeys(fronts))
 
 
 def _run_grpc(args) -> int:

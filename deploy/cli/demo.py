@@ -39,6 +39,7 @@ def run(args) -> int:
         vision_encoders=args.vision_encoders,
         host="127.0.0.1",
         port=0,
+        http_port=0,
     )
     with Server(config) as server:
         print(f"moecluster serving {server.model_name} on {server.target}", flush=True)

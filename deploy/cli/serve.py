@@ -70,6 +70,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--host", default=None, help=f"address to listen on (default {_G.host}; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=None, help=f"gRPC port (default {_G.port}; 0: any free port, printed)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"OpenAI-compatible HTTP port (default {_G.http_port}; 0: any free port, printed)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (one GPU per actor)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
     p.add_argument(
@@ -135,6 +141,7 @@ def serve_settings(args):
             vision_encoders=args.vision_encoders,
             host=args.host,
             port=args.port,
+            http_port=args.http_port,
             device=args.device,
             dtype=args.dtype,
             max_num_seqs=args.max_num_seqs,

@@ -1,4 +1,5 @@
-"""The table `moecluster client status` prints: the model, each router, the gateway, the vision encoders, the expert
+"""The table `moecluster client status` prints: the model, each router, the gateway and the fronts it listens on
+(moecluster.v1 and KServe v2 gRPC, the OpenAI HTTP API), the vision encoders, the expert
 plane (failover and rebalancing) and, per worker slot, its state and the experts it holds with the tokens each copy
 served."""
 
@@ -15,6 +16,7 @@ def format_status(status, info, readiness: str) -> str:
         *(_router(r) for r in (status.routers or [status.router])),
         f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
         f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
+        *(f"front    {f.protocol:<32} {f.transport}://{f.address}" for f in g.fronts),
     ]
     if info.accepts_images:
         lines.append(_vision(status))

@@ -3,8 +3,9 @@
 Every call must carry the metadata `authorization: Bearer <key>` with one of the gateway's keys
 (router/gateway/api_keys.py), or it ends with UNAUTHENTICATED before reaching the service. The exceptions are
 `OPEN_SERVICES`: grpc.health.v1, because Kubernetes probes (and load balancers) carry no key; health says only
-SERVING or NOT_SERVING. Reflection is not open: it lists every method, and grpcurl can send the header
-(`-H 'authorization: Bearer ...'`).
+SERVING or NOT_SERVING (and KServe v2's ServerLive and ServerReady, for the same reason). The HTTP front checks
+its `Authorization` header with `problem` too. Reflection is not open: it lists every method, and grpcurl can send
+the header (`-H 'authorization: Bearer ...'`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ WRONG = "the API key is not valid for this server"
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys, open_services: frozenset[str] = OPEN_SERVICES):
-        self.keys, self.open_services = keys, open_services
+    def __init__(
+        self, keys: ApiKeys, open_services: frozenset[str] = OPEN_SERVICES, open_methods: frozenset[str] = frozenset()
+    ):
+        """`open_methods`: single methods ("/package.Service/Method") open as well (KServe's liveness and
+        readiness, which probes call without a key)."""
+        self.keys, self.open_services, self.open_methods = keys, open_services, open_methods
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or details.method.split("/")[1] in self.open_services:
+        if handler is None or details.method.split("/")[1] in self.open_services or details.method in self.open_methods:
             return handler
         problem = self.problem(details.invocation_metadata or ())
         if problem is None:

@@ -97,7 +97,10 @@ class TlsConfig(Settings):
 @dataclass(frozen=True)
 class GatewayConfig(Settings):
     host: str = setting("127.0.0.1", text)  # 0.0.0.0: every interface (in a container or pod)
-    port: int = setting(50051, integer(0, 65535))  # 0: any free port (see Gateway.port)
+    port: int = setting(50051, integer(0, 65535))  # 0: any free port (see Gateway.port); moecluster.v1 and
+    # KServe v2 gRPC (inference.GRPCInferenceService) both listen here
+    http_port: int | None = setting(8000, optional(integer(0, 65535)))  # the OpenAI-compatible HTTP API, on `host`
+    # with the same TLS and API keys; 0: any free port (see Gateway.http_port); None: no HTTP front
     max_concurrent_streams: int = setting(256, integer(1))  # open Generate streams; beyond: RESOURCE_EXHAUSTED
     max_queued_requests: int = setting(1024, integer(0))  # waiting in the engine; beyond: RESOURCE_EXHAUSTED; 0: off
     max_message_bytes: int = setting(32 * 2**20, byte_size(hi=2**31 - 1))  # each way (gRPC limits are int32); a

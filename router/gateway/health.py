@@ -35,6 +35,7 @@ class GatewayHealth:
     def __init__(self):
         self.servicer = health_aio.HealthServicer()
         self.ready = False
+        self.live = True  # False for good once the cluster gave up (set_dead)
         self.draining = False
         self.reason = "the cluster is starting"
 
@@ -59,7 +60,7 @@ class GatewayHealth:
         """Liveness NOT_SERVING for good: restarting the process is the only way back."""
         if not self.draining:
             log.critical("liveness: NOT_SERVING (%s)", reason)
-            self.ready, self.reason = False, reason
+            self.ready, self.live, self.reason = False, False, reason
             await self.servicer.set(LIVENESS, NOT_SERVING)
             await self.servicer.set(READINESS, NOT_SERVING)
 

@@ -46,6 +46,27 @@ class GatewayMetrics:
             buckets=_ITL_BUCKETS,
             registry=r,
         )
+        # the same per front: moecluster (moecluster.v1), kserve (KServe v2 gRPC), openai (the HTTP API)
+        self.front_requests = Counter(
+            "moecluster_front_requests",
+            "Generation requests per front and outcome (the outcomes of moecluster_requests)",
+            ["front", "outcome"],
+            registry=r,
+        )
+        self.front_seconds = Histogram(
+            "moecluster_front_request_seconds",
+            "From arrival to the last token of a finished request, per front",
+            ["front"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.front_ttft = Histogram(
+            "moecluster_front_time_to_first_token_seconds",
+            "From arrival to the first token, per front",
+            ["front"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
         self.active_streams = Gauge("moecluster_active_streams", "Generate streams open on the gateway", registry=r)
         self.waiting = Gauge("moecluster_queue_depth", "Requests waiting in the engine", registry=r)
         self.running = Gauge("moecluster_running_requests", "Requests in the engine's running batch", registry=r)

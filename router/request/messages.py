@@ -77,7 +77,18 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-class FinishReason(str, Enum):
+class WireName(str, Enum):
+    """An enum whose members are their wire names wherever text is made of them (f-strings, logs, metric labels,
+    JSON), as Python 3.11's StrEnum does; Python 3.10 has no StrEnum."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class FinishReason(WireName):
     """How a request ended; the values are the wire contract's names (FINISH_REASON_<NAME> in the proto)."""
 
     LENGTH = "length"  # max_tokens or the context length
@@ -86,7 +97,7 @@ class FinishReason(str, Enum):
     ERROR = "error"  # see Final.error_kind
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(WireName):
     """Whose fault an error is, which decides what the gateway does with it."""
 
     REQUEST = "request"  # bad input: INVALID_ARGUMENT naming the field, never retried

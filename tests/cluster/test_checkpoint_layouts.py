@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cluster.checkpoint import CheckpointError, CheckpointReader
 from cluster.config import load_model_config
 from cluster.weights import load_expert_shard
+from tests.cluster.checkpoint_edits import edited_copy, save_sharded
 from tests.cluster.test_llama4_parity import full_logits, load_ours
 from tests.conftest import write_json
 
@@ -42,20 +43,6 @@ def multimodal_copy(src, dst, shards: int = 1):
     save_sharded(tensors, dst, shards)
 
 
-def save_sharded(tensors: dict, dst, shards: int):
-    keys = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, dst / "model.safetensors")
-        return
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k].contiguous() for k in keys[i::shards]}
-        save_file(part, dst / name)
-        weight_map.update({k: name for k in part})
-    write_json(dst / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-
-
 def test_prefixed_multimodal_checkpoint_gives_identical_logits(plain, tmp_path):
     multimodal_copy(plain, tmp_path / "mm")
     expected = full_logits(*load_ours(plain), IDS)
@@ -68,48 +55,39 @@ def test_sharded_checkpoint_gives_identical_logits(plain, tmp_path, prefixed):
     if prefixed:
         multimodal_copy(plain, dst, shards=3)
     else:
-        dst.mkdir()
-        (dst / "config.json").write_text((plain / "config.json").read_text())
-        save_sharded(load_file(plain / "model.safetensors"), dst, shards=3)
+        edited_copy(plain, dst, shards=3)
     assert len(list(dst.glob("*.safetensors"))) == 3
     assert torch.equal(full_logits(*load_ours(dst), IDS), full_logits(*load_ours(plain), IDS))
 
 
 def test_unfused_per_expert_tensors_give_identical_logits(plain, tmp_path):
-    dst = tmp_path / "unfused"
-    dst.mkdir()
-    (dst / "config.json").write_text((plain / "config.json").read_text())
-    tensors = load_file(plain / "model.safetensors")
-    for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
-        base = key.rsplit(".", 1)[0]
-        gate_up, down = tensors.pop(key), tensors.pop(f"{base}.down_proj")
-        width = down.shape[1]
-        for e in range(gate_up.shape[0]):
-            tensors[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
-            tensors[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
-            tensors[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
-    save_file(tensors, dst / "model.safetensors")
+    def unfuse(tensors: dict) -> None:
+        for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
+            base = key.rsplit(".", 1)[0]
+            gate_up, down = tensors.pop(key), tensors.pop(f"{base}.down_proj")
+            width = down.shape[1]
+            for e in range(gate_up.shape[0]):
+                tensors[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
+                tensors[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
+                tensors[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
+
+    dst = edited_copy(plain, tmp_path / "unfused", unfuse)
     assert torch.equal(full_logits(*load_ours(dst), IDS), full_logits(*load_ours(plain), IDS))
 
 
 def test_missing_tensor_names_the_key(plain, tmp_path):
-    dst = tmp_path / "missing"
-    dst.mkdir()
-    (dst / "config.json").write_text((plain / "config.json").read_text())
-    tensors = load_file(plain / "model.safetensors")
-    del tensors["model.layers.1.self_attn.k_proj.weight"]
-    save_file(tensors, dst / "model.safetensors")
+    dst = edited_copy(
+        plain, tmp_path / "missing", lambda tensors: tensors.pop("model.layers.1.self_attn.k_proj.weight")
+    )
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*missing"):
         load_ours(dst)
 
 
 def test_misshaped_tensor_names_key_expected_and_found_shape(plain, tmp_path):
-    dst = tmp_path / "bad"
-    dst.mkdir()
-    (dst / "config.json").write_text((plain / "config.json").read_text())
-    tensors = load_file(plain / "model.safetensors")
-    tensors["model.layers.1.feed_forward.experts.down_proj"] = torch.zeros(8, 47, 64)
-    save_file(tensors, dst / "model.safetensors")
+    def misshape(tensors: dict) -> None:
+        tensors["model.layers.1.feed_forward.experts.down_proj"] = torch.zeros(8, 47, 64)
+
+    dst = edited_copy(plain, tmp_path / "bad", misshape)
     with pytest.raises(CheckpointError) as err:
         load_ours(dst)
     assert "model.layers.1.feed_forward.experts.down_proj" in str(err.value)

@@ -1,6 +1,9 @@
 """Self-healing on a real local Ray: an expert worker killed (SIGKILL), stopped (SIGSTOP) or lost while its
 replacement loads costs no request and changes no token; replacements restore full strength; rebalancing a
-skewed load evens the workers out while requests run. Every test ends with no Ray process left."""
+skewed load evens the workers out while requests run. Every test ends with no Ray process left.
+
+Each fault comes once every request has a token and tokens left (never after a fixed delay, which a fast machine
+outruns), and each test checks from the token arrival times that every request got tokens before and after it."""
 
 from __future__ import annotations
 
@@ -14,12 +17,15 @@ import pytest
 import ray
 
 from cluster.actor_state import ActorKind, MemberState
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.model import write_tiny_model
-from router.request.messages import EngineRequest
+from router.request.messages import Delta, EngineRequest
 from router.request.sampling_params import SamplingParams
+from tests.procs import pid_of
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 TOKENS = 160
@@ -45,29 +51,71 @@ def reference(tiny_model_dir):
         return [r["token_ids"] for r in d.generate_batch(requests())]
 
 
-def pid_of(worker) -> int:
-    return ray.get(worker.ping.remote(), timeout=30).pid
+class Streams:
+    """The 8 requests streamed from router 0, each on a thread: its tokens' arrival times (a StreamLog) and its
+    result as generate_batch gives it."""
+
+    def __init__(self, deployment):
+        self.logs = [StreamLog(TOKENS) for _ in range(8)]
+        self.results: list[dict] = [{} for _ in range(8)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(deployment.router, i, r), daemon=True)
+            for i, r in enumerate(requests())
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, router, i: int, request: EngineRequest) -> None:
+        token_ids = []
+        try:
+            for ref in router.generate_stream.options(num_returns="streaming").remote(request):
+                item = ray.get(ref, timeout=300)
+                if isinstance(item, Delta):
+                    token_ids += item.token_ids
+                    self.logs[i].add(len(item.token_ids))
+                else:
+                    self.results[i] = {"token_ids": token_ids, "finish_reason": item.finish_reason, "error": item.error}
+        except Exception as e:  # noqa: BLE001 - reported by assert_complete_and_identical
+            self.results[i] = {"token_ids": token_ids, "finish_reason": "raised", "error": repr(e)}
+        finally:
+            self.logs[i].done = True
+
+    @property
+    def times(self) -> list[list[float]]:
+        return [log.times for log in self.logs]
+
+    def when_generating(self, act, after: float | None = None) -> float:
+        """act() once every request has a token (after `after`, when given) and tokens left; when it did."""
+        fresh = lambda: after is None or all(log.times and log.times[-1] > after for log in self.logs)  # noqa: E731
+        return kill_when_ready(lambda: fresh() and ready_to_kill(self.logs), lambda: too_late(self.logs), act)
+
+    def join(self) -> list[dict]:
+        for t in self.threads:
+            t.join(timeout=300)
+        return self.results
 
 
-def run_while(deployment, action) -> list[dict]:
-    """Run the 8 requests as one batch while `action()` runs on a thread of its own."""
-    actor = threading.Thread(target=action)
+def run_while(deployment, action) -> tuple[list[dict], list[list[float]]]:
+    """Stream the 8 requests while `action(streams)` runs on a thread of its own: (results, arrival times)."""
+    streams = Streams(deployment)
+    actor = threading.Thread(target=action, args=(streams,))
     actor.start()
     try:
-        return deployment.generate_batch(requests(), timeout_s=300)
+        return streams.join(), streams.times
     finally:
         actor.join(timeout=120)
 
 
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "the cluster to recover"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+def sigkill(pid: int):
+    return lambda: os.kill(pid, signal.SIGKILL)
 
 
-def all_serving(deployment) -> bool:
-    return all(s.state is MemberState.SERVING for s in deployment.supervision().slots)
+def wait_all_serving(deployment) -> None:
+    """Wait until every slot serves again (a replacement loaded for each one that died)."""
+    wait_for(
+        lambda: all(s.state is MemberState.SERVING for s in deployment.supervision().slots),
+        what="the cluster to recover",
+    )
 
 
 def assert_complete_and_identical(results, reference):
@@ -79,10 +127,11 @@ def assert_complete_and_identical(results, reference):
 def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference, replicas):
     spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2, expert_replicas=replicas), show_progress=False)
     with Deployment.start(spec) as d:
-        victim = pid_of(d.workers[1])
-        results = run_while(d, lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
+        victim, killed = pid_of(d.workers[1]), []
+        results, times = run_while(d, lambda s: killed.append(s.when_generating(sigkill(victim))))
         assert_complete_and_identical(results, reference)
-        wait_for(lambda: all_serving(d))
+        assert interrupted(times, killed[0])
+        wait_all_serving(d)
         channel = d.stats().router.channel
         assert channel.failovers >= 1 and channel.members == (0, 1)
         assert d.supervision().counters.replacements_succeeded == 1
@@ -94,36 +143,37 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
 def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
     spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=3, expert_replicas=2), show_progress=False)
     with Deployment.start(spec) as d:
-        first, second = pid_of(d.workers[0]), pid_of(d.workers[2])
+        first, second, killed = pid_of(d.workers[0]), pid_of(d.workers[2]), []
 
-        def kill_twice():
-            time.sleep(0.8)
-            os.kill(first, signal.SIGKILL)
-            time.sleep(0.8)
-            os.kill(second, signal.SIGKILL)
+        def kill_twice(streams):
+            killed.append(streams.when_generating(sigkill(first)))
+            killed.append(streams.when_generating(sigkill(second), after=killed[0]))  # once tokens flow again
 
-        assert_complete_and_identical(run_while(d, kill_twice), reference)
-        wait_for(lambda: all_serving(d))
+        results, times = run_while(d, kill_twice)
+        assert_complete_and_identical(results, reference)
+        assert interrupted(times, killed[0], until=killed[1]) and interrupted(times, killed[1])
+        wait_all_serving(d)
         assert d.supervision().counters.replacements_succeeded == 2
 
 
 def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_model_dir, reference):
     spec = DeploymentSpec(tiny_model_dir, ClusterConfig(workers=2), show_progress=False, replacement_load_delay_s=3.0)
     with Deployment.start(spec) as d:
-        first = pid_of(d.workers[1])
+        first, killed = pid_of(d.workers[1]), []
 
-        def faults():
-            time.sleep(0.8)
-            os.kill(first, signal.SIGKILL)  # slot 1 dies; its replacement takes 3 s to load
+        def faults(streams):
+            killed.append(streams.when_generating(sigkill(first)))  # slot 1 dies; its replacement takes 3 s to load
             wait_for(lambda: d.supervision().slots[1].state is MemberState.LOADING, what="the replacement to start")
             os.kill(pid_of(d.workers[1]), signal.SIGKILL)  # the replacement dies while loading
             time.sleep(0.5)
             os.kill(pid_of(d.workers[0]), signal.SIGKILL)  # and slot 0 dies while the next one loads
 
-        assert_complete_and_identical(run_while(d, faults), reference)
-        wait_for(lambda: all_serving(d))
+        results, times = run_while(d, faults)
+        assert_complete_and_identical(results, reference)
+        assert interrupted(times, killed[0])  # the streams were held through all three, then went on
+        wait_all_serving(d)
         counters = d.supervision().counters
-        assert counters.replacements_failed == 1 and counters.replacements_succeeded == 2
+        assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
 
 
 def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_model_dir, reference):
@@ -132,20 +182,19 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_mode
         victim = pid_of(d.workers[0])
         stopped_at = []
 
-        def stop():
-            time.sleep(0.8)
-            os.kill(victim, signal.SIGSTOP)
-            stopped_at.append(time.monotonic())
+        def stop(streams):
+            stopped_at.append(streams.when_generating(lambda: os.kill(victim, signal.SIGSTOP)))
 
         try:
-            results = run_while(d, stop)
+            results, times = run_while(d, stop)
         finally:
             try:
                 os.kill(victim, signal.SIGCONT)  # if it still exists (it should have been killed)
             except ProcessLookupError:
                 pass
         assert_complete_and_identical(results, reference)
-        wait_for(lambda: all_serving(d))
+        assert interrupted(times, stopped_at[0])
+        wait_all_serving(d)
         assert d.supervision().counters.died(ActorKind.WORKER) == 1
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed, not just waited out
@@ -169,9 +218,10 @@ def test_rebalancing_a_skewed_load_evens_the_workers_while_requests_run(skewed_m
         reference = [r["token_ids"] for r in d.generate_batch(requests())]
         before = worker_loads(d)
         assert max(before) / (sum(before) / 4) > 3.5  # worker 0 holds experts 0 and 1: it does all the work
-        plans = []
-        results = run_while(d, lambda: (time.sleep(0.5), plans.append(d.rebalance())))
+        plans, started = [], []
+        results, times = run_while(d, lambda s: started.append(s.when_generating(lambda: plans.append(d.rebalance()))))
         assert_complete_and_identical(results, reference)  # nothing failed during the switch
+        assert interrupted(times, started[0])
         plan = plans[0]
         assert plan is not None and plan.after < plan.before
         assert d.stats().router.channel.map_generation == plan.expert_map.generation == 1

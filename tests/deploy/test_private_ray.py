@@ -45,7 +45,9 @@ def model_dir(tmp_path_factory):
 def start_serve(model_dir: Path, workers: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir), "--workers", str(workers)]
-    proc = subprocess.Popen([*cmd, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*cmd, "--port", "0", "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     line = proc.stdout.readline() if ready else ""
     if not line.startswith("moecluster serving"):

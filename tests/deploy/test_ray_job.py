@@ -77,6 +77,8 @@ def test_ray_job_submit_on_a_two_cpu_head_serves_streams_and_stops_cleanly(tmp_p
             str(model),
             "--port",
             str(port),
+            "--http-port",
+            "0",
             timeout=300,
         )
         assert submitted.returncode == 0, submitted.stderr + submitted.stdout

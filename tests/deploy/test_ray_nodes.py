@@ -77,7 +77,7 @@ def test_router_on_the_head_and_workers_on_a_second_node_serve_the_one_node_toke
                         "router_resources": {"resources": {"router_node": 1}},
                         "worker_resources": {"resources": {"expert_node": 1}},
                     },
-                    "gateway": {"port": port},
+                    "gateway": {"port": port, "http_port": 0},
                 }
             )
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import ssl
 import threading
 import urllib.request
 
@@ -84,6 +86,7 @@ def config(model_dir, certs, tmp_path_factory) -> ServeConfig:
         "gateway": {
             "host": "localhost",
             "port": free_port(),
+            "http_port": free_port(),
             "max_concurrent_streams": 9,
             "max_queued_requests": 11,
             "max_message_bytes": 123456,
@@ -254,6 +257,13 @@ def test_gateway_and_metrics_keys_reach_the_running_gateway(config, certs):
         ):
             keyless.model_info()
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert gateway.http_port == g.http_port  # the HTTP front: its port, the same TLS, client CA and keys
+        tls = ssl.create_default_context(cafile=str(certs.ca))
+        tls.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+        models = urllib.request.Request(
+            f"https://localhost:{g.http_port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert json.loads(urllib.request.urlopen(models, context=tls, timeout=10).read())["object"] == "list"
     finally:
         run(gateway.stop(grace_s=0))
         loop.call_soon_threadsafe(loop.stop)

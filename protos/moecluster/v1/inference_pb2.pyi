@@ -435,16 +435,28 @@ class ExpertPlaneStatus(_message.Message):
     def __init__(self, map_generation: _Optional[int] = ..., expert_replicas: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., failovers: _Optional[int] = ..., replayed_steps: _Optional[int] = ..., regroups: _Optional[int] = ..., worker_deaths: _Optional[int] = ..., replacements_started: _Optional[int] = ..., replacements_succeeded: _Optional[int] = ..., replacements_failed: _Optional[int] = ..., rebalances: _Optional[int] = ..., recent_stalls_s: _Optional[_Iterable[float]] = ..., last_event: _Optional[str] = ..., failure: _Optional[str] = ..., degraded: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("active_streams", "max_concurrent_streams", "max_queued_requests", "draining")
+    __slots__ = ("active_streams", "max_concurrent_streams", "max_queued_requests", "draining", "fronts")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    FRONTS_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     max_concurrent_streams: int
     max_queued_requests: int
     draining: bool
-    def __init__(self, active_streams: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    fronts: _containers.RepeatedCompositeFieldContainer[Front]
+    def __init__(self, active_streams: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., draining: _Optional[bool] = ..., fronts: _Optional[_Iterable[_Union[Front, _Mapping]]] = ...) -> None: ...
+
+class Front(_message.Message):
+    __slots__ = ("protocol", "address", "transport")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    address: str
+    transport: str
+    def __init__(self, protocol: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids",)

@@ -15,6 +15,7 @@ from cluster.vision.weights import has_vision_tower, load_vision_tower
 from router.images.processor import ImageProcessor
 from router.images.tokens import expand_image_placeholders
 from router.reference.contiguous_cache import ContiguousKVCache
+from tests.cluster.checkpoint_edits import edited_copy
 from tests.cluster.test_llama4_parity import load_ours
 from tests.cluster.vision.tiny_vlm import (
     TOKENS,
@@ -151,15 +152,10 @@ def test_text_only_checkpoint_has_no_vision_tower(hf_checkpoint):
 
 
 def test_missing_vision_tensor_names_the_key(vlm, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     path, _ = vlm
-    dst = tmp_path / "missing"
-    dst.mkdir()
-    (dst / "config.json").write_text((path / "config.json").read_text())
-    tensors = load_file(path / "model.safetensors")
-    del tensors["vision_model.model.layers.1.self_attn.k_proj.bias"]
-    save_file(tensors, dst / "model.safetensors")
+    dst = edited_copy(
+        path, tmp_path / "missing", lambda tensors: tensors.pop("vision_model.model.layers.1.self_attn.k_proj.bias")
+    )
     with pytest.raises(CheckpointError, match=r"'vision_model\.model\.layers\.1\.self_attn\.k_proj\.bias' is missing"):
         load_vision_tower(load_vision_config(dst), CheckpointReader(dst), CPU, torch.float32)
 

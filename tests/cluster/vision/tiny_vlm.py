@@ -7,28 +7,16 @@ its forward would compute it: vision_model -> multi_modal_projector -> masked_sc
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+from deploy.tiny.model import VISION_FIELDS
 from router.images.tokens import ImageTokens
 from tests.conftest import BASE_CONFIG
 
-# 56-pixel tiles of 14-pixel patches: 16 patches, shuffled to 4 `<|patch|>` tokens per tile
-VISION_CONFIG = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 128,
-    "image_size": 56,
-    "patch_size": 14,
-    "pixel_shuffle_ratio": 0.5,
-    "projector_input_dim": 64,
-    "projector_output_dim": 64,
-    "vision_output_dim": 64,
-    "rope_theta": 10000,
-}
 TOKENS = ImageTokens(image_start=301, image_end=302, tile_x_separator=303, tile_y_separator=304, image=305, patch=300)
 
 
@@ -36,7 +24,7 @@ def make_hf_vlm(seed: int = 0, **text_overrides):
     transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
     text = {**BASE_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, **text_overrides}
     cfg = transformers.Llama4Config(
-        vision_config=VISION_CONFIG,
+        vision_config=copy.deepcopy(VISION_FIELDS),  # the tiny model's tower: 4 `<|patch|>` tokens per tile
         text_config=text,
         image_token_index=TOKENS.patch,
         boi_token_index=TOKENS.image_start,

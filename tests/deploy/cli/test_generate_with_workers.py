@@ -1,5 +1,6 @@
 """`moecluster generate --workers N` as a user runs it: same output as in-process, also when a worker is killed
-mid-generation (it is replaced and the step replayed), with no Ray process left behind."""
+mid-generation (it is replaced and the step replayed), with no Ray process left behind. The kill comes once the
+worker is computing steps (its CPU time grows), not after a fixed delay, and the log shows it interrupted a step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import LLAMA3_ROPE, make_hf_model
-from tests.procs import descendants_running, ray_gone, ray_processes
+from tests.procs import cpu_seconds, descendants_running, ray_gone, ray_processes
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +32,16 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+def generate_command(model, *flags: str) -> list[str]:
+    """`moecluster generate --model MODEL FLAGS --json` as a command line; the tests add `--workers N`."""
+    return [sys.executable, "-m", "deploy.cli", "generate", "--model", str(model), *flags, "--json"]
+
+
 def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoints):
     assert ray_gone(), "another Ray is running; this test checks that ours leaves nothing behind"
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        str(checkpoints["scout-like"]),
-        "--prompt-ids",
-        "1,2,3",
-        "--max-tokens",
-        "600",
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--json",
-    ]
+    base = generate_command(
+        checkpoints["scout-like"], "--prompt-ids", "1,2,3", "--max-tokens", "600", "--ignore-eos", "--temperature", "0"
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr
     proc = subprocess.Popen(
@@ -64,32 +57,23 @@ def test_killing_a_worker_mid_generation_changes_nothing_in_the_output(checkpoin
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     assert victims, "the workers never started serving"  # wait_stopped is called once a worker serves
-    time.sleep(1.0)  # well into the generation
+    busy = cpu_seconds(victims[-1]) + 0.3  # a third of a second of expert work: decode steps are running
+    while cpu_seconds(victims[-1]) < busy:
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never computed"
+        time.sleep(0.02)
     os.kill(victims[-1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
+    assert "failed over" in stderr  # the kill interrupted a step (one between steps would cost no failover)
     assert stdout == local.stdout
     assert "Traceback" not in stderr
     assert ray_gone(), ray_processes()
 
 
 def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
-    path = str(checkpoints["maverick-like-top2"])
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        path,
-        "--prompt-ids",
-        "1,40,41,42",
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0",
-        "--json",
-    ]
+    base = generate_command(
+        checkpoints["maverick-like-top2"], "--prompt-ids", "1,40,41,42", "--max-tokens", "12", "--temperature", "0"
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
     remote = subprocess.run(
         [*base, "--workers", "3"],
@@ -104,23 +88,10 @@ def test_generate_cli_with_workers_prints_the_in_process_tokens(checkpoints):
 
 
 def test_generate_cli_with_two_routers_prints_the_tokens_of_one(checkpoints):
-    path = str(checkpoints["scout-like"])
-    base = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "generate",
-        "--model",
-        path,
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-        "--json",
-        *[a for i in range(6) for a in ("--prompt-ids", f"1,{40 + i},41,42")],
-    ]
+    prompts = [a for i in range(6) for a in ("--prompt-ids", f"1,{40 + i},41,42")]
+    base = generate_command(
+        checkpoints["scout-like"], "--max-tokens", "12", "--temperature", "0.8", "--seed", "3", *prompts
+    )
     local = subprocess.run([*base, "--workers", "0"], capture_output=True, text=True, timeout=120)
     spread = subprocess.run([*base, "--workers", "2", "--routers", "2"], capture_output=True, text=True, timeout=300)
     assert local.returncode == 0 and spread.returncode == 0, (local.stderr, spread.stderr)

@@ -124,6 +124,8 @@ def test_serve_prints_one_line_serves_clients_drains_on_sigterm_and_leaves_no_ra
         "2",
         "--port",
         str(port),
+        "--http-port",
+        "0",
         "--drain-grace-s",
         str(GRACE_S),
     ]
@@ -157,6 +159,8 @@ def test_serve_prints_one_line_serves_clients_drains_on_sigterm_and_leaves_no_ra
         status = _cli("client", "status", "--target", target)
         assert status.returncode == 0, status.stderr
         assert "readiness SERVING" in status.stdout and "8-15" in status.stdout  # worker 1's experts
+        assert f"inference.GRPCInferenceService   grpc://127.0.0.1:{port}" in status.stdout  # the fronts it serves
+        assert "openai" in status.stdout and "http://127.0.0.1:" in status.stdout
 
         with InferenceClient(target) as client:
             _drain_on_sigterm(proc, client, watch)

@@ -15,7 +15,9 @@ from router.gateway.server import Gateway
 @contextmanager
 def running_gateway(gateway_section: dict):
     """Yields the Gateway (its `port` bound on 127.0.0.1) built from a `gateway:` section of the serve config."""
-    config = parse_serve_config({"gateway": {"host": "127.0.0.1", "port": 0, **gateway_section}}, "test config")
+    config = parse_serve_config(
+        {"gateway": {"host": "127.0.0.1", "port": 0, "http_port": 0, **gateway_section}}, "test config"
+    )
     gateway = Gateway(config.gateway, config.metrics)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-gateway", daemon=True)

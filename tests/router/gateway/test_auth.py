@@ -16,6 +16,7 @@ from protos.client_types import GenerationError
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.gateway.api_keys import ENV
 from tests.router.gateway.gateway_thread import running_gateway
+from tests.router.gateway.harness import model_info_error
 
 pytestmark = pytest.mark.slow  # each starts a gRPC server (no Ray)
 
@@ -39,20 +40,14 @@ def target(keys_file):
             yield f"127.0.0.1:{gateway.port}"
 
 
-def refusal(target: str, **client_args) -> GenerationError:
-    with InferenceClient(target, **client_args) as client, pytest.raises(GenerationError) as info:
-        client.model_info(timeout=10)
-    return info.value
-
-
 def test_a_client_without_a_key_is_unauthenticated_and_told_how_to_send_one(target):
-    error = refusal(target)
+    error = model_info_error(target)
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
     assert "authorization: Bearer <key>" in error.message
 
 
 def test_a_wrong_key_is_unauthenticated_and_the_message_names_no_key(target):
-    error = refusal(target, api_key="not-one-of-the-keys-at-all")
+    error = model_info_error(target, api_key="not-one-of-the-keys-at-all")
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
     assert error.message == "the API key is not valid for this server"
     assert KEY not in str(error) and OTHER_KEY not in str(error)
@@ -67,7 +62,7 @@ def test_a_key_without_the_bearer_scheme_is_unauthenticated(target):
 
 @pytest.mark.parametrize("key", [KEY, OTHER_KEY, ENV_KEY], ids=["file, with a comment", "file", "environment"])
 def test_every_configured_key_gets_through_to_the_service(target, key):
-    error = refusal(target, api_key=key)  # the service itself answers: no cluster is attached
+    error = model_info_error(target, api_key=key)  # the service itself answers: no cluster is attached
     assert error.code == grpc.StatusCode.UNAVAILABLE and "not ready" in error.message
 
 
@@ -112,4 +107,4 @@ def test_the_asyncio_client_sends_the_key_too(target):
 def test_without_keys_every_call_reaches_the_service(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     with running_gateway({}) as gateway:
-        assert refusal(f"127.0.0.1:{gateway.port}").code == grpc.StatusCode.UNAVAILABLE
+        assert model_info_error(f"127.0.0.1:{gateway.port}").code == grpc.StatusCode.UNAVAILABLE

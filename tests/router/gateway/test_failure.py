@@ -1,7 +1,8 @@
 """What a gRPC client sees when an expert worker dies: nothing but a pause (every stream completes with the
 tokens of an undisturbed run, readiness stays SERVING, status and metrics show the failover); and when its
 replacements keep failing and an expert has no live copy left: UNAVAILABLE naming why, and liveness
-NOT_SERVING so the orchestrator restarts the pod."""
+NOT_SERVING so the orchestrator restarts the pod. The kill comes once every stream generates with tokens left, and
+the test checks that every stream got tokens before and after it."""
 
 from __future__ import annotations
 
@@ -14,39 +15,45 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 
-from deploy.config import parse_serve_config
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
+TOKENS = 120
 
 
 def serve(model_dir, **cluster) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"workers": 2, **cluster},
-            "gateway": {"port": 0, "poll_interval_s": 0.1, "expert_stats_interval_s": 0.2},
-            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
-        }
+    config = serve_config(
+        model_dir,
+        cluster={"workers": 2, **cluster},
+        gateway={"expert_stats_interval_s": 0.2},
+        metrics={"enabled": True, "port": 0, "host": "127.0.0.1"},
     )
     return Server(config, show_progress=False).start()
 
 
-def run_streams(target: str, results: dict, errors: list) -> list[threading.Thread]:
+def run_streams(target: str, results: dict, errors: list, logs: list[StreamLog] | None = None):
+    """STREAMS streaming requests on threads; their tokens in `results`, arrival times in `logs` (when given)."""
+    logs = logs if logs is not None else [StreamLog(TOKENS) for _ in range(STREAMS)]
+
     def one(i):
         sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
         try:
             with InferenceClient(target) as client:
-                results[i] = client.generate_text(
-                    input_ids=[1, 7 + i, 3], max_tokens=120, ignore_eos=True, **sampling
-                ).token_ids
+                gen = client.generate(input_ids=[1, 7 + i, 3], max_tokens=TOKENS, ignore_eos=True, **sampling)
+                for chunk in gen:
+                    logs[i].add(len(chunk.token_ids))
+                results[i] = gen.result.token_ids
         except GenerationError as e:
             errors.append(e)
+        finally:
+            logs[i].done = True
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
     for t in threads:
@@ -69,17 +76,19 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing(tiny_model_dir):
         for t in run_streams(server.target, undisturbed, errors):
             t.join(timeout=120)
         assert not errors and len(undisturbed) == STREAMS
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30).pid
-        results, readiness = {}, []
+        victim = pid_of(server.cluster.workers[1])
+        results, readiness, logs = {}, [], [StreamLog(TOKENS) for _ in range(STREAMS)]
         with InferenceClient(server.target) as client:
-            threads = run_streams(server.target, results, errors)
-            time.sleep(1.0)
-            os.kill(victim, signal.SIGKILL)
+            threads = run_streams(server.target, results, errors, logs)
+            killed = kill_when_ready(
+                lambda: ready_to_kill(logs), lambda: too_late(logs), lambda: os.kill(victim, signal.SIGKILL)
+            )
             while any(t.is_alive() for t in threads):
                 readiness.append(client.health_status())
                 time.sleep(0.05)
             assert not errors, errors
             assert results == undisturbed
+            assert interrupted([log.times for log in logs], killed)
             assert set(readiness) == {"SERVING"}  # a failover holds requests; it never refuses them
             deadline = time.monotonic() + 60
             while client.cluster_status().workers[1].state != "serving":
@@ -104,7 +113,7 @@ def test_when_replacements_keep_failing_requests_end_unavailable_and_liveness_fa
     try:
         with InferenceClient(server.target) as client:
             client.wait_until_serving(timeout=30)
-            victim = ray.get(server.cluster.workers[0].ping.remote(), timeout=30).pid
+            victim = pid_of(server.cluster.workers[0])
             shutil.move(copy, tmp_path / "gone")  # running actors keep their weights; a replacement cannot load
             gen = client.generate(input_ids=[1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True)
             got, errors = [], []

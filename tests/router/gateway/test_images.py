@@ -16,19 +16,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
-import ray
 
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from deploy.tiny.squares import QUESTION, square_png
 from protos.async_client import AsyncInferenceClient
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import StreamThread, router_pid, serve_config
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -65,29 +65,14 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    config = parse_serve_config(
-        {
-            "model": {"path": model_dir},
-            "cluster": {"routers": 2, "workers": 2, "vision_encoders": 2, "hang_timeout_s": 1.0},
-            "scheduler": {"max_num_seqs": 16},
-            "gateway": {
-                "port": 0,
-                "poll_interval_s": 0.1,
-                "max_images_per_request": 2,
-                "max_image_bytes": 64 * 1024,
-                "max_image_pixels": 1_000_000,
-            },
-        }
+    config = serve_config(
+        model_dir,
+        cluster={"routers": 2, "workers": 2, "vision_encoders": 2, "hang_timeout_s": 1.0},
+        scheduler={"max_num_seqs": 16},
+        gateway={"max_images_per_request": 2, "max_image_bytes": 64 * 1024, "max_image_pixels": 1_000_000},
     )
     with Server(config, show_progress=False) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with InferenceClient(server.target) as c:
-        c.wait_until_serving(timeout=60)
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -126,40 +111,10 @@ def tokens_of(client, name: str, n: int = 12, **kwargs) -> list[int]:
     return client.generate_text(**REQUESTS[name], max_tokens=n, **GREEDY, **kwargs).token_ids
 
 
-class Background:
-    """A greedy stream read on a thread; `tokens` grows while it runs."""
-
-    def __init__(self, target: str, name: str, n: int):
-        self.name, self.tokens, self.error = name, [], None
-        self.client = InferenceClient(target)
-        self.gen = self.client.generate(**REQUESTS[name], max_tokens=n, **GREEDY)
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            for chunk in self.gen:
-                self.tokens += chunk.token_ids
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-        finally:
-            self.client.close()
-
-    def result(self, timeout_s: float = 120.0) -> list[int]:
-        self.thread.join(timeout_s)
-        assert not self.thread.is_alive() and self.error is None, self.error
-        return self.tokens
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def pid_of(actor) -> int:
-    return ray.get(actor.ping.remote(), timeout=30).pid
+def background(target: str, name: str, n: int) -> StreamThread:
+    """A greedy stream of REQUESTS[name] on a client of its own, read on a thread."""
+    client = InferenceClient(target)
+    return StreamThread(client.generate(**REQUESTS[name], max_tokens=n, **GREEDY), closing=client)
 
 
 def retries(client) -> int:
@@ -257,7 +212,7 @@ BAD = [  # (generate kwargs, the field named, a fragment of the message)
 
 
 def test_each_bad_image_is_refused_naming_its_field_while_other_streams_go_on(server, client, reference):
-    text, image = Background(server.target, "text", 48), Background(server.target, "grid", 48)
+    text, image = background(server.target, "text", 48), background(server.target, "grid", 48)
     wait_for(lambda: text.tokens and image.tokens, what="both background streams' first tokens")
     failures = []
     for kwargs, field, fragment in BAD:
@@ -292,7 +247,7 @@ def test_vision_encoders_killed_mid_image_cost_the_request_nothing(server, clien
     pids = [pid_of(e) for e in server.cluster.encoders]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # an image sent now waits in an encoder ...
-    request = Background(server.target, "unseen 1", 12)
+    request = background(server.target, "unseen 1", 12)
     time.sleep(0.5)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)  # ... which dies mid-image, and so does the other: it waits for a replacement
@@ -303,13 +258,9 @@ def test_vision_encoders_killed_mid_image_cost_the_request_nothing(server, clien
 
 
 def test_a_router_killed_mid_stream_of_an_image_request_costs_it_nothing(server, client, reference):
-    stream = Background(server.target, "two images", 48)
+    stream = background(server.target, "two images", 48)
     wait_for(lambda: len(stream.tokens) >= 4, what="the stream's first tokens")
     (relay,) = server.gateway.service.streams.values()
-    os.kill(pid_of_router(server, relay.router.index), signal.SIGKILL)
+    os.kill(router_pid(server, relay.router.index), signal.SIGKILL)
     assert stream.result() == reference[48]["two images"]
     assert relay.failovers == 1
-
-
-def pid_of_router(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid

@@ -2,7 +2,8 @@
 (greedy and seeded); new requests spread over both routers; a router killed (SIGKILL) under 8 streams costs no
 stream a token, with M = 2 and with M = 1 (the streams wait for its replacement); cancels and deadlines reach
 the request's router and every KV block comes back; a worker's death with M = 2 costs nothing either. Every test
-ends with no Ray process left."""
+ends with no Ray process left. A kill comes once every stream has a token and tokens left, and the test checks that
+every stream got tokens before and after it."""
 
 from __future__ import annotations
 
@@ -13,25 +14,19 @@ import time
 
 import grpc
 import pytest
-import ray
 
-from deploy.config import parse_serve_config
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
+from tests.procs import pid_of
+from tests.router.gateway.harness import router_pid, serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
 
 def serve(model_dir, routers: int, workers: int = 2) -> Server:
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"routers": routers, "workers": workers},
-            "scheduler": {"max_num_seqs": 16},
-            "gateway": {"port": 0, "poll_interval_s": 0.1},
-        }
-    )
+    config = serve_config(model_dir, cluster={"routers": routers, "workers": workers}, scheduler={"max_num_seqs": 16})
     return Server(config, show_progress=False).start()
 
 
@@ -39,15 +34,20 @@ def sampling(i: int) -> dict:
     return {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + i}
 
 
-def run_streams(target: str, n: int, tokens: int, results: dict, errors: list) -> list[threading.Thread]:
+def run_streams(target: str, n: int, logs: list[StreamLog], results: dict, errors: list) -> list[threading.Thread]:
     def one(i):
         try:
             with InferenceClient(target) as client:
-                results[i] = client.generate_text(
-                    input_ids=[1, 9 + i, 3, 50 + i], max_tokens=tokens, ignore_eos=True, **sampling(i)
-                ).token_ids
+                gen = client.generate(
+                    input_ids=[1, 9 + i, 3, 50 + i], max_tokens=logs[i].max_tokens, ignore_eos=True, **sampling(i)
+                )
+                for chunk in gen:
+                    logs[i].add(len(chunk.token_ids))
+                results[i] = gen.result.token_ids
         except GenerationError as e:
             errors.append(e)
+        finally:
+            logs[i].done = True
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -55,15 +55,21 @@ def run_streams(target: str, n: int, tokens: int, results: dict, errors: list) -
     return threads
 
 
-def collect(target: str, n: int, tokens: int, during=None) -> dict[int, list[int]]:
-    results, errors = {}, []
-    threads = run_streams(target, n, tokens, results, errors)
-    if during is not None:
-        during()
+def collect(target: str, n: int, tokens: int, kill: int | None = None) -> dict[int, list[int]]:
+    """n streams' tokens; with `kill` (a pid), SIGKILLed once every stream has a token and tokens left (however
+    fast the engine is: a fixed delay can land after the last token), and checked to have come between tokens."""
+    results, errors, logs = {}, [], [StreamLog(tokens) for _ in range(n)]
+    threads = run_streams(target, n, logs, results, errors)
+    if kill is not None:
+        killed = kill_when_ready(
+            lambda: ready_to_kill(logs), lambda: too_late(logs), lambda: os.kill(kill, signal.SIGKILL)
+        )
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
     assert len(results) == n
+    if kill is not None:
+        assert interrupted([log.times for log in logs], killed), "the kill did not land while every stream ran"
     return results
 
 
@@ -74,21 +80,6 @@ def one_router_tokens(tiny_model_dir):
         return collect(server.target, 16, 48)
     finally:
         server.stop(grace_s=2.0)
-
-
-def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
-    """Kill `pid` once streams are generating on router `router` (any router: None), so that the kill lands
-    while they run, however fast the engine is (a fixed delay can land after the last token)."""
-    deadline = time.monotonic() + 60
-    with InferenceClient(target) as client:
-        while not any(r.running for r in client.cluster_status().routers if router in (None, r.index)):
-            assert time.monotonic() < deadline, "no stream started"
-            time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-
-
-def router_pid(server, index: int) -> int:
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid
 
 
 def test_two_routers_give_every_stream_the_tokens_of_one_and_share_the_load(tiny_model_dir, one_router_tokens):
@@ -110,7 +101,7 @@ def test_a_killed_router_costs_no_stream_a_token(tiny_model_dir, one_router_toke
     try:
         undisturbed = {i: one_router_tokens[i] for i in range(8)}
         victim = router_pid(server, 0)
-        got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim, router=0))
+        got = collect(server.target, 8, 48, kill=victim)
         assert got == undisturbed
         deadline = time.monotonic() + 120
         with InferenceClient(server.target) as client:
@@ -158,8 +149,8 @@ def test_cancel_and_deadline_reach_the_requests_router_and_free_its_blocks(tiny_
 def test_a_worker_killed_under_two_routers_costs_nothing(tiny_model_dir, one_router_tokens):
     server = serve(tiny_model_dir, routers=2)
     try:
-        victim = ray.get(server.cluster.workers[1].ping.remote(), timeout=30).pid
-        got = collect(server.target, 8, 48, during=lambda: kill_mid_stream(server.target, victim))
+        victim = pid_of(server.cluster.workers[1])
+        got = collect(server.target, 8, 48, kill=victim)
         assert got == {i: one_router_tokens[i] for i in range(8)}
         with InferenceClient(server.target) as client:
             deadline = time.monotonic() + 60

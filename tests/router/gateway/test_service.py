@@ -9,19 +9,19 @@ One server for the whole module (a cluster start takes ~10-15 s on a small machi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
-from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.async_client import AsyncInferenceClient
 from protos.client import InferenceClient
@@ -29,6 +29,8 @@ from protos.client_types import GenerationError
 from router.reference.decode import Generator
 from router.request.sampling_params import SamplingParams
 from router.request.tokenizer import Tokenizer
+from tests.router.gateway.harness import StreamThread, serve_config
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,34 +38,24 @@ ROOT = Path(__file__).resolve().parents[3]
 MAX_MESSAGE = 2**20
 GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
 LONG = dict(GREEDY, max_tokens=1500)  # runs for tens of seconds unless stopped
+_wait_for = functools.partial(wait_for, timeout_s=15.0, interval_s=0.05)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from deploy.tiny.model import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-scout"), "scout", train_steps=0)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
+def server(tiny_model_dir):
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    config = parse_serve_config(
-        {
-            "model": {"path": str(model_dir)},
-            "cluster": {"workers": 2},
-            "scheduler": {"max_num_seqs": 4},
-            "gateway": {
-                "port": 0,
-                "max_concurrent_streams": 20,
-                "max_queued_requests": 64,
-                "max_message_bytes": MAX_MESSAGE,
-                "poll_interval_s": 0.1,
-                "expert_stats_interval_s": 0.5,
-                "drain_grace_s": 5.0,
-            },
-            "metrics": {"enabled": True, "port": 0, "host": "127.0.0.1"},
-        }
+    config = serve_config(
+        tiny_model_dir,
+        cluster={"workers": 2},
+        scheduler={"max_num_seqs": 4},
+        gateway={
+            "max_concurrent_streams": 20,
+            "max_queued_requests": 64,
+            "max_message_bytes": MAX_MESSAGE,
+            "expert_stats_interval_s": 0.5,
+            "drain_grace_s": 5.0,
+        },
+        metrics={"enabled": True, "port": 0, "host": "127.0.0.1"},
     )
     srv = Server(config)
     try:
@@ -77,15 +69,8 @@ def server(model_dir):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with InferenceClient(server.target) as c:
-        c.wait_until_serving(timeout=30)
-        yield c
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    gen = Generator.from_checkpoint(model_dir, dtype="float32")
+def reference(tiny_model_dir):
+    gen = Generator.from_checkpoint(tiny_model_dir, dtype="float32")
     return lambda ids, n, **kw: gen.generate(list(ids), SamplingParams(max_tokens=n, **{**GREEDY, **kw})).token_ids
 
 
@@ -99,13 +84,6 @@ def _engine_idle(client, timeout_s: float = 15.0):
         time.sleep(0.1)
 
 
-def _wait_for(predicate, timeout_s: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _scrape(server) -> dict[str, float]:
     """The metrics endpoint's samples, by name and labels."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.gateway.metrics_port}/metrics", timeout=10).read()
@@ -116,22 +94,10 @@ def _scrape(server) -> dict[str, float]:
     }
 
 
-class Background:
-    """A long greedy stream read on a thread; `tokens` grows while it runs."""
-
-    def __init__(self, client, request_id: str, max_tokens: int):
-        self.gen = client.generate(input_ids=[1, 40, 41, 42], request_id=request_id, max_tokens=max_tokens, **GREEDY)
-        self.tokens: list[int] = []
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            for chunk in self.gen:
-                self.tokens += chunk.token_ids
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
+def background(client, request_id: str, max_tokens: int) -> StreamThread:
+    """A long greedy stream read on a thread."""
+    gen = client.generate(input_ids=[1, 40, 41, 42], request_id=request_id, max_tokens=max_tokens, **GREEDY)
+    return StreamThread(gen)
 
 
 # ---- generation ----------------------------------------------------------------------------------------------
@@ -148,17 +114,17 @@ def test_streamed_tokens_equal_the_in_process_greedy_result(client, reference):
     assert gen.result.text == "".join(c.text for c in chunks)
 
 
-def test_a_prompt_is_tokenized_like_tokenize_and_generates_like_its_ids(client, model_dir, reference):
+def test_a_prompt_is_tokenized_like_tokenize_and_generates_like_its_ids(client, tiny_model_dir, reference):
     ids = client.tokenize("12 13 14")
-    assert ids == Tokenizer.from_dir(model_dir).encode("12 13 14")
+    assert ids == Tokenizer.from_dir(tiny_model_dir).encode("12 13 14")
     result = client.generate_text("12 13 14", max_tokens=8, **GREEDY)
     assert result.token_ids == reference(ids, 8)
 
 
-def test_chat_messages_are_rendered_with_the_chat_format(client, model_dir, reference):
+def test_chat_messages_are_rendered_with_the_chat_format(client, tiny_model_dir, reference):
     messages = [("system", "count"), ("user", "1 2 3")]
     ids = client.tokenize(messages=messages)
-    assert ids[0] == Tokenizer.from_dir(model_dir).token_id("<|begin_of_text|>")
+    assert ids[0] == Tokenizer.from_dir(tiny_model_dir).token_id("<|begin_of_text|>")
     assert client.generate_text(messages=messages, max_tokens=6, **GREEDY).token_ids == reference(ids, 6)
 
 
@@ -249,36 +215,41 @@ def test_a_client_generated_from_the_proto_alone_streams_a_generation(server, tm
 
 
 def test_a_cancel_mid_stream_aborts_the_request_and_frees_its_kv_blocks(client):
-    finished_before = client.cluster_status().router.finished.get("abort", 0)
-    gen = client.generate(input_ids=[1, 2, 3], **LONG)
-    chunks = iter(gen)
-    for _ in range(3):
-        next(chunks)
-    assert client.cluster_status().router.kv_blocks_used > 0
-    gen.cancel()
-    with pytest.raises(GenerationError) as err:
+    def cancel_after_three_chunks():
+        gen = client.generate(input_ids=[1, 2, 3], **LONG)
+        chunks = iter(gen)
+        for _ in range(3):
+            next(chunks)
+        assert client.cluster_status().router.kv_blocks_used > 0
+        gen.cancel()
         for _ in chunks:
             pass
-    assert err.value.code == grpc.StatusCode.CANCELLED
-    status = _engine_idle(client)
-    assert (status.running, status.kv_blocks_used) == (0, 0)
-    assert status.finished.get("abort", 0) == finished_before + 1
+
+    _assert_ends_aborted(client, grpc.StatusCode.CANCELLED, cancel_after_three_chunks)
 
 
 def test_a_deadline_gives_deadline_exceeded_and_the_engine_aborts_the_request(client):
-    finished_before = client.cluster_status().router.finished.get("abort", 0)
-    gen = client.generate(input_ids=[1, 2, 3], timeout=1.5, **LONG)
-    with pytest.raises(GenerationError) as err:
-        for _ in gen:
+    def read_past_the_deadline():
+        for _ in client.generate(input_ids=[1, 2, 3], timeout=1.5, **LONG):
             pass
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    _assert_ends_aborted(client, grpc.StatusCode.DEADLINE_EXCEEDED, read_past_the_deadline)
+
+
+def _assert_ends_aborted(client, code: grpc.StatusCode, read) -> None:
+    """`read()`, which reads one long stream, ends in a GenerationError with `code`; then the engine runs nothing,
+    holds no KV block and has finished one more request as "abort"."""
+    finished_before = client.cluster_status().router.finished.get("abort", 0)
+    with pytest.raises(GenerationError) as err:
+        read()
+    assert err.value.code == code
     status = _engine_idle(client)
     assert (status.running, status.kv_blocks_used) == (0, 0)
     assert status.finished.get("abort", 0) == finished_before + 1
 
 
 def test_abort_ends_the_named_stream_with_finish_reason_abort(client):
-    bg = Background(client, "abort-me", 1500)
+    bg = background(client, "abort-me", 1500)
     _wait_for(lambda: len(bg.tokens) >= 2, what="the stream's first tokens")
     assert client.abort("abort-me", "not-in-flight") == ["abort-me"]
     bg.thread.join(timeout=15)
@@ -319,7 +290,7 @@ INVALID = [  # (generate kwargs, the field the message must start with)
 
 
 def test_each_invalid_request_is_refused_naming_its_field_while_another_stream_keeps_going(client, reference):
-    bg = Background(client, "keeps-going", 120)
+    bg = background(client, "keeps-going", 120)
     _wait_for(lambda: len(bg.tokens) >= 1, what="the background stream's first token")
     failures = []
     for kwargs, field in INVALID:
@@ -349,37 +320,29 @@ def test_each_invalid_request_is_refused_naming_its_field_while_another_stream_k
 
 
 def test_more_open_streams_than_the_limit_are_refused_with_resource_exhausted(server, client):
-    server.gateway.set_limits(max_concurrent_streams=3)
-    open_streams = [Background(client, f"limit-{i}", 1500) for i in range(3)]
-    try:
+    with _long_streams_under_a_limit(server, client, "max_concurrent_streams", 3, [f"limit-{i}" for i in range(3)]):
         _wait_for(lambda: client.cluster_status().gateway.active_streams == 3, what="3 open streams")
-        with pytest.raises(GenerationError) as err:
-            list(client.generate(input_ids=[1], max_tokens=2, timeout=30))
-        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "3 Generate streams are open (limit 3)" in err.value.message
-    finally:
-        server.gateway.set_limits(max_concurrent_streams=20)
-        client.abort(*(f"limit-{i}" for i in range(3)))
-    for s in open_streams:
-        s.thread.join(timeout=15)
-    assert all(s.gen.result.finish_reason == "abort" for s in open_streams)
-    assert _engine_idle(client).kv_blocks_used == 0
+        _assert_exhausted(client, "3 Generate streams are open (limit 3)")
 
 
 def test_more_queued_requests_than_the_limit_are_refused_with_resource_exhausted(server, client):
     # the engine runs 4 sequences at once (max_num_seqs=4 above): the 5th and 6th wait
-    server.gateway.set_limits(max_queued_requests=2)
-    ids = [f"queue-{i}" for i in range(6)]
-    open_streams = [Background(client, rid, 1500) for rid in ids]
-    try:
+    with _long_streams_under_a_limit(server, client, "max_queued_requests", 2, [f"queue-{i}" for i in range(6)]):
         _wait_for(lambda: client.cluster_status().router.waiting == 2, what="2 waiting requests")
         _wait_for(lambda: _scrape(server)["moecluster_queue_depth"] == 2, what="the gateway to poll the queue")
-        with pytest.raises(GenerationError) as err:
-            list(client.generate(input_ids=[1], max_tokens=2, timeout=30))
-        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 requests are queued in the engines (limit 2)" in err.value.message
+        _assert_exhausted(client, "2 requests are queued in the engines (limit 2)")
+
+
+@contextmanager
+def _long_streams_under_a_limit(server, client, limit: str, value: int, ids: list[str]):
+    """Gateway limit `limit` set to `value` and a long stream open for each of `ids` for the `with` block; then
+    the configured limit is back, the streams are aborted, each ends "abort" and every KV block is free."""
+    server.gateway.set_limits(**{limit: value})
+    open_streams = [background(client, rid, 1500) for rid in ids]
+    try:
+        yield
     finally:
-        server.gateway.set_limits(max_queued_requests=64)
+        server.gateway.set_limits(**{limit: getattr(server.config.gateway, limit)})
         client.abort(*ids)
     for s in open_streams:
         s.thread.join(timeout=15)
@@ -387,12 +350,24 @@ def test_more_queued_requests_than_the_limit_are_refused_with_resource_exhausted
     assert _engine_idle(client).kv_blocks_used == 0
 
 
+def _assert_exhausted(client, message: str) -> None:
+    """A short request is refused with RESOURCE_EXHAUSTED and a message that contains `message`."""
+    with pytest.raises(GenerationError) as err:
+        list(client.generate(input_ids=[1], max_tokens=2, timeout=30))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert message in err.value.message
+
+
 # ---- information, health, reflection, metrics ----------------------------------------------------------------
 
 
-def test_model_info_describes_the_served_model(client, model_dir):
+def test_model_info_describes_the_served_model(client, tiny_model_dir):
     info = client.model_info()
-    assert (info.name, info.architecture, info.accepts_images) == (Path(model_dir).name, "Llama4ForCausalLM", False)
+    assert (info.name, info.architecture, info.accepts_images) == (
+        Path(tiny_model_dir).name,
+        "Llama4ForCausalLM",
+        False,
+    )
     assert (info.num_experts, info.experts_per_token, list(info.moe_layers)) == (16, 1, [0, 1, 2, 3])
     assert (info.num_workers, info.context_length, info.max_top_logprobs) == (2, 2048, 20)
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from protos.client import InferenceClient
-from protos.client_types import GenerationError
 from tests.certs import make_certs
 from tests.router.gateway.gateway_thread import running_gateway
+from tests.router.gateway.harness import model_info_error
 
 pytestmark = pytest.mark.slow  # each starts a gRPC server (no Ray)
 
@@ -31,12 +31,6 @@ def mtls_target(certs):
     tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key), "client_ca_file": str(certs.ca)}
     with running_gateway({"tls": tls}) as gw:
         yield f"localhost:{gw.port}"
-
-
-def model_info_error(target: str, **client_args) -> GenerationError:
-    with InferenceClient(target, **client_args) as client, pytest.raises(GenerationError) as info:
-        client.model_info(timeout=5)
-    return info.value
 
 
 def test_a_plaintext_client_cannot_talk_to_a_tls_server(tls_target):

@@ -1,0 +1,172 @@
+"""OpenAI request bodies (POST /v1/completions, /v1/chat/completions) -> the engine's `EngineRequest`. No I/O.
+
+Every body key this server reads is in one of the tables below, so accepting a new one is one line: a sampling
+setting is in `SAMPLING` (body key -> SamplingParams field; SamplingParams.validate checks its value and the error
+names the body key), a key this server refuses in `REFUSED`. `SAMPLING` holds every scalar sampling parameter of the
+wire contract (protos/vocabulary.py) under its own name, so one added to the proto is taken here too; our extras
+(top_k, min_p, min_tokens, repetition_penalty, ignore_eos, stop_token_ids) go at the top level of the body, as vLLM
+takes them (the openai SDK's `extra_body`). Keys in neither table are ignored, as OpenAI-compatible servers do
+(`user`, `metadata`, `store`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos.vocabulary import SAMPLING_FIELDS
+from router.images.data_url import data_url_bytes
+from router.request.errors import InvalidRequest
+from router.request.messages import ChatMessage, EngineRequest, ImagePart
+from router.request.sampling_params import SamplingParams
+
+# body key -> SamplingParams field, shared by both endpoints; `stop` and the logprobs keys are read on their own
+# (their OpenAI shapes differ from ours: a string or a list; completions' `logprobs` is a count)
+OWN_SHAPE = ("stop", "logprobs", "top_logprobs")
+SAMPLING = {
+    **{f.name: f.name for f in SAMPLING_FIELDS if f.name not in OWN_SHAPE},
+    "max_completion_tokens": "max_tokens",  # the chat API's newer name; wins over max_tokens
+}
+CHAT_ONLY = {"top_logprobs": "top_logprobs"}
+# body key -> why it is refused (a later issue brings tools and structured output to the sampler)
+REFUSED = {
+    "tools": "tool calls are not supported by this server yet",
+    "tool_choice": "tool calls are not supported by this server yet",
+    "functions": "function calls are not supported by this server",
+    "function_call": "function calls are not supported by this server",
+    "response_format": "structured output is not supported by this server yet",
+    "suffix": "is not supported by this server",
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """What the front needs besides the engine request."""
+
+    engine: EngineRequest
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def completion_request(body: dict, request_id: str) -> OpenAIRequest:
+    """POST /v1/completions: `prompt` (a string, a list of one string, or token ids)."""
+    _check_common(body)
+    if body.get("echo"):
+        raise InvalidRequest("echo", "is not supported by this server (the prompt is never repeated)")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("best_of", f"only 1 is supported, got {body['best_of']!r}")
+    extra = {}
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, int) or isinstance(logprobs, bool):
+            raise InvalidRequest("logprobs", f"must be an integer (how many alternatives), got {logprobs!r}")
+        extra = {"logprobs": True, "top_logprobs": logprobs}
+    params = sampling_params(body, extra)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        engine = EngineRequest(request_id, params, prompt=prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        engine = EngineRequest(request_id, params, prompt_ids=tuple(prompt))
+    else:
+        raise InvalidRequest(
+            "prompt", "must be a string or a list of token ids (one prompt per request; send several requests)"
+        )
+    return _request(body, engine)
+
+
+def chat_request(body: dict, request_id: str) -> OpenAIRequest:
+    """POST /v1/chat/completions: `messages`, each content a string or a list of text and image_url parts."""
+    _check_common(body)
+    logprobs = body.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise InvalidRequest("logprobs", f"must be true or false, got {logprobs!r}")
+    params = sampling_params(body, {"logprobs": logprobs}, CHAT_ONLY)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages", "must be a non-empty list of {role, content} objects")
+    chat = tuple(_message(f"messages[{i}]", m) for i, m in enumerate(messages))
+    return _request(body, EngineRequest(request_id, params, messages=chat))
+
+
+def sampling_params(body: dict, extra: dict, more: dict | None = None) -> SamplingParams:
+    """The body's sampling keys (as given: SamplingParams.validate checks them later, naming the key)."""
+    given = dict(extra)
+    for key, name in {**SAMPLING, **(more or {})}.items():
+        if body.get(key) is not None and not (key == "max_tokens" and body.get("max_completion_tokens") is not None):
+            given[name] = body[key]
+    stop = body.get("stop")
+    if stop is not None:
+        given["stop"] = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(given["stop"], list | tuple) or not all(isinstance(s, str) for s in given["stop"]):
+            raise InvalidRequest("stop", f"must be a string or a list of strings, got {stop!r}")
+        given["stop"] = tuple(given["stop"])
+    if "stop_token_ids" in given:
+        if not isinstance(given["stop_token_ids"], list):
+            raise InvalidRequest("stop_token_ids", "must be a list of token ids")
+        given["stop_token_ids"] = tuple(given["stop_token_ids"])
+    return SamplingParams(**given)
+
+
+def field_name(field: str) -> str:
+    """An engine field as this front's client wrote it: the body key of a sampling setting, a message's parts."""
+    if field == "max_tokens":
+        return "max_tokens (or max_completion_tokens)"
+    return field.replace(".parts[", ".content[")
+
+
+def _check_common(body: dict) -> None:
+    for key, why in REFUSED.items():
+        if body.get(key) not in (None, [], {}):
+            raise InvalidRequest(key, why)
+    n = body.get("n", 1)
+    if n != 1:
+        raise InvalidRequest("n", f"only 1 choice per request is supported, got {n!r}; send several requests")
+    if body.get("logit_bias"):
+        raise InvalidRequest("logit_bias", "is not supported by this server")
+    if not isinstance(body.get("stream", False), bool):
+        raise InvalidRequest("stream", f"must be true or false, got {body['stream']!r}")
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise InvalidRequest("stream_options", 'must be an object like {"include_usage": true}')
+
+
+def _request(body: dict, engine: EngineRequest) -> OpenAIRequest:
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequest("model", f"must be a string, got {model!r}")
+    options = body.get("stream_options") or {}
+    return OpenAIRequest(engine, model, bool(body.get("stream", False)), bool(options.get("include_usage", False)))
+
+
+def _message(field: str, m) -> ChatMessage:
+    if not isinstance(m, dict):
+        raise InvalidRequest(field, "must be an object with role and content")
+    role = m.get("role")
+    if role not in CHAT_ROLES:
+        raise InvalidRequest(f"{field}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+    content = m.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, str):
+        return ChatMessage(CHAT_ROLES[role], content)
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{field}.content", "must be a string or a list of content parts")
+    return ChatMessage(CHAT_ROLES[role], tuple(_part(f"{field}.content[{j}]", p) for j, p in enumerate(content)))
+
+
+def _part(field: str, part) -> str | ImagePart:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise InvalidRequest(f"{field}.image_url", 'must be {"url": "data:image/...;base64,..."}')
+        return ImagePart(data_url_bytes(url, f"{field}.image_url.url"))
+    raise InvalidRequest(field, 'must be {"type": "text", "text": ...} or {"type": "image_url", ...}')

@@ -1,0 +1,137 @@
+"""The engine's Deltas and Final -> OpenAI response objects (completions and chat completions, whole or as stream
+chunks), and errors in OpenAI's JSON shape with their HTTP status. No I/O.
+
+A stream: one chunk per Delta (the first chat chunk also carries `role: assistant`), a last chunk with the
+finish_reason (and `usage`, unless the request asked for it on a chunk of its own), then, with
+`stream_options.include_usage`, a chunk with empty `choices` and the `usage`; the front then sends `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from router.request.messages import Delta, Final, TokenLogprob
+from router.request.tokenizer import Tokenizer
+
+Code = grpc.StatusCode
+HTTP_STATUS = {
+    Code.INVALID_ARGUMENT: 400,
+    Code.FAILED_PRECONDITION: 400,
+    Code.OUT_OF_RANGE: 400,
+    Code.UNAUTHENTICATED: 401,
+    Code.PERMISSION_DENIED: 403,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.CANCELLED: 499,
+    Code.UNAVAILABLE: 503,
+    Code.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    kind = ERROR_TYPE.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param or None, "code": code or kind}}
+
+
+@dataclass
+class Reply:
+    """One request's answer, built up as its Deltas arrive. `chat`: chat.completion(.chunk), else text_completion."""
+
+    chat: bool
+    request_id: str
+    model: str
+    tokenizer: Tokenizer | None
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    want_logprobs: bool = False
+    chunks_sent: int = 0
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
+
+    def whole(self, final: Final) -> dict:
+        """The non-streamed response."""
+        text = "".join(self.text)
+        logprobs = self._logprobs(self.logprobs)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs}
+        choice["finish_reason"] = final.finish_reason.value
+        return {**self._head(self.object), "choices": [choice], "usage": usage(final)}
+
+    def chunk(self, delta: Delta) -> dict:
+        """One stream chunk for a Delta."""
+        self.chunks_sent += 1
+        return self._chunk_with(delta.text, self._logprobs(list(delta.logprobs)), None)
+
+    def last_chunks(self, final: Final, include_usage: bool) -> list[dict]:
+        """The chunk with the finish_reason, then (include_usage) the usage chunk."""
+        last = self._chunk_with("", None, final.finish_reason.value)
+        if not include_usage:  # usage on the last chunk itself: every final response carries it
+            last["usage"] = usage(final)
+            return [last]
+        last["usage"] = None
+        return [last, {**self._head(self.object + ".chunk" if self.chat else self.object), "choices": [],
+                       "usage": usage(final)}]  # fmt: skip
+
+    def _chunk_with(self, text: str, logprobs, finish_reason: str | None) -> dict:
+        if self.chat:
+            delta = {"content": text}
+            if self.chunks_sent <= 1 and finish_reason is None:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
+
+    def _logprobs(self, items: list[TokenLogprob]) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            return {"content": [self._chat_logprob(lp) for lp in items]}
+        return {
+            "tokens": [self._token(lp.token_id) for lp in items],
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{self._token(t): v for t, v in lp.top} for lp in items],
+        }
+
+    def _chat_logprob(self, lp: TokenLogprob) -> dict:
+        token = self._token(lp.token_id)
+        top = [{"token": self._token(t), "logprob": v, "bytes": list(self._token(t).encode())} for t, v in lp.top]
+        return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else f"<{token_id}>"
+
+
+def usage(final: Final) -> dict:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }

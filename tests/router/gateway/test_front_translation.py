@@ -1,0 +1,134 @@
+"""The KServe v2 and OpenAI translations on their own (no server): what each request shape becomes as an engine
+request, and which inputs are refused naming which field. The end-to-end tests (test_kserve.py, test_openai.py,
+test_fronts.py) drive the same code through the real clients."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from protos.kserve.v2 import grpc_predict_v2_pb2 as kpb
+from router.gateway import kserve_tensors
+from router.gateway.openai_request import chat_request, completion_request
+from router.request.errors import InvalidRequest
+from router.request.messages import FinishReason, ImagePart
+
+
+def test_openai_sampling_keys_reach_sampling_params():
+    body = {"prompt": "hi", "temperature": 0.5, "max_tokens": 9, "max_completion_tokens": 7, "stop": "x", "top_k": 3}
+    r = completion_request({**body, "min_p": 0.1, "ignore_eos": True, "stop_token_ids": [5], "logprobs": 2}, "id")
+    p = r.engine.params
+    assert (p.temperature, p.max_tokens, p.stop, p.top_k, p.min_p, p.ignore_eos) == (0.5, 7, ("x",), 3, 0.1, True)
+    assert (p.stop_token_ids, p.logprobs, p.top_logprobs) == ((5,), True, 2)
+    assert completion_request({"prompt": [[1, 2, 3]]}, "id").engine.prompt_ids == (1, 2, 3)
+
+
+def test_openai_chat_parts_and_roles():
+    url = "data:image/png;base64," + "iVBORw0KGgo="
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": url}}]
+    messages = [{"role": "developer", "content": "sys"}, {"role": "user", "content": parts}]
+    r = chat_request({"messages": messages, "stream": True, "stream_options": {"include_usage": True}}, "id")
+    (system, user) = r.engine.messages
+    assert system.role == "system" and user.content[0] == "a" and isinstance(user.content[1], ImagePart)
+    assert r.stream and r.include_usage
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "n": 3}, "n"),
+        ({"prompt": "x", "tools": [{}]}, "tools"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stop": 3}, "stop"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "model": 3}, "model"),
+    ],
+)
+def test_openai_refusals_name_the_field(body, field):
+    with pytest.raises(InvalidRequest) as e:
+        completion_request(body, "id")
+    assert e.value.field == field
+
+
+def infer_request(*tensors, raw: bool = True, **params) -> kpb.ModelInferRequest:
+    """tensors: (name, datatype, shape, values); raw: in raw_input_contents (as tritonclient sends them)."""
+    req = kpb.ModelInferRequest(model_name="m", id="r1")
+    for name, datatype, shape, values in tensors:
+        t = req.inputs.add(name=name, datatype=datatype, shape=shape)
+        if datatype == "BYTES":
+            data = b"".join(struct.pack("<I", len(v)) + v for v in values)
+            if not raw:
+                t.contents.bytes_contents.extend(values)
+        else:
+            data = np.asarray(
+                values, dtype={"INT32": "<i4", "INT64": "<i8", "BOOL": "?", "FP32": "<f4"}[datatype]
+            ).tobytes()
+            if not raw:
+                getattr(t.contents, {"INT32": "int_contents", "INT64": "int64_contents"}[datatype]).extend(values)
+        if raw:
+            req.raw_input_contents.append(data)
+    for k, v in params.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(v)]
+        setattr(req.parameters[k], field, v)
+    return req
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_kserve_inputs_raw_or_typed(raw):
+    req = infer_request(("text_input", "BYTES", [1], [b"hello"]), ("max_tokens", "INT32", [1], [5]), raw=raw,
+                        temperature=0.0, stop='["a", "b"]', top_k=4)  # fmt: skip
+    r = kserve_tensors.engine_request(req, "r1")
+    assert r.engine.prompt == "hello" and r.engine.params.max_tokens == 5 and r.engine.params.stop == ("a", "b")
+    assert r.engine.params.top_k == 4 and r.stream is None and r.outputs == ("text_output", "output_ids")
+    ids = kserve_tensors.engine_request(infer_request(("input_ids", "INT64", [1, 3], [7, 8, 9]), stream=False), "r")
+    assert ids.engine.prompt_ids == (7, 8, 9) and ids.stream is False
+    vllm_style = infer_request(("text_input", "BYTES", [1], [b"x"]), sampling_parameters='{"top_p": 0.5, "seed": 3}')
+    assert kserve_tensors.engine_request(vllm_style, "r").engine.params.top_p == 0.5
+
+
+@pytest.mark.parametrize(
+    "req, field",
+    [
+        (infer_request(("text_input", "BYTES", [2], [b"a", b"b"])), "inputs.text_input"),
+        (infer_request(("text_input", "BYTES", [3], [b"a"])), "inputs[0].shape"),
+        (infer_request(("text_input", "FP32", [1], [1.0])), "inputs[0].datatype"),
+        (infer_request(("text_input", "BYTES", [1], [b"\xff\xfe"])), "inputs.text_input"),
+        (
+            infer_request(
+                ("image", "BYTES", [1], [b"data:text/plain;base64,eA=="]), ("text_input", "BYTES", [1], [b"x"])
+            ),
+            "inputs.image[0]",
+        ),
+        (
+            infer_request(("text_input", "BYTES", [1], [b"x"]), sampling_parameters="{"),
+            "parameters.sampling_parameters",
+        ),
+    ],
+)
+def test_kserve_refusals_name_the_field(req, field):
+    with pytest.raises(InvalidRequest) as e:
+        kserve_tensors.engine_request(req, "r1")
+    assert e.value.field == field, e.value
+
+
+def test_kserve_truncated_bytes_are_refused():
+    req = infer_request(("text_input", "BYTES", [1], [b"hello"]))
+    req.raw_input_contents[0] = req.raw_input_contents[0][:6]
+    with pytest.raises(InvalidRequest, match="runs past the data's end"):
+        kserve_tensors.engine_request(req, "r1")
+
+
+def test_kserve_response_tensors_and_the_final_parameters():
+    class Final:
+        finish_reason, prompt_tokens, completion_tokens = FinishReason.LENGTH, 3, 2
+
+    out = kserve_tensors.response("m", "r1", "hé", [5, 6], ("text_output", "output_ids"), Final(), last=True)
+    assert [o.name for o in out.outputs] == ["text_output", "output_ids"] and out.id == "r1"
+    assert out.raw_output_contents[0] == struct.pack("<I", 3) + "hé".encode()
+    assert np.frombuffer(out.raw_output_contents[1], "<i8").tolist() == [5, 6]
+    assert out.parameters["finish_reason"].string_param == "length"
+    assert out.parameters["triton_final_response"].bool_param
