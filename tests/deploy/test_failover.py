@@ -173,7 +173,7 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
         assert interrupted(times, killed[0])  # the streams were held through all three, then went on
         wait_all_serving(d)
         counters = d.supervision().counters
-        assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
+        assert counters.replacements_failed == 1 and counters.replacements_succeeded == 2
 
 
 def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_model_dir, reference):
