@@ -10,7 +10,7 @@ from cluster.expert_map import ExpertMap
 from deploy.cluster_config import ClusterConfig
 from deploy.ray_runtime import bundles
 from deploy.replacement_policy import ReplacementPolicy
-from router.experts.channel import ChannelSettings
+from router.experts.settings import ChannelSettings
 from router.images.features import VisionSettings
 
 WORKER_CONCURRENCY = 16  # per worker: one loop call per router, plus fence, ping, stats, lifetime, loading

@@ -24,6 +24,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.actor_reports import RouterHealth, RouterStats, SupervisorStatus, WorkerStats
+from cluster.actor_state import ActorKind
 from cluster.checkpoint import CheckpointReader
 from cluster.config import ModelConfig, load_model_config, read_config_json
 from cluster.errors import RebalanceRefused
@@ -46,6 +48,14 @@ from workers.expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 PLACEMENT_REPORT_S = 2.0  # while the placement group is pending, say so this often
+
+
+@dataclass(frozen=True)
+class DeploymentStats:
+    """Deployment.stats(): router 0's and every worker's stats, in slot order."""
+
+    router: RouterStats
+    workers: tuple[WorkerStats, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,9 +137,9 @@ class Deployment:
                 "free resources or lower cluster.routers / cluster.workers"
             )
         deployment = cls(spec, pg, owns_ray, expert_map, "127.0.0.1" if owns_ray else None)
-        routers = {r: deployment._spawn("router", r, expert_map) for r in range(c.routers)}
-        workers = {w: deployment._spawn("worker", w, expert_map) for w in range(c.workers)}
-        encoders = {e: deployment._spawn("encoder", e, expert_map) for e in range(c.encoders)}
+        routers = {r: deployment._spawn(ActorKind.ROUTER, r, expert_map) for r in range(c.routers)}
+        workers = {w: deployment._spawn(ActorKind.WORKER, w, expert_map) for w in range(c.workers)}
+        encoders = {e: deployment._spawn(ActorKind.ENCODER, e, expert_map) for e in range(c.encoders)}
         deployment._initial = [*routers.values(), *workers.values(), *encoders.values()]
         try:
             on_status("loading the weights")
@@ -163,12 +173,12 @@ class Deployment:
         )
         return deployment
 
-    def _spawn(self, kind: str, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
+    def _spawn(self, kind: ActorKind, index: int, expert_map: ExpertMap | None, load_delay_s: float = 0.0):
         """A router (bundle r), a worker (bundle routers + slot) or a vision encoder (bundle routers + workers +
         index) actor, not yet loaded."""
-        if kind == "encoder":
+        if kind is ActorKind.ENCODER:
             actor, cls = encoder_spec(self.spec, index), VisionEncoderActor
-        elif kind == "router":
+        elif kind is ActorKind.ROUTER:
             actor, cls = router_spec(self.spec, index, expert_map, self.bind_host), self.spec.router_class
         else:
             actor, cls = worker_spec(self.spec, index, expert_map, self.bind_host, load_delay_s), ExpertWorker
@@ -178,8 +188,9 @@ class Deployment:
         )
         return ray.remote(cls).options(**options).remote(**actor.kwargs)
 
-    def _spawn_replacement(self, kind: str, index: int, expert_map: ExpertMap | None):
-        return self._spawn(kind, index, expert_map, self.spec.replacement_load_delay_s if kind == "worker" else 0.0)
+    def _spawn_replacement(self, kind: ActorKind, index: int, expert_map: ExpertMap | None):
+        delay_s = self.spec.replacement_load_delay_s if kind is ActorKind.WORKER else 0.0
+        return self._spawn(kind, index, expert_map, delay_s)
 
     @property
     def routers(self) -> list:
@@ -216,13 +227,13 @@ class Deployment:
             out[r :: len(routers)] = share_results
         return out
 
-    def stats(self) -> dict:
-        return {
-            "router": ray.get(self.router.stats.remote(), timeout=30),
-            "workers": ray.get([w.stats.remote() for w in self.workers], timeout=30),
-        }
+    def stats(self) -> DeploymentStats:
+        return DeploymentStats(
+            router=ray.get(self.router.stats.remote(), timeout=30),
+            workers=tuple(ray.get([w.stats.remote() for w in self.workers], timeout=30)),
+        )
 
-    def supervision(self) -> dict | None:
+    def supervision(self) -> SupervisorStatus | None:
         """The supervisor's status (None without workers)."""
         return self.supervisor.status() if self.supervisor else None
 
@@ -232,7 +243,7 @@ class Deployment:
             raise RebalanceRefused("the router holds every expert (workers: 0): there is nothing to rebalance")
         return self.supervisor.rebalance()
 
-    def health(self, timeout_s: float = 10.0) -> dict:
+    def health(self, timeout_s: float = 10.0) -> RouterHealth:
         return ray.get(self.router.health.remote(), timeout=timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:

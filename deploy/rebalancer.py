@@ -21,7 +21,7 @@ def loads_per_expert(routers: list, timeout_s: float) -> dict[int, list[int]]:
     stats = ray.get([r.stats.remote() for r in routers], timeout=timeout_s)
     total: dict[int, list[int]] = {}
     for s in stats:
-        for layer, counts in s["tokens_per_expert"].items():
+        for layer, counts in s.tokens_per_expert.items():
             row = total.setdefault(layer, [0] * len(counts))
             total[layer] = [a + b for a, b in zip(row, counts)]
     return total

@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from cluster.actor_state import ActorKind
+
 
 @dataclass
 class ReplacementPolicy:
@@ -23,7 +25,7 @@ class ReplacementPolicy:
     given_up: dict[Hashable, str] = field(default_factory=dict)  # place -> why
 
     def failed(self, place: Hashable, now: float, why: str) -> None:
-        """`place`: a worker slot (an int, or ("worker", slot)) or ("router", id)."""
+        """`place`: a worker slot (an int, or (ActorKind.WORKER, slot)), or (kind, index) of a router or encoder."""
         times = self._failures.setdefault(place, deque())
         times.append(now)
         while times and now - times[0] > self.window_s:
@@ -44,5 +46,5 @@ class ReplacementPolicy:
 def _name(place: Hashable) -> str:
     if isinstance(place, tuple):
         kind, index = place
-        return f"worker slot {index}" if kind == "worker" else f"{kind} {index}"
+        return f"worker slot {index}" if kind is ActorKind.WORKER else f"{kind.value} {index}"
     return f"worker slot {place}"

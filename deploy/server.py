@@ -48,7 +48,7 @@ class Server:
     @property
     def model_name(self) -> str:
         backend = self.gateway.service.backend
-        return backend.info["name"] if backend else ""
+        return backend.info.name if backend else ""
 
     def start(self) -> Server:
         try:

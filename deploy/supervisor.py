@@ -21,6 +21,7 @@ It also rebalances the expert map (deploy/rebalancer.py), periodically or when a
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 
 import ray
 
+from cluster.actor_reports import MemberStatus, RouterHealth, RouterStats, SupervisorCounters, SupervisorStatus
+from cluster.actor_state import ActorKind, MemberState
 from cluster.errors import RebalanceRefused, error_summary
 from cluster.expert_map import ExpertMap
 from cluster.rebalance import RebalancePlan
@@ -37,7 +40,6 @@ from deploy.replacement_policy import ReplacementPolicy
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
-_NAMES = {"worker": "expert worker", "router": "router", "encoder": "vision encoder"}
 ROUTER_CHECK_S = 1.0  # how often the routers' failover counts are read (to log each failover here too)
 
 
@@ -45,10 +47,10 @@ ROUTER_CHECK_S = 1.0  # how often the routers' failover counts are read (to log 
 class Member:
     """One place in the cluster and the actor currently in it."""
 
-    kind: str  # "worker" | "router" | "encoder"
-    index: int  # the worker slot or the router id
+    kind: ActorKind
+    index: int  # the worker slot, the router id or the encoder index
     handle: object
-    state: str  # loading | joining | connecting | serving | dead
+    state: MemberState
     lifetime: concurrent.futures.Future
     pending: concurrent.futures.Future | None = None  # the load (worker) or load + connect (router) in progress
     replacements: int = 0
@@ -57,18 +59,7 @@ class Member:
 
     @property
     def name(self) -> str:
-        return f"{_NAMES[self.kind]} {self.index}"
-
-
-@dataclass
-class SupervisorCounters:
-    worker_deaths: int = 0
-    router_deaths: int = 0
-    encoder_deaths: int = 0
-    replacements_started: int = 0
-    replacements_succeeded: int = 0
-    replacements_failed: int = 0
-    rebalances: int = 0
+        return f"{self.kind.title} {self.index}"
 
 
 class Supervisor:
@@ -78,7 +69,7 @@ class Supervisor:
         workers: dict[int, object],
         expert_map: ExpertMap | None,
         encoders: dict[int, object],
-        spawn: Callable[[str, int, ExpertMap | None], object],
+        spawn: Callable[[ActorKind, int, ExpertMap | None], object],
         policy: ReplacementPolicy,
         rebalance_interval_s: float | None = None,
         extra_copies_per_worker: int = 0,
@@ -94,11 +85,11 @@ class Supervisor:
             min_copies,
         )
         self.ray_timeout_s, self.load_timeout_s = ray_timeout_s, load_timeout_s
-        self.members = {("router", r): _serving("router", r, h) for r, h in routers.items()}
-        self.members |= {("worker", w): _serving("worker", w, h) for w, h in workers.items()}
-        self.members |= {("encoder", e): _serving("encoder", e, h) for e, h in encoders.items()}
+        self.members: dict[tuple[ActorKind, int], Member] = {}
+        for kind, handles in ((ActorKind.ROUTER, routers), (ActorKind.WORKER, workers), (ActorKind.ENCODER, encoders)):
+            self.members |= {(kind, i): _serving(kind, i, h) for i, h in handles.items()}
         self.vision_given_up = False
-        self.counters = SupervisorCounters()
+        self.counters = SupervisorCounters()  # replaced whole on each change, so status() shares it safely
         self.failure: str | None = None  # set once the cluster cannot serve any more
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -115,30 +106,30 @@ class Supervisor:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _of(self, kind: str) -> list[Member]:
-        return [m for (k, _), m in sorted(self.members.items()) if k == kind]
+    def _of(self, kind: ActorKind) -> list[Member]:
+        return sorted((m for (k, _), m in self.members.items() if k is kind), key=lambda m: m.index)
 
     @property
     def workers(self) -> list:
         """The current actor of every worker slot, in slot order (dead ones included until replaced)."""
         with self._lock:
-            return [m.handle for m in self._of("worker")]
+            return [m.handle for m in self._of(ActorKind.WORKER)]
 
     @property
     def routers(self) -> list:
         """The current actor of every router, by id (dead ones included until replaced)."""
         with self._lock:
-            return [m.handle for m in self._of("router")]
+            return [m.handle for m in self._of(ActorKind.ROUTER)]
 
     @property
     def encoders(self) -> list:
         """The current actor of every vision encoder, by index (dead ones included until replaced)."""
         with self._lock:
-            return [m.handle for m in self._of("encoder")]
+            return [m.handle for m in self._of(ActorKind.ENCODER)]
 
     def serving_routers(self) -> list:
         with self._lock:
-            return [m.handle for m in self._of("router") if m.state == "serving"]
+            return [m.handle for m in self._of(ActorKind.ROUTER) if m.state is MemberState.SERVING]
 
     # ---- the watch ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -158,19 +149,20 @@ class Supervisor:
                 log.exception("supervisor")
 
     def _check(self, m: Member) -> None:
-        if m.state != "dead" and m.lifetime.done():
+        if m.state is not MemberState.DEAD and m.lifetime.done():
             why = _death(m.lifetime, m.name)
-            if m.state != "serving":
+            if m.state is not MemberState.SERVING:
                 self._replacement_failed(m, why)
             else:
-                setattr(self.counters, f"{m.kind}_deaths", getattr(self.counters, f"{m.kind}_deaths") + 1)
+                deaths = self.counters.deaths
+                self._count(deaths={**deaths, m.kind: deaths.get(m.kind, 0) + 1})
                 log.error("%s died (%s); replacing it", m.name, why)
-            m.state, m.last_error, m.since = "dead", why, time.monotonic()
+            m.state, m.last_error, m.since = MemberState.DEAD, why, time.monotonic()
         elif m.pending is not None and m.pending.done():
             self._finish_pending(m)
-        elif m.state == "joining" and self._every_router_has(m.index):
+        elif m.state is MemberState.JOINING and self._every_router_has(m.index):
             self._serving_again(m)
-        if m.state == "dead" and self.failure is None and self.policy.may_replace(_key(m)):
+        if m.state is MemberState.DEAD and self.failure is None and self.policy.may_replace(_key(m)):
             self._replace(m)
 
     def _finish_pending(self, m: Member) -> None:
@@ -180,12 +172,12 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - a failed load or connect counts against the replacement policy
             ray.kill(m.handle, no_restart=True)
             self._replacement_failed(m, error_summary(e))
-            m.state, m.since = "dead", time.monotonic()
+            m.state, m.since = MemberState.DEAD, time.monotonic()
             return
-        if m.kind == "router":
+        if m.kind is ActorKind.ROUTER:
             self._serving_again(m)
             return
-        if m.kind == "encoder":
+        if m.kind is ActorKind.ENCODER:
             for router in self.serving_routers():
                 router.use_vision_encoders.remote({m.index: m.handle})
             self._serving_again(m)
@@ -193,30 +185,30 @@ class Supervisor:
         log.info("replacement for worker slot %d loaded in %.1fs; admitting it", m.index, time.monotonic() - m.since)
         for router in self.serving_routers():
             router.admit_worker.remote(m.index, m.handle)
-        m.state, m.since = "joining", time.monotonic()
+        m.state, m.since = MemberState.JOINING, time.monotonic()
 
     def _serving_again(self, m: Member) -> None:
         log.info("%s is serving again", m.name)
-        m.state, m.since = "serving", time.monotonic()
-        self.counters.replacements_succeeded += 1
+        m.state, m.since = MemberState.SERVING, time.monotonic()
+        self._count(replacements_succeeded=self.counters.replacements_succeeded + 1)
         self.policy.succeeded(_key(m))
 
     def _replace(self, m: Member) -> None:
         handle = self.spawn(m.kind, m.index, self.map)
         m.handle, m.since = handle, time.monotonic()
         m.lifetime = handle.wait_stopped.remote().future()
-        if m.kind in ("worker", "encoder"):
-            m.state, m.pending = "loading", handle.load.remote().future()
+        if m.kind is not ActorKind.ROUTER:
+            m.state, m.pending = MemberState.LOADING, handle.load.remote().future()
         else:  # a router loads its weights, takes the live encoders, then forms its group with the live workers
-            live = {w.index: w.handle for w in self._of("worker") if w.state in ("serving", "joining")}
-            encoders = {e.index: e.handle for e in self._of("encoder") if e.state == "serving"}
-            m.state, m.pending = "connecting", handle.load_and_connect.remote(live, encoders).future()
+            live = {w.index: w.handle for w in self._of(ActorKind.WORKER) if w.state.live}
+            encoders = {e.index: e.handle for e in self._of(ActorKind.ENCODER) if e.state is MemberState.SERVING}
+            m.state, m.pending = MemberState.CONNECTING, handle.load_and_connect.remote(live, encoders).future()
         m.replacements += 1
-        self.counters.replacements_started += 1
+        self._count(replacements_started=self.counters.replacements_started + 1)
         log.warning("starting a replacement for %s (attempt %d)", m.name, m.replacements)
 
     def _replacement_failed(self, m: Member, why: str) -> None:
-        self.counters.replacements_failed += 1
+        self._count(replacements_failed=self.counters.replacements_failed + 1)
         self.policy.failed(_key(m), time.monotonic(), why)
         log.error("the replacement for %s failed: %s", m.name, why)
 
@@ -232,9 +224,10 @@ class Supervisor:
         if self.failure is not None or not self.policy.given_up:
             return
         self._check_vision()
-        live_workers = [m.index for m in self._of("worker") if m.state in ("serving", "joining")]
+        live_workers = [m.index for m in self._of(ActorKind.WORKER) if m.state.live]
         lost = self.map.uncovered(live_workers) if self.map is not None else {}
-        routers_left = [m for m in self._of("router") if m.state != "dead" or self.policy.may_replace(_key(m))]
+        routers = self._of(ActorKind.ROUTER)
+        routers_left = [m for m in routers if m.state is not MemberState.DEAD or self.policy.may_replace(_key(m))]
         if lost:
             layer = min(lost)
             why = f"experts {lost[layer]} of layer {layer} have no live copy"
@@ -249,7 +242,7 @@ class Supervisor:
 
     def _check_vision(self) -> None:
         """Every vision encoder given up: tell the routers, so requests with images fail at once (text goes on)."""
-        encoders = self._of("encoder")
+        encoders = self._of(ActorKind.ENCODER)
         if self.vision_given_up or not encoders or any(self.policy.may_replace(_key(m)) for m in encoders):
             return
         self.vision_given_up = True
@@ -262,8 +255,8 @@ class Supervisor:
         """Log each router's completed failovers in this process's log too (the routers log them in theirs), and
         restart a router whose engine failed (its step raised: the gateway has moved its requests elsewhere)."""
         with self._lock:
-            routers = {m.index: m for m in self._of("router") if m.state == "serving"}
-        answers = {}
+            routers = {m.index: m for m in self._of(ActorKind.ROUTER) if m.state is MemberState.SERVING}
+        answers: dict[int, tuple[RouterStats, RouterHealth]] = {}
         for index, m in routers.items():
             try:
                 answers[index] = ray.get(
@@ -272,22 +265,25 @@ class Supervisor:
             except (ray.exceptions.RayError, TimeoutError):
                 continue
         for index, (stats, health) in answers.items():
-            channel = stats["channel"] or {}
-            done = channel.get("failovers", 0)
-            if done > self._failovers_seen.get(index, 0):
-                log.warning(
-                    "router %d failed over (%d so far; last took %.3fs): %s; now epoch %d with workers %s",
-                    index,
-                    done,
-                    channel["stalls_s"][-1],
-                    channel["last_event"],
-                    channel["epoch"],
-                    list(channel["members"]),
-                )
-            self._failovers_seen[index] = done
-            if health.get("failure") and self.failure is None:
-                log.error("router %d failed (%s); restarting it", index, health["failure"])
+            self._log_failovers(index, stats)
+            if health.failure and self.failure is None:
+                log.error("router %d failed (%s); restarting it", index, health.failure)
                 ray.kill(routers[index].handle, no_restart=True)
+
+    def _log_failovers(self, index: int, stats: RouterStats) -> None:
+        channel = stats.channel
+        done = channel.failovers if channel else 0
+        if done > self._failovers_seen.get(index, 0):
+            log.warning(
+                "router %d failed over (%d so far; last took %.3fs): %s; now epoch %d with workers %s",
+                index,
+                done,
+                channel.stalls_s[-1],
+                channel.last_event,
+                channel.epoch,
+                list(channel.members),
+            )
+        self._failovers_seen[index] = done
 
     # ---- rebalancing -------------------------------------------------------------------------------------
     def rebalance(self) -> RebalancePlan | None:
@@ -299,7 +295,7 @@ class Supervisor:
                 raise RebalanceRefused("the routers hold every expert (workers: 0): there is nothing to rebalance")
             if self.failure:
                 raise RebalanceRefused(f"the cluster gave up: {self.failure}")
-            busy = [m.name for m in self.members.values() if m.state != "serving"]
+            busy = [m.name for m in self.members.values() if m.state is not MemberState.SERVING]
             if busy:
                 raise RebalanceRefused(f"{', '.join(busy)} are being replaced; rebalance once they serve")
             routers, workers = self.routers, self.workers
@@ -312,7 +308,7 @@ class Supervisor:
         rebalancer.apply(proposal, routers, workers, self.load_timeout_s, self.ray_timeout_s)
         with self._lock:
             self.map = proposal.expert_map
-            self.counters.rebalances += 1
+            self._count(rebalances=self.counters.rebalances + 1)
         return proposal
 
     def _periodic_rebalance(self) -> None:
@@ -322,31 +318,36 @@ class Supervisor:
             log.info("periodic rebalance skipped: %s", e)
 
     # ---- status ------------------------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> SupervisorStatus:
         with self._lock:
-            return {
-                "generation": self.map.generation if self.map else 0,
-                "failure": self.failure,
-                "degraded": {k[1]: why for k, why in self.policy.given_up.items() if k[0] == "worker"},
-                "degraded_routers": {k[1]: why for k, why in self.policy.given_up.items() if k[0] == "router"},
-                "slots": [_describe(m) for m in self._of("worker")],
-                "routers": [_describe(m) for m in self._of("router")],
-                "encoders": [_describe(m) for m in self._of("encoder")],
-                "counters": vars(self.counters).copy(),
-                "expert_map": self.map,
-            }
+            given_up = self.policy.given_up
+            return SupervisorStatus(
+                generation=self.map.generation if self.map else 0,
+                failure=self.failure,
+                degraded={i: why for (k, i), why in given_up.items() if k is ActorKind.WORKER},
+                degraded_routers={i: why for (k, i), why in given_up.items() if k is ActorKind.ROUTER},
+                slots=tuple(_describe(m) for m in self._of(ActorKind.WORKER)),
+                routers=tuple(_describe(m) for m in self._of(ActorKind.ROUTER)),
+                encoders=tuple(_describe(m) for m in self._of(ActorKind.ENCODER)),
+                counters=self.counters,
+                expert_map=self.map,
+            )
+
+    def _count(self, **changes) -> None:
+        """Publish new counters (under self._lock or on the watch thread; readers hold a snapshot)."""
+        self.counters = dataclasses.replace(self.counters, **changes)
 
 
-def _serving(kind: str, index: int, handle) -> Member:
-    return Member(kind, index, handle, "serving", handle.wait_stopped.remote().future())
+def _serving(kind: ActorKind, index: int, handle) -> Member:
+    return Member(kind, index, handle, MemberState.SERVING, handle.wait_stopped.remote().future())
 
 
-def _key(m: Member) -> tuple[str, int]:
+def _key(m: Member) -> tuple[ActorKind, int]:
     return (m.kind, m.index)
 
 
-def _describe(m: Member) -> dict:
-    return {"slot": m.index, "state": m.state, "replacements": m.replacements, "last_error": m.last_error}
+def _describe(m: Member) -> MemberStatus:
+    return MemberStatus(slot=m.index, state=m.state, replacements=m.replacements, last_error=m.last_error)
 
 
 def _death(lifetime: concurrent.futures.Future, name: str) -> str:

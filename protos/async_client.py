@@ -14,32 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from protos.client import DEFAULT_MAX_MESSAGE_BYTES
-from protos.client_types import (
-    READINESS,
-    Chunk,
-    GenerationError,
-    GenerationResult,
-    StreamFolder,
-    build_request,
-    tokenize_request,
-)
-from protos.credentials import Pem, call_metadata, channel_credentials
+from protos.client_base import ClientBase, GenerationCall
+from protos.client_types import READINESS, Chunk, GenerationError, GenerationResult, tokenize_request
 from protos.moecluster.v1 import inference_pb2 as pb
-from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
 
-class AsyncGeneration:
+class AsyncGeneration(GenerationCall):
     """One Generate call: `async for` the chunks; `result` once the stream has ended; `cancel()` to stop."""
-
-    def __init__(self, call, request_id: str = ""):
-        self._call, self._request_id = call, request_id
-        self._folder = StreamFolder()
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
@@ -50,74 +36,12 @@ class AsyncGeneration:
         except grpc.RpcError as e:
             raise self._folder.failure(e) from None
 
-    @property
-    def request_id(self) -> str:
-        return self._folder.result.request_id or self._request_id
 
-    @property
-    def result(self) -> GenerationResult:
-        if not self._folder.done:
-            raise RuntimeError("the stream has not completed; iterate it to the end first")
-        return self._folder.result
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
-class AsyncInferenceClient:
+class AsyncInferenceClient(ClientBase[AsyncGeneration]):
     """Create it inside the event loop that will use it (grpc.aio channels belong to one loop)."""
 
-    def __init__(
-        self,
-        target: str,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        *,
-        tls: bool = False,
-        tls_ca: Pem | None = None,
-        tls_cert: Pem | None = None,
-        tls_key: Pem | None = None,
-        api_key: str | None = None,
-    ):
-        self.metadata = call_metadata(api_key)
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-        self.channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self.stub = pb_grpc.InferenceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        input_ids: Iterable[int] | None = None,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        request_id: str = "",
-        model: str = "",
-        stream: bool = True,
-        timeout: float | None = None,
-        cache_salt: str = "",
-        **sampling,
-    ) -> AsyncGeneration:
-        request = build_request(
-            prompt,
-            input_ids=input_ids,
-            messages=messages,
-            images=images,
-            request_id=request_id,
-            model=model,
-            stream=stream,
-            cache_salt=cache_salt,
-            **sampling,
-        )
-        return AsyncGeneration(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)
+    grpc_module = grpc.aio
+    generation_class = AsyncGeneration
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         gen = self.generate(prompt, stream=False, **kwargs)
@@ -125,17 +49,9 @@ class AsyncInferenceClient:
             pass
         return gen.result
 
-    async def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        add_special_tokens: bool = True,
-        timeout: float | None = 30,
-    ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens, images)
-        return list((await self._unary(self.stub.Tokenize, request, timeout)).token_ids)
+    async def tokenize(self, prompt: str | None = None, *, timeout: float | None = 30, **inputs) -> list[int]:
+        """`inputs`: messages, images, add_special_tokens (see client_types.tokenize_request)."""
+        return list((await self._unary(self.stub.Tokenize, tokenize_request(prompt, **inputs), timeout)).token_ids)
 
     async def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
         return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)

@@ -22,34 +22,21 @@ A gateway with TLS, mutual TLS or API keys (README "Security"):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from protos.client_types import (
-    READINESS,
-    Chunk,
-    GenerationError,
-    GenerationResult,
-    StreamFolder,
-    build_request,
-    tokenize_request,
-)
-from protos.credentials import Pem, call_metadata, channel_credentials
+from protos.client_base import DEFAULT_MAX_MESSAGE_BYTES, ClientBase, GenerationCall
+from protos.client_types import READINESS, Chunk, GenerationError, GenerationResult, tokenize_request
 from protos.moecluster.v1 import inference_pb2 as pb
-from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20  # the server's default too (images make requests large)
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Generation", "InferenceClient"]
 
 
-class Generation:
+class Generation(GenerationCall):
     """One Generate call: iterate for chunks; `result` once the stream has ended; `cancel()` to stop early
     (the server aborts the request and frees its KV blocks)."""
-
-    def __init__(self, call, request_id: str = ""):
-        self._call, self._request_id = call, request_id
-        self._folder = StreamFolder()
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -60,79 +47,13 @@ class Generation:
         except grpc.RpcError as e:
             raise self._folder.failure(e) from None
 
-    @property
-    def request_id(self) -> str:
-        """As given, or as the server assigned it (known from the first response on)."""
-        return self._folder.result.request_id or self._request_id
 
-    @property
-    def result(self) -> GenerationResult:
-        if not self._folder.done:
-            raise RuntimeError("the stream has not completed; iterate it to the end first")
-        return self._folder.result
+class InferenceClient(ClientBase[Generation]):
+    """InferenceClient(target, max_message_bytes=32 MiB, channel=None, *, tls, tls_ca, tls_cert, tls_key, api_key):
+    see ClientBase (protos/client_base.py)."""
 
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
-class InferenceClient:
-    def __init__(
-        self,
-        target: str,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        channel: grpc.Channel | None = None,
-        *,
-        tls: bool = False,
-        tls_ca: Pem | None = None,
-        tls_cert: Pem | None = None,
-        tls_key: Pem | None = None,
-        api_key: str | None = None,
-    ):
-        """TLS when `tls` or any tls_* is given (tls_ca: the CA that signed the server's certificate, default the
-        system's roots; tls_cert + tls_key: this client's certificate, for mutual TLS); each is a path or PEM
-        bytes. `api_key` goes with every call as `authorization: Bearer <key>`."""
-        self.metadata = call_metadata(api_key)
-        if channel is None:
-            options = [
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ]
-            credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-            channel = (
-                grpc.secure_channel(target, credentials, options)
-                if credentials
-                else grpc.insecure_channel(target, options)
-            )
-        self.channel = channel
-        self.stub = pb_grpc.InferenceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        input_ids: Iterable[int] | None = None,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        request_id: str = "",
-        model: str = "",
-        stream: bool = True,
-        timeout: float | None = None,
-        cache_salt: str = "",
-        **sampling,
-    ) -> Generation:
-        request = build_request(
-            prompt,
-            input_ids=input_ids,
-            messages=messages,
-            images=images,
-            request_id=request_id,
-            model=model,
-            stream=stream,
-            cache_salt=cache_salt,
-            **sampling,
-        )
-        return Generation(self.stub.Generate(request, timeout=timeout, metadata=self.metadata), request_id)
+    grpc_module = grpc
+    generation_class = Generation
 
     def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """The whole result at once (sent as one chunk: stream=False)."""
@@ -141,17 +62,9 @@ class InferenceClient:
             pass
         return gen.result
 
-    def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        add_special_tokens: bool = True,
-        timeout: float | None = 30,
-    ) -> list[int]:
-        request = tokenize_request(prompt, messages, add_special_tokens, images)
-        return list(self._unary(self.stub.Tokenize, request, timeout).token_ids)
+    def tokenize(self, prompt: str | None = None, *, timeout: float | None = 30, **inputs) -> list[int]:
+        """`inputs`: messages, images, add_special_tokens (see client_types.tokenize_request)."""
+        return list(self._unary(self.stub.Tokenize, tokenize_request(prompt, **inputs), timeout).token_ids)
 
     def model_info(self, timeout: float | None = 30) -> pb.GetModelInfoResponse:
         return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)

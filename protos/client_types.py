@@ -135,8 +135,12 @@ def image(source) -> pb.Image:
 
 
 def tokenize_request(
-    prompt: str | None, messages: Iterable | None, add_special_tokens: bool, images: Iterable | None = None
+    prompt: str | None = None,
+    messages: Iterable | None = None,
+    add_special_tokens: bool = True,
+    images: Iterable | None = None,
 ) -> pb.TokenizeRequest:
+    """Exactly one of prompt (with its `images`, one per `<|image|>`) or messages (as for `build_request`)."""
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt or messages")
     if prompt is not None:

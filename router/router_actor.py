@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import ray
 import torch
 
+from cluster.actor_reports import RouterHealth, RouterStats
+from cluster.actor_state import ChannelState
 from cluster.all_to_all import AllToAllTransport
 from cluster.batch import ForwardBatch, SeqSlice
 from cluster.checkpoint import CheckpointReader
@@ -33,12 +34,14 @@ from cluster.weights import experts_bytes, resolve_dtype, router_bytes
 from router.engine.async_engine import AsyncEngine, collect
 from router.engine.config import EngineConfig
 from router.engine.engine import Engine
-from router.experts.channel import ChannelSettings, ExpertChannel
+from router.experts.channel import ExpertChannel
+from router.experts.settings import ChannelSettings
 from router.experts.worker_link import RayWorkerLink
 from router.images.encoder_pool import EncoderPool, RayEncoderLink
 from router.images.features import VisionSettings, image_features_for
 from router.reference.contiguous_cache import ContiguousKVCache
 from router.request.messages import EngineRequest
+from router.request.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -205,70 +208,69 @@ class RouterActor:
         return logits.float().cpu()
 
     # ---- operations --------------------------------------------------------------------------------------
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         """What the gateway needs to validate requests and answer GetModelInfo."""
         cfg, engine = self.config, self.engine.engine
-        return {
-            "name": self.model_name,
-            "architecture": cfg.architecture,
-            "context_length": engine.limits.max_model_len,
-            "vocab_size": cfg.vocab_size,
-            "num_experts": cfg.num_local_experts,
-            "experts_per_token": cfg.num_experts_per_tok,
-            "num_layers": cfg.num_hidden_layers,
-            "moe_layers": list(cfg.moe_layers),
-            "hidden_size": cfg.hidden_size,
-            "limits": engine.limits,
-            "generation_defaults": engine.defaults,
-            "eos_token_ids": sorted(engine.eos_ids),
-            "kv_token_capacity": engine.kv.token_capacity,
-            "block_size": engine.kv.block_size,
-            "prefix_caching": engine.blocks.caching,
-            "kv_bytes_per_token": engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "workers": self.expert_map.num_workers if self.expert_map else 0,
-            "vision": engine.vision,  # a VisionPrompt (its tokens, tile size, tokens per tile), or None
-        }
+        return ModelInfo(
+            name=self.model_name,
+            architecture=cfg.architecture,
+            context_length=engine.limits.max_model_len,
+            vocab_size=cfg.vocab_size,
+            num_experts=cfg.num_local_experts,
+            experts_per_token=cfg.num_experts_per_tok,
+            num_layers=cfg.num_hidden_layers,
+            moe_layers=tuple(cfg.moe_layers),
+            hidden_size=cfg.hidden_size,
+            limits=engine.limits,
+            generation_defaults=engine.defaults,
+            eos_token_ids=tuple(sorted(engine.eos_ids)),
+            kv_token_capacity=engine.kv.token_capacity,
+            block_size=engine.kv.block_size,
+            prefix_caching=engine.blocks.caching,
+            kv_bytes_per_token=engine.kv.full_bytes_per_token + engine.kv.chunk_bytes_per_token,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            workers=self.expert_map.num_workers if self.expert_map else 0,
+            vision=engine.vision,
+        )
 
     def engine_stats(self):
         return self.engine.stats()
 
-    def health(self) -> dict:
+    def health(self) -> RouterHealth:
         """Ready while it can take requests: loaded, and its channel serving or recovering (a failover holds
         requests, it does not refuse them)."""
         failure = self.engine.engine.failure if self.engine else None
         if self.expert_map is not None:
-            state = self.channel.stats.state if self.channel else "starting"
+            state = self.channel.stats.state if self.channel else ChannelState.STARTING
         else:
-            state = "serving" if self._loaded else "starting"
-        return {
-            "ready": self._loaded and failure is None and state in ("serving", "recovering", "holding"),
-            "failure": failure,
-            "state": state,
-            "steps": self.runner.steps if self.runner else 0,
-            "pid": os.getpid(),
-        }
+            state = ChannelState.SERVING if self._loaded else ChannelState.STARTING
+        return RouterHealth(
+            ready=self._loaded and failure is None and state.takes_requests,
+            failure=failure,
+            state=state,
+            steps=self.runner.steps if self.runner else 0,
+            pid=os.getpid(),
+        )
 
-    def stats(self) -> dict:
+    def stats(self) -> RouterStats:
         moe = (
             [(layer, m.feed_forward) for layer, m in enumerate(self.model.model.layers) if m.is_moe]
             if self.model
             else []
         )
-        channel = self.channel.stats if self.channel else None
-        return {
-            "router": self.router_id,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "bytes_read": self.bytes_read,
-            "steps": self.runner.steps if self.runner else 0,
+        return RouterStats(
+            router=self.router_id,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            bytes_read=self.bytes_read,
+            steps=self.runner.steps if self.runner else 0,
             # routed tokens per expert since start (every expert's, wherever it lives)
-            "tokens_per_expert": {layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
-            "expert_map": self.channel.map if self.channel else self.expert_map,
-            "channel": asdict(channel) if channel else None,
-            "vision": self.images.stats() if self.images else None,
-        }
+            tokens_per_expert={layer: ff.tokens_per_expert.tolist() for layer, ff in moe},
+            expert_map=self.channel.map if self.channel else self.expert_map,
+            channel=self.channel.stats if self.channel else None,
+            vision=self.images.stats() if self.images else None,
+        )
 
     def shutdown(self) -> None:
         self._stopped.set()

@@ -72,4 +72,4 @@ def pid_of(actor) -> int:
     """The process id of a Ray actor that answers `ping()` (an expert worker, a vision encoder)."""
     import ray
 
-    return ray.get(actor.ping.remote(), timeout=30)["pid"]
+    return ray.get(actor.ping.remote(), timeout=30).pid

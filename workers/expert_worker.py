@@ -3,11 +3,11 @@
 Life: created by the launcher (one GPU each on a GPU cluster) into its slot's placement-group bundle -> `load`
 (its experts only, with progress) -> per router, `serve(router, address, rank)`: one Ray call per epoch of that
 router's group, which joins the group and follows the router's steps (per step: a header, then for each MoE
-layer receive rows, run the experts, reply) until the router says STOP ("stopped") or REGROUP ("regroup"), or
-the group breaks ("fenced": a peer died or the router closed the group). The router then calls `serve` again
-with the next epoch's group. Ray calls besides: `fence`, `prepare_map`/`retire_maps` (rebalancing), `ping`,
-`stats`, `wait_stopped` (returns at shutdown; its ObjectRef tells the supervisor when this actor dies), never
-one per token.
+layer receive rows, run the experts, reply) until the router says STOP or REGROUP, or the group breaks (FENCED: a
+peer died or the router closed the group); it returns a LoopEnd saying which (cluster/actor_state.py). The router
+then calls `serve` again with the next epoch's group. Ray calls besides: `fence`, `prepare_map`/`retire_maps`
+(rebalancing), `ping`, `stats`, `wait_stopped` (returns at shutdown; its ObjectRef tells the supervisor when this
+actor dies), never one per token.
 
 A worker holds no request state: it can die at any point and a replacement in the same slot serves the same
 experts, while the routers replay the step that was in flight.
@@ -24,6 +24,8 @@ import time
 import ray
 import torch
 
+from cluster.actor_reports import Pong, WorkerStats
+from cluster.actor_state import FENCED, REGROUPED, STOPPED, ActorKind, LoopEnd, LoopEndKind, MemberState
 from cluster.all_to_all import REGROUP, RUN, STOP, AllToAllTransport
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
@@ -71,7 +73,7 @@ class ExpertWorker:
         _check_fits(self.device, held * sum(len(e) for e in expert_map.slot_experts(slot).values()), slot)
         self.store = ExpertStore(cfg, self.reader, slot, self.device, self.dtype, expert_dtype)
         self.load_delay_s = load_delay_s
-        self.state = "loading"
+        self.state = MemberState.LOADING
         self.steps = 0
         self.channels: dict[int, AllToAllTransport] = {}
         self._channels_lock = threading.Lock()
@@ -84,7 +86,7 @@ class ExpertWorker:
         if self.load_delay_s:
             time.sleep(self.load_delay_s)
         self.store.load(self.expert_map)
-        self.state = "joining"
+        self.state = MemberState.JOINING
         log.info(
             "worker slot %d loaded %d experts (%.1f MB) in %.2fs",
             self.slot,
@@ -100,26 +102,26 @@ class ExpertWorker:
             self.reader.bytes_read,
             self.bytes_total,
             self.reader.tensors_read,
-            self.state != "loading",
+            self.state is not MemberState.LOADING,
         )
 
     # ---- serving -----------------------------------------------------------------------------------------
-    def serve(self, router: int, address: GroupAddress, rank: int) -> str:
-        """Join router `router`'s group for one epoch and follow its steps; returns "stopped", "regroup" or
-        "fenced". Raises only on a bug (the router then treats this worker as failed)."""
+    def serve(self, router: int, address: GroupAddress, rank: int) -> LoopEnd:
+        """Join router `router`'s group for one epoch and follow its steps; returns how it ended (STOPPED, REGROUP
+        or FENCED). Raises only on a bug (the router then treats this worker as failed)."""
         try:
             groups = ChannelGroups.join(address, rank, self.bind_host)
         except (RuntimeError, CollectiveError) as e:  # torch's rendezvous failed (a peer died before the group
             # formed): the router forms the next one
             log.warning("worker slot %d: router %d's group %s did not form: %s", self.slot, router, address.prefix, e)
-            return "fenced"
+            return LoopEnd(LoopEndKind.FENCED, f"router {router}'s group {address.prefix} did not form: {e}")
         transport = AllToAllTransport(groups, self.config.hidden_size, self.device, self.dtype)
         with self._channels_lock:
             old = self.channels.pop(router, None)
             self.channels[router] = transport
         if old is not None:
             old.groups.close()
-        self.state = "serving"
+        self.state = MemberState.SERVING
         try:
             return self._follow(router, transport)
         finally:
@@ -128,14 +130,14 @@ class ExpertWorker:
                 if self.channels.get(router) is transport:
                     del self.channels[router]
 
-    def _follow(self, router: int, transport: AllToAllTransport) -> str:
+    def _follow(self, router: int, transport: AllToAllTransport) -> LoopEnd:
         while True:
             try:
                 command, _, generation = transport.receive_header()
                 if command == STOP:
-                    return "stopped"
+                    return STOPPED
                 if command == REGROUP:
-                    return "regroup"
+                    return REGROUPED
                 assert command == RUN, f"unknown step command {command}"
                 expert_map, shards = self.store.generation(generation)
                 transport.serve_step(expert_map, shards, functools.partial(self.store.count, generation))
@@ -144,7 +146,7 @@ class ExpertWorker:
                 log.info(
                     "worker slot %d: router %d's group ended at its step %d: %s", self.slot, router, transport.steps, e
                 )
-                return "fenced"
+                return FENCED
 
     def fence(self, router: int) -> None:
         """Close this worker's side of router `router`'s current group (a member died); unblocks NCCL."""
@@ -164,28 +166,28 @@ class ExpertWorker:
         self.store.retire(keep)
 
     # ---- operations --------------------------------------------------------------------------------------
-    def ping(self) -> dict:
-        return {"slot": self.slot, "pid": os.getpid(), "state": self.state, "steps": self.steps}
+    def ping(self) -> Pong:
+        return Pong(ActorKind.WORKER, self.slot, os.getpid(), self.state, self.steps)
 
     def wait_stopped(self) -> None:
         """Returns when the worker shuts down; the supervisor holds its ObjectRef to learn of the actor's death."""
         self._stopped.wait()
 
-    def stats(self) -> dict:
-        return {
-            "slot": self.slot,
-            "pid": os.getpid(),
-            "state": self.state,
-            "device": str(self.device),
-            "generation": self.store.latest if self.store.shards else -1,
-            "experts": self.store.holdings() if self.store.shards else {},
-            "bytes_resident": self.store.bytes_resident,
-            "expert_dtype": self.store.weight_dtype,
-            "bytes_read": self.reader.bytes_read,
-            "tokens_per_expert": self.store.token_counts() if self.store.shards else {},
-            "steps": self.steps,
-            "routers": sorted(self.channels),
-        }
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            slot=self.slot,
+            pid=os.getpid(),
+            state=self.state,
+            device=str(self.device),
+            generation=self.store.latest if self.store.shards else -1,
+            experts=self.store.holdings() if self.store.shards else {},
+            bytes_resident=self.store.bytes_resident,
+            expert_dtype=self.store.weight_dtype,
+            bytes_read=self.reader.bytes_read,
+            tokens_per_expert=self.store.token_counts() if self.store.shards else {},
+            steps=self.steps,
+            routers=tuple(sorted(self.channels)),
+        )
 
     def shutdown(self) -> None:
         with self._channels_lock:

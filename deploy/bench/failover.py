@@ -20,6 +20,7 @@ import uuid
 
 import ray
 
+from cluster.actor_state import MemberState
 from deploy.bench.interruption import AFTER_LOAD, StreamLog, interrupted, kill_when_ready, ready_to_kill
 from deploy.bench.models import BENCH_MODELS, bench_checkpoint
 from deploy.cluster_config import ClusterConfig
@@ -48,7 +49,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
         gaps, during, kills = [], [], []
         for k in range(args.kills):
             victim = d.workers[k % args.workers]
-            pid = ray.get(victim.ping.remote(), timeout=30)["pid"]
+            pid = ray.get(victim.ping.remote(), timeout=30).pid
             marks = []
             kill = lambda: (marks.append(load.tokens), os.kill(pid, signal.SIGKILL))  # noqa: E731
             kills.append(kill_when_ready(lambda: ready_to_kill(load.current), lambda: False, kill))
@@ -57,8 +58,8 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
             gaps.append(load.longest_gap_since(kills[-1]))
             time.sleep(args.settle_s)
         after = load.rate(args.window_s)
-        channel = d.stats()["router"]["channel"]
-        stalls = channel["stalls_s"][-args.kills :]
+        channel = d.stats().router.channel
+        stalls = list(channel.stalls_s[-args.kills :])
         load.stop()
         ends = [*kills[1:], time.perf_counter()]
         return {
@@ -75,7 +76,7 @@ def _measure(model_dir: str, replicas: int, args) -> dict:
 def _wait_serving(deployment, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     time.sleep(0.5)  # the supervisor notices the death first
-    while any(s["state"] != "serving" for s in deployment.supervision()["slots"]):
+    while any(s.state is not MemberState.SERVING for s in deployment.supervision().slots):
         if time.monotonic() > deadline:
             raise RuntimeError("the cluster did not return to full strength")
         time.sleep(0.05)

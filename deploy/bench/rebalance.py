@@ -75,7 +75,7 @@ def _window(deployment, requests) -> dict:
 
 def _loads(deployment) -> list[int]:
     """Tokens each worker's copies have served so far."""
-    return [sum(sum(c.values()) for c in s["tokens_per_expert"].values()) for s in deployment.stats()["workers"]]
+    return [sum(sum(c.values()) for c in s.tokens_per_expert.values()) for s in deployment.stats().workers]
 
 
 def _print(rows, args) -> None:

@@ -98,7 +98,7 @@ def failover_load(rows: list[tuple[int, int, dict]], tokens: int) -> tuple[int, 
 def router_failover(server: Server, n: int, tokens: int, when=None) -> dict:
     """`n` streams of `tokens`; router 0 SIGKILLed once every stream generates with tokens left (or, given `when`,
     once `when(logs)`); the run's figures, the kill's verdict ("interrupted") and the load's shape."""
-    pid = ray.get(server.cluster.routers[0].health.remote(), timeout=30)["pid"]
+    pid = ray.get(server.cluster.routers[0].health.remote(), timeout=30).pid
     logs = [StreamLog(tokens) for _ in range(n)]
     ready, late = (ready_to_kill, too_late) if when is None else (when, lambda _: False)
 

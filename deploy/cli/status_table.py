@@ -5,6 +5,8 @@ served."""
 
 from __future__ import annotations
 
+from cluster.actor_state import MemberState
+
 
 def format_status(status, info, readiness: str) -> str:
     g = status.gateway
@@ -32,7 +34,7 @@ def format_status(status, info, readiness: str) -> str:
                 (
                     str(w.index) if first else "",
                     w.state if first else "",
-                    str(w.generation) if first and w.state != "dead" else "",
+                    str(w.generation) if first and w.state != MemberState.DEAD.value else "",
                     str(w.rank) if first and w.rank else "",
                     w.device if first else "",
                     f"{_bytes(w.bytes_resident)} {w.expert_dtype}".strip() if first and w.bytes_resident else "",

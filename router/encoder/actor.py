@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from cluster.actor_reports import EncoderStats, Pong
+from cluster.actor_state import ActorKind
 from cluster.checkpoint import CheckpointReader
 from cluster.load_progress import LoadProgress
 from cluster.log_format import setup_logging
@@ -70,18 +72,18 @@ class VisionEncoderActor:
             finally:
                 self.seconds += time.perf_counter() - started
 
-    def ping(self) -> dict:
-        return {"index": self.index, "pid": os.getpid()}
+    def ping(self) -> Pong:
+        return Pong(ActorKind.ENCODER, self.index, os.getpid())
 
-    def stats(self) -> dict:
-        return {
-            "index": self.index,
-            "pid": os.getpid(),
-            "device": str(self.device),
-            "encoded": self.encoder.encoded if self.encoder else 0,
-            "seconds": self.seconds,
-            "loaded": self.encoder is not None,
-        }
+    def stats(self) -> EncoderStats:
+        return EncoderStats(
+            index=self.index,
+            pid=os.getpid(),
+            device=str(self.device),
+            encoded=self.encoder.encoded if self.encoder else 0,
+            seconds=self.seconds,
+            loaded=self.encoder is not None,
+        )
 
     async def wait_stopped(self) -> None:
         """Returns when the encoder shuts down; the supervisor holds its ObjectRef to learn of the actor's death."""

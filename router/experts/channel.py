@@ -7,8 +7,8 @@ The life of a failover (one router's view; every router has its own channel and 
            (then members that do not answer a ping are killed, which resets their sockets)
   fence    abort (NCCL: never wait for its timeout) and close this epoch's groups, and ask every member to close
            its side, so nobody stays blocked on the dead peer
-  settle   each member's loop call ends: "fenced" (alive), dead, or failed (killed); one that does not end and does
-           not answer a ping is killed too
+  settle   each member's loop call ends (a LoopEnd): FENCED (alive), DEAD, or FAILED (killed); one that does not
+           end and does not answer a ping is killed too
   hold     while some expert has no live copy (one copy per expert and its only holder died), wait for the
            supervisor to admit a replacement; requests wait, none fail, unless the supervisor gives up
   regroup  form the next epoch's group from the survivors (and any admitted replacement)
@@ -26,42 +26,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TypeVar
 
+from cluster.actor_reports import ChannelStats
+from cluster.actor_state import ChannelState, LoopEnd, LoopEndKind
 from cluster.all_to_all import REGROUP, RUN, STOP
 from cluster.errors import ClusterFailure, CollectiveError
 from cluster.expert_map import ExpertMap
-from cluster.failover_buckets import STALL_BUCKETS_S, STALLS_KEPT
 from cluster.process_group import GroupAddress
+from router.experts.liveness import kill_silent
 from router.experts.monitor import ChannelMonitor
-from router.experts.worker_link import ALIVE, WorkerLink
+from router.experts.settings import ChannelSettings
+from router.experts.worker_link import WorkerLink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ChannelSettings:
-    join_timeout_s: float = 60.0  # forming a group (every member must join within this)
-    hang_timeout_s: float = 5.0  # a step without progress this long: probe the members
-    ping_timeout_s: float = 3.0  # a member that does not answer a ping within this is declared hung
-    poll_s: float = 0.05  # the monitor's period
-
-
-@dataclass
-class ChannelStats:
-    epoch: int = 0
-    members: tuple[int, ...] = ()
-    state: str = "starting"  # starting | serving | recovering | holding | failed | stopped
-    failovers: int = 0
-    replayed_steps: int = 0
-    regroups: int = 0
-    stalls_s: list[float] = field(default_factory=list)  # recovery time per failover, the latest STALLS_KEPT
-    stall_buckets: list[int] = field(default_factory=lambda: [0] * (len(STALL_BUCKETS_S) + 1))  # every failover
-    stall_sum_s: float = 0.0
-    last_event: str = ""
-    map_generation: int = 0
 
 
 class ExpertChannel:
@@ -81,7 +61,8 @@ class ExpertChannel:
         self.router, self.map, self.links = router, expert_map, dict(links)
         self.address_for, self.join, self.make_transport = address_for, join, make_transport
         self.backend, self.settings = backend, settings
-        self.stats = ChannelStats(map_generation=expert_map.generation)
+        self.stats = ChannelStats(map_generation=expert_map.generation)  # replaced whole on each change (`_note`)
+        self._stats_lock = threading.Lock()
         self.transport = None
         self.loops: dict[int, concurrent.futures.Future] = {}
         self.step_started: float | None = None
@@ -92,23 +73,28 @@ class ExpertChannel:
         self._steps = 0
         self.monitor = ChannelMonitor(self)
 
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The worker slots of the current epoch."""
+        return self.stats.members
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def open(self) -> None:
         """Form the first group with every worker that can join (holding while an expert has no live copy)."""
         self.monitor.start()
         self._establish(set(self.links))
-        self.stats.state = "serving"
+        self._note(state=ChannelState.SERVING)
 
     def close(self) -> None:
         """STOP the members' loops (best effort) and close the group."""
         self.monitor.stop()
-        if self.transport is not None and self.stats.state == "serving":
+        if self.transport is not None and self.stats.state is ChannelState.SERVING:
             try:
                 self.transport.send_header(STOP)
             except CollectiveError as e:
                 log.info("router %d: could not send STOP: %s", self.router, e)
         self._close_groups()
-        self.stats.state = "stopped"
+        self._note(state=ChannelState.STOPPED)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def run(self, forward: Callable[[object], T]) -> T:
@@ -124,7 +110,7 @@ class ExpertChannel:
             except CollectiveError as e:
                 self.step_started = None
                 self._recover(f"step failed: {e}")
-                self.stats.replayed_steps += 1
+                self._note(replayed_steps=self.stats.replayed_steps + 1)
             finally:
                 self.step_started = None
 
@@ -139,7 +125,7 @@ class ExpertChannel:
         if next_map is not None:
             self.map = next_map
             self.transport.set_routes(next_map, self.stats.members)
-            self.stats.map_generation = next_map.generation
+            self._note(map_generation=next_map.generation)
             log.info("router %d: switched to expert map generation %d", self.router, next_map.generation)
         if admitted:
             self._planned_regroup(admitted)
@@ -161,14 +147,14 @@ class ExpertChannel:
         with self._lock:
             self._failure = reason
             self._lock.notify_all()
-        self.stats.state, self.stats.last_event = "failed", reason
+        self._note(state=ChannelState.FAILED, last_event=reason)
         if self.transport is not None:
             self.transport.groups.abort()
 
     # ---- failover ----------------------------------------------------------------------------------------
     def _recover(self, reason: str) -> None:
         started = time.monotonic()
-        self.stats.state, self.stats.last_event = "recovering", reason
+        self._note(state=ChannelState.RECOVERING, last_event=reason)
         log.warning(
             "router %d: %s; fencing epoch %d (members %s)",
             self.router,
@@ -178,11 +164,8 @@ class ExpertChannel:
         )
         self._establish(self._fence_and_settle())
         stall = time.monotonic() - started
-        self.stats.failovers += 1
-        self.stats.stalls_s = [*self.stats.stalls_s[-STALLS_KEPT + 1 :], stall]
-        self.stats.stall_buckets[sum(stall > bound for bound in STALL_BUCKETS_S)] += 1
-        self.stats.stall_sum_s += stall
-        self.stats.state = "serving"
+        with self._stats_lock:
+            self.stats = replace(self.stats.with_stall(stall), state=ChannelState.SERVING)
         self.monitor.lost_member.clear()
         log.warning(
             "router %d: failover done in %.3fs: epoch %d with workers %s",
@@ -199,7 +182,7 @@ class ExpertChannel:
             live |= self._take_admitted()
             lost = self.map.uncovered(live)
             if lost:
-                self.stats.state = "holding"
+                self._note(state=ChannelState.HOLDING)
                 self._hold(lost, live)
                 live = self._still_alive(live)  # time has passed: one of them may have died meanwhile
                 continue
@@ -223,44 +206,38 @@ class ExpertChannel:
         """Wait (bounded) for every member's loop call to end; kill the ones that are hung or failed."""
         loops = dict(self.loops)
         concurrent.futures.wait(list(loops.values()), timeout=timeout_s)
+        pending = [self.links[slot] for slot, loop in loops.items() if not loop.done()]
+        hung = {
+            link.slot for link in kill_silent(pending, self.settings.ping_timeout_s, self.router, "does not answer")
+        }
         live = set()
         for slot, loop in loops.items():
             link = self.links[slot]
-            if not loop.done():
-                outcome = "fenced" if link.ping(self.settings.ping_timeout_s) else "hung"
-                if outcome == "hung":
-                    log.error("router %d: expert worker %d does not answer: killing it", self.router, slot)
-                    link.kill()
+            if slot in hung:
+                end = LoopEnd(LoopEndKind.DEAD, f"expert worker {slot} hung")
             else:
-                outcome = link.outcome(loop)
-            if outcome in ALIVE:
+                end = link.outcome(loop) if loop.done() else LoopEnd(LoopEndKind.FENCED)
+            if end.alive:
                 live.add(slot)
-            else:
-                if outcome.startswith("failed"):
-                    link.kill()
-                log.error("router %d: %s", self.router, outcome.split(": ", 1)[-1])
-                del self.links[slot]
+                continue
+            if end.kind is LoopEndKind.FAILED:
+                link.kill()
+            log.error("router %d: %s", self.router, end.describe())
+            del self.links[slot]
         self.loops = {}
         return live
 
     def _still_alive(self, slots: set[int]) -> set[int]:
-        """The slots whose worker answers a ping (a dead actor fails at once); the others are dropped."""
+        """The slots whose worker answers a ping (a dead actor fails at once); the others are killed and dropped."""
         links = [self.links[s] for s in slots if s in self.links]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(links))) as pool:
-            answers = list(pool.map(lambda link: link.ping(self.settings.ping_timeout_s), links))
-        alive = set()
-        for link, answered in zip(links, answers):
-            if answered:
-                alive.add(link.slot)
-            else:
-                log.error("router %d: expert worker %d is gone", self.router, link.slot)
-                link.kill()
-                del self.links[link.slot]
-        return alive
+        gone = {link.slot for link in kill_silent(links, self.settings.ping_timeout_s, self.router, "is gone")}
+        for slot in gone:
+            del self.links[slot]
+        return {link.slot for link in links} - gone
 
     def _hold(self, lost: dict[int, list[int]], live: set[int]) -> None:
         detail = ", ".join(f"layer {layer}: {experts}" for layer, experts in sorted(lost.items())[:3])
-        self.stats.last_event = f"holding steps: no live copy of experts ({detail}); waiting for a replacement"
+        self._note(last_event=f"holding steps: no live copy of experts ({detail}); waiting for a replacement")
         log.warning("router %d: %s (live workers %s)", self.router, self.stats.last_event, sorted(live))
         with self._lock:
             while not self._admitted and self._failure is None:
@@ -280,8 +257,7 @@ class ExpertChannel:
         except (CollectiveError, RuntimeError, concurrent.futures.TimeoutError) as e:
             self._recover(f"regroup failed: {e}")
             return
-        self.stats.regroups += 1
-        self.stats.state = "serving"
+        self._note(regroups=self.stats.regroups + 1, state=ChannelState.SERVING)
 
     def _take_admitted(self) -> set[int]:
         with self._lock:
@@ -290,10 +266,10 @@ class ExpertChannel:
         return set(admitted)
 
     def _form(self, slots: tuple[int, ...]) -> None:
-        self.stats.epoch += 1
+        self._note(epoch=self.stats.epoch + 1)
         address = self.address_for(1 + len(slots), f"r{self.router}/e{self.stats.epoch}")
         self.loops = {slot: self.links[slot].serve(self.router, address, rank) for rank, slot in enumerate(slots, 1)}
-        self.stats.members = slots
+        self._note(members=slots)
         groups = self._join_watching(address)
         transport = self.make_transport(groups)
         transport.set_routes(self.map, slots)
@@ -329,6 +305,11 @@ class ExpertChannel:
 
     def _steps_so_far(self) -> int:
         return self.transport.steps if self.transport is not None else 0
+
+    def _note(self, **changes) -> None:
+        """Publish a new ChannelStats (readers on other threads see either the old one or the new one whole)."""
+        with self._stats_lock:
+            self.stats = replace(self.stats, **changes)
 
     def _check_failed(self) -> None:
         with self._lock:

@@ -15,18 +15,33 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from router.experts.worker_link import ALIVE
-
-if TYPE_CHECKING:
-    from router.experts.channel import ExpertChannel
+from cluster.actor_state import LoopEnd, LoopEndKind
+from router.experts.liveness import kill_silent
+from router.experts.settings import ChannelSettings
+from router.experts.worker_link import WorkerLink
 
 log = logging.getLogger(__name__)
 
 
+class Watched(Protocol):
+    """What the monitor reads of the channel it watches (router/experts/channel.py's ExpertChannel)."""
+
+    router: int
+    backend: str
+    settings: ChannelSettings
+    links: dict[int, WorkerLink]
+    transport: object  # the current epoch's transport (None before the first), for `groups.abort()`
+    step_started: float | None  # when the step in flight started; None between steps
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The worker slots of the current epoch."""
+
+
 class ChannelMonitor:
-    def __init__(self, channel: ExpertChannel):
+    def __init__(self, channel: Watched):
         self.channel = channel
         self.lost_member = threading.Event()
         self._loops: dict[int, concurrent.futures.Future] = {}
@@ -64,11 +79,12 @@ class ChannelMonitor:
             link = self.channel.links.get(slot)
             if link is None:
                 continue
-            outcome = link.outcome(loop)
-            if outcome in ALIVE:
-                outcome = f"dead: expert worker {slot} left the group unexpectedly ({outcome})"
-            log.error("router %d: %s", self.channel.router, outcome.split(": ", 1)[-1])
-            if outcome.startswith("failed"):
+            end = link.outcome(loop)
+            if end.alive:
+                reason = f"expert worker {slot} left the group unexpectedly ({end.describe()})"
+                end = LoopEnd(LoopEndKind.DEAD, reason)
+            log.error("router %d: %s", self.channel.router, end.describe())
+            if end.kind is LoopEndKind.FAILED:
                 link.kill()
             self._unblock()
 
@@ -79,20 +95,15 @@ class ChannelMonitor:
         if self._probed_step == started:
             return  # this step was probed already
         self._probed_step = started
-        links = [self.channel.links[s] for s in self.channel.stats.members if s in self.channel.links]
+        links = [self.channel.links[s] for s in self.channel.members if s in self.channel.links]
         log.warning(
             "router %d: a step has made no progress for %.1fs; pinging workers %s",
             self.channel.router,
             time.monotonic() - started,
             [link.slot for link in links],
         )
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(links))) as pool:
-            answers = dict(zip(links, pool.map(lambda lk: lk.ping(self.channel.settings.ping_timeout_s), links)))
-        for link, answered in answers.items():
-            if not answered:
-                log.error("router %d: expert worker %d stopped answering: killing it", self.channel.router, link.slot)
-                link.kill()
-                self._unblock()
+        if kill_silent(links, self.channel.settings.ping_timeout_s, self.channel.router, "stopped answering"):
+            self._unblock()
 
     def _unblock(self) -> None:
         self.lost_member.set()

@@ -9,12 +9,9 @@ from typing import Protocol
 
 import ray
 
+from cluster.actor_state import LoopEnd, LoopEndKind
 from cluster.errors import error_summary
 from cluster.process_group import GroupAddress
-
-# How a member's loop ended: "stopped" / "regroup" / "fenced" (the worker is alive), "dead: why" (the actor is
-# gone), "failed: why" (its loop raised: a bug; the router kills it so it is gone for good).
-ALIVE = ("stopped", "regroup", "fenced")
 
 
 class WorkerLink(Protocol):
@@ -22,7 +19,8 @@ class WorkerLink(Protocol):
 
     def serve(self, router: int, address: GroupAddress, rank: int) -> concurrent.futures.Future: ...
 
-    def outcome(self, loop: concurrent.futures.Future) -> str: ...
+    def outcome(self, loop: concurrent.futures.Future) -> LoopEnd:
+        """How the (finished) loop call `loop` ended: the worker's own answer, or DEAD / FAILED from its error."""
 
     def ping(self, timeout_s: float) -> bool: ...
 
@@ -38,15 +36,15 @@ class RayWorkerLink:
     def serve(self, router: int, address: GroupAddress, rank: int) -> concurrent.futures.Future:
         return self.handle.serve.remote(router, address, rank).future()
 
-    def outcome(self, loop: concurrent.futures.Future) -> str:
+    def outcome(self, loop: concurrent.futures.Future) -> LoopEnd:
         try:
             return loop.result(timeout=0)
         except ray.exceptions.ActorDiedError as e:
-            return f"dead: expert worker {self.slot} died: {error_summary(e)}"
+            return LoopEnd(LoopEndKind.DEAD, f"expert worker {self.slot} died: {error_summary(e)}")
         except ray.exceptions.RayActorError as e:
-            return f"dead: expert worker {self.slot} is unreachable: {error_summary(e)}"
+            return LoopEnd(LoopEndKind.DEAD, f"expert worker {self.slot} is unreachable: {error_summary(e)}")
         except Exception as e:  # noqa: BLE001 - the worker's own exception, passed on by name
-            return f"failed: expert worker {self.slot} failed: {error_summary(e)}"
+            return LoopEnd(LoopEndKind.FAILED, f"expert worker {self.slot} failed: {error_summary(e)}")
 
     def ping(self, timeout_s: float) -> bool:
         try:

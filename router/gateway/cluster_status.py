@@ -8,6 +8,8 @@ import asyncio
 
 import ray
 
+from cluster.actor_reports import RouterHealth, RouterStats, SupervisorStatus
+from cluster.actor_state import ActorKind
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.gateway import convert
 from router.gateway.health import resolve
@@ -18,32 +20,30 @@ async def gather_status(view, gateway: pb.GatewayStatus, timeout_s: float) -> pb
     per_router = await asyncio.gather(*(_router(r, timeout_s) for r in routers))
     workers = await asyncio.gather(*(_answer(w.stats.remote(), timeout_s) for w in view.workers))
     encoders = await asyncio.gather(*(_answer(e.stats.remote(), timeout_s) for e in view.encoders))
-    supervision = view.supervision() or {}
-    answered = [(i, s) for i, s in enumerate(per_router) if s[1] is not None]
-    lead = next((s for _, s in answered if s[1]["channel"] is not None), answered[0][1] if answered else None)
-    router_states = {r["slot"]: r for r in supervision.get("routers", [])}
+    supervision = view.supervision() or SupervisorStatus()
+    answered = [stats for _, stats, _ in per_router if stats is not None]
+    lead = next((s for s in answered if s.channel is not None), answered[0] if answered else None)
+    router_states = supervision.of(ActorKind.ROUTER)
     out = pb.GetClusterStatusResponse(
         routers=[convert.router_status(i, *s, router_states.get(i)) for i, s in enumerate(per_router)],
         gateway=gateway,
     )
     if out.routers:
         out.router.CopyFrom(out.routers[0])
-    supervised = {e["slot"]: e for e in supervision.get("encoders", [])}
+    supervised = supervision.of(ActorKind.ENCODER)
     out.vision_encoders.extend(convert.vision_encoder_status(i, e, supervised.get(i)) for i, e in enumerate(encoders))
     if lead is None:
         return out
-    stats = lead[1]
-    expert_map = stats["expert_map"]
-    members = stats["channel"]["members"] if stats["channel"] else ()
-    slots = {s["slot"]: s for s in supervision.get("slots", [])}
+    members = lead.channel.members if lead.channel else ()
+    slots = supervision.of(ActorKind.WORKER)
     out.workers.extend(convert.worker_status(slot, w, slots.get(slot), members) for slot, w in enumerate(workers))
-    out.placement.extend(convert.placement(expert_map))
-    if stats["channel"] is not None:
-        out.expert_plane.CopyFrom(convert.expert_plane(stats["channel"], supervision, expert_map))
+    out.placement.extend(convert.placement(lead.expert_map))
+    if lead.channel is not None:
+        out.expert_plane.CopyFrom(convert.expert_plane(lead.channel, supervision, lead.expert_map))
     return out
 
 
-async def _router(router, timeout_s: float) -> tuple[dict | None, dict | None, object]:
+async def _router(router, timeout_s: float) -> tuple[RouterHealth | None, RouterStats | None, object]:
     """(health, stats, engine stats), each None when the router does not answer."""
     return tuple(
         await asyncio.gather(

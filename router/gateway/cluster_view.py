@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cluster.actor_reports import SupervisorStatus
+
 
 class ClusterView(Protocol):
     router: object  # the RouterActor handle
@@ -18,7 +20,7 @@ class ClusterView(Protocol):
     def encoders(self) -> list:
         """The current actor of every vision encoder (empty: the routers encode images themselves, or none)."""
 
-    def supervision(self) -> dict | None:
+    def supervision(self) -> SupervisorStatus | None:
         """The supervisor's status (Supervisor.status()), or None without workers."""
 
     def rebalance(self):

@@ -7,16 +7,33 @@ Field names in errors are the request's proto paths ("sampling.top_p", "input_id
 
 from __future__ import annotations
 
+import dataclasses
+
+from cluster.actor_reports import (
+    ChannelStats,
+    EncoderStats,
+    MemberStatus,
+    RouterHealth,
+    RouterStats,
+    SupervisorStatus,
+    WorkerStats,
+)
+from cluster.actor_state import ActorKind, MemberState
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.vocabulary import SAMPLING_FIELDS, SAMPLING_NAMES
 from router.images.data_url import data_url_bytes
 from router.request.constraint import Constraint
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, Delta, EngineRequest, Final, FinishReason, ImageInput, ImagePart
+from router.request.model_info import ModelInfo
 from router.request.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from router.request.tools import Tool, ToolCall
 
 _SAMPLING_NAMES = frozenset(SAMPLING_NAMES)
+# ModelInfo's fields that GetModelInfoResponse carries under the same name (model_info sets the others)
+_MODEL_INFO_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelInfo) if f.name in pb.GetModelInfoResponse.DESCRIPTOR.fields_by_name
+)
 # the engine's finish reasons (router/request/messages.py) -> the wire enum, FINISH_REASON_<NAME>
 FINISH_REASON_ENUM = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 
@@ -152,23 +169,11 @@ def complete(final: Final, calls=()) -> pb.Complete:
     return out
 
 
-def model_info(info: dict, vision=None) -> pb.GetModelInfoResponse:
+def model_info(info: ModelInfo, vision=None) -> pb.GetModelInfoResponse:
     """`vision`: the gateway's VisionPrompt (its limits), or None when the model takes no images."""
     return pb.GetModelInfoResponse(
-        name=info["name"],
-        architecture=info["architecture"],
-        context_length=info["context_length"],
-        num_experts=info["num_experts"],
-        experts_per_token=info["experts_per_token"],
-        num_layers=info["num_layers"],
-        moe_layers=info["moe_layers"],
-        vocab_size=info["vocab_size"],
-        hidden_size=info["hidden_size"],
-        dtype=info["dtype"],
-        device=info["device"],
-        num_workers=info["workers"],
-        eos_token_ids=info["eos_token_ids"],
-        kv_token_capacity=info["kv_token_capacity"],
+        **{name: getattr(info, name) for name in _MODEL_INFO_FIELDS},
+        num_workers=info.workers,
         max_top_logprobs=MAX_TOP_LOGPROBS,
         **(_image_info(vision) if vision is not None else {}),
     )
@@ -188,27 +193,28 @@ def _image_info(vision) -> dict:
 
 
 def router_status(
-    index: int, health: dict | None, router: dict | None, engine, supervised: dict | None = None
+    index: int,
+    health: RouterHealth | None,
+    router: RouterStats | None,
+    engine,
+    supervised: MemberStatus | None = None,
 ) -> pb.RouterStatus:
     """`health`, `router` and `engine` are RouterActor.health(), stats() and engine_stats() (None when the router
-    did not answer); `supervised` the supervisor's view of router `index`."""
-    supervised = supervised or {}
-    out = pb.RouterStatus(
-        index=index, replacements=supervised.get("replacements", 0), last_error=supervised.get("last_error", "")
-    )
+    did not answer); `supervised` the supervisor's view of router `index` (None without a supervisor)."""
+    out = pb.RouterStatus(index=index, **_supervised(supervised))
     if health is None or router is None or engine is None:
-        out.state = supervised.get("state") or "dead"
+        out.state = supervised.state.value if supervised else MemberState.DEAD.value
         out.failure = "the router does not answer"
         return out
     total = engine.kv_blocks_total
     out.MergeFrom(
         pb.RouterStatus(
-            ready=bool(health.get("ready")),
-            failure=health.get("failure") or "",
-            state=health.get("state", ""),
-            device=router["device"],
-            dtype=router["dtype"],
-            steps=router["steps"],
+            ready=health.ready,
+            failure=health.failure or "",
+            state=health.state.value,
+            device=router.device,
+            dtype=router.dtype,
+            steps=router.steps,
             running=engine.running,
             waiting=engine.waiting,
             kv_blocks_used=engine.kv_blocks_used,
@@ -225,45 +231,50 @@ def router_status(
             cache_evictions=engine.evictions,
         )
     )
-    vision = router.get("vision") or {}
-    out.images_encoded = vision.get("encodes", 0)
-    out.image_cache_hits = vision.get("cache_hits", 0)
-    out.image_encode_retries = vision.get("encoder_retries", 0)
+    if router.vision is not None:
+        out.images_encoded = router.vision.encodes
+        out.image_cache_hits = router.vision.cache_hits
+        out.image_encode_retries = router.vision.encoder_retries
     return out
 
 
-def vision_encoder_status(index: int, stats: dict | None, supervised: dict | None) -> pb.VisionEncoderStatus:
+def vision_encoder_status(
+    index: int, stats: EncoderStats | None, supervised: MemberStatus | None
+) -> pb.VisionEncoderStatus:
     """One vision encoder: its actor's stats() (None when it does not answer) and the supervisor's view of it."""
-    supervised = supervised or {}
+    answered = MemberState.SERVING if stats else MemberState.DEAD
     out = pb.VisionEncoderStatus(
-        index=index,
-        state=supervised.get("state") or ("serving" if stats else "dead"),
-        replacements=supervised.get("replacements", 0),
-        last_error=supervised.get("last_error", ""),
+        index=index, state=(supervised.state if supervised else answered).value, **_supervised(supervised)
     )
     if stats is not None:
-        out.images_encoded, out.encode_seconds, out.pid = stats["encoded"], stats["seconds"], stats["pid"]
+        out.images_encoded, out.encode_seconds, out.pid = stats.encoded, stats.seconds, stats.pid
     return out
 
 
-def worker_status(slot: int, stats: dict | None, supervised: dict | None, members: tuple[int, ...]) -> pb.WorkerStatus:
+def worker_status(
+    slot: int, stats: WorkerStats | None, supervised: MemberStatus | None, members: tuple[int, ...]
+) -> pb.WorkerStatus:
     """One worker slot: its actor's ExpertWorker.stats() (None when it does not answer: dead or still
     starting), the supervisor's view of the slot, and the router's current group (for the rank)."""
-    supervised = supervised or {}
+    answered = stats.state if stats else MemberState.DEAD
     out = pb.WorkerStatus(
         index=slot,
         rank=members.index(slot) + 1 if slot in members else 0,
-        state=supervised.get("state") or (stats or {}).get("state", "dead"),
-        replacements=supervised.get("replacements", 0),
-        last_error=supervised.get("last_error", ""),
+        state=(supervised.state if supervised else answered).value,
+        **_supervised(supervised),
     )
     if stats is not None:
-        out.device, out.bytes_resident, out.steps = stats["device"], stats["bytes_resident"], stats["steps"]
-        out.generation, out.pid = stats["generation"], stats["pid"]
-        out.expert_dtype = stats.get("expert_dtype", "")
-        for layer, counts in sorted(stats["tokens_per_expert"].items()):
+        out.device, out.bytes_resident, out.steps = stats.device, stats.bytes_resident, stats.steps
+        out.generation, out.pid = stats.generation, stats.pid
+        out.expert_dtype = stats.expert_dtype
+        for layer, counts in sorted(stats.tokens_per_expert.items()):
             out.layers.append(pb.LayerExperts(layer=layer, experts=list(counts), tokens=list(counts.values())))
     return out
+
+
+def _supervised(member: MemberStatus | None) -> dict:
+    """The supervisor's counts of a place, as status fields."""
+    return {"replacements": member.replacements, "last_error": member.last_error} if member else {}
 
 
 def placement(expert_map) -> list[pb.LayerPlacement]:
@@ -283,33 +294,33 @@ def placement(expert_map) -> list[pb.LayerPlacement]:
     return out
 
 
-def expert_plane(channel: dict, supervision: dict | None, expert_map) -> pb.ExpertPlaneStatus:
-    """The router's channel stats (ChannelStats as a dict) and the supervisor's status."""
-    supervision = supervision or {}
-    counters = supervision.get("counters", {})
+def expert_plane(channel: ChannelStats, supervision: SupervisorStatus | None, expert_map) -> pb.ExpertPlaneStatus:
+    """The router's channel stats and the supervisor's status (None without a supervisor)."""
+    supervision = supervision or SupervisorStatus()
+    counters = supervision.counters
     return pb.ExpertPlaneStatus(
-        map_generation=channel["map_generation"],
+        map_generation=channel.map_generation,
         expert_replicas=expert_map.replicas(),
-        state=channel["state"],
-        epoch=channel["epoch"],
-        members=list(channel["members"]),
-        failovers=channel["failovers"],
-        replayed_steps=channel["replayed_steps"],
-        regroups=channel["regroups"],
-        worker_deaths=counters.get("worker_deaths", 0),
-        replacements_started=counters.get("replacements_started", 0),
-        replacements_succeeded=counters.get("replacements_succeeded", 0),
-        replacements_failed=counters.get("replacements_failed", 0),
-        rebalances=counters.get("rebalances", 0),
-        recent_stalls_s=channel["stalls_s"][-16:],
-        last_event=channel["last_event"],
-        failure=supervision.get("failure") or "",
-        degraded={int(k): v for k, v in supervision.get("degraded", {}).items()},
+        state=channel.state.value,
+        epoch=channel.epoch,
+        members=list(channel.members),
+        failovers=channel.failovers,
+        replayed_steps=channel.replayed_steps,
+        regroups=channel.regroups,
+        worker_deaths=counters.died(ActorKind.WORKER),
+        replacements_started=counters.replacements_started,
+        replacements_succeeded=counters.replacements_succeeded,
+        replacements_failed=counters.replacements_failed,
+        rebalances=counters.rebalances,
+        recent_stalls_s=channel.stalls_s[-16:],
+        last_event=channel.last_event,
+        failure=supervision.failure or "",
+        degraded=dict(supervision.degraded),
     )
 
 
-def router_expert_tokens(router_stats: dict) -> dict[tuple[int, int], int]:
+def router_expert_tokens(router_stats: RouterStats) -> dict[tuple[int, int], int]:
     """(layer, expert) -> tokens the router routed to it so far (wherever its copies live)."""
     return {
-        (layer, e): int(n) for layer, counts in router_stats["tokens_per_expert"].items() for e, n in enumerate(counts)
+        (layer, e): int(n) for layer, counts in router_stats.tokens_per_expert.items() for e, n in enumerate(counts)
     }

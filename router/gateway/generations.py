@@ -39,6 +39,7 @@ from router.images.request import VisionPrompt
 from router.request.block_hash import BlockHashes, request_hashes
 from router.request.errors import InvalidRequest
 from router.request.messages import Delta, EngineRequest, ErrorKind, Final, FinishReason
+from router.request.model_info import ModelInfo
 from router.request.prepare import prepare_request
 from router.request.sampling_params import resolve_seed
 from router.request.tokenizer import Tokenizer
@@ -76,7 +77,7 @@ class Backend:
 
     pool: RouterPool  # the routers, their readiness and load
     view: ClusterView  # the routers, workers and supervisor behind it
-    info: dict  # RouterActor.model_info() of the first router
+    info: ModelInfo  # RouterActor.model_info() of the first router
     tokenizer: Tokenizer | None
     poller: ClusterPoller
     vision: VisionPrompt | None = None  # the model's image tokens with the gateway's image limits; None: no images
@@ -118,7 +119,7 @@ class Generations:
     def check_model(self, model: str, field: str = "model") -> Backend:
         """The backend, if `model` (empty: any) is the one served here; NOT_FOUND naming `field` otherwise."""
         backend = self.backend_for()
-        name = backend.info["name"]
+        name = backend.info.name
         if model and model != name:
             raise GatewayError(
                 Code.NOT_FOUND,
@@ -153,8 +154,8 @@ class Generations:
             prepared = prepare_request(
                 request,
                 backend.tokenizer,
-                backend.info["generation_defaults"],
-                backend.info["limits"],
+                backend.info.generation_defaults,
+                backend.info.limits,
                 backend.vision,
             )
         except InvalidRequest as e:
@@ -294,7 +295,7 @@ class Generations:
 def _blocks(backend: Backend, prepared) -> BlockHashes | None:
     """The request's block hashes with its first ROUTE_BLOCKS full blocks hashed (None: no affinity routing). Named
     as the routers name them: their block size, the salt, each image's content."""
-    block_size = backend.info.get("block_size")
+    block_size = backend.info.block_size
     if backend.pool.affinity is None or not block_size:
         return None
     vision, images = backend.vision, prepared.images

@@ -18,6 +18,7 @@ import ray
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from cluster.actor_reports import WorkerStats
 from router.gateway.cluster_view import ClusterView
 from router.gateway.convert import router_expert_tokens
 from router.gateway.metrics import GatewayMetrics
@@ -110,9 +111,9 @@ class ClusterPoller:
         next_experts = loop.time()
         while True:
             try:
-                verdict = (self.view.supervision() or {}).get("failure")
-                if verdict:
-                    await self.health.set_dead(verdict)
+                supervision = self.view.supervision()
+                if supervision is not None and supervision.failure:
+                    await self.health.set_dead(supervision.failure)
                 await self.health.set_ready(*await self.check())
                 polled = [e for e in self.pool.entries.values() if e.engine]
                 self.metrics.observe_load([e.engine for e in polled], [e.index for e in polled])
@@ -132,14 +133,14 @@ class ClusterPoller:
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             entry.ready, entry.reason, entry.engine = False, f"unreachable: {first_line(e)}", None
             return
-        entry.ready, entry.engine = bool(health["ready"]), engine
-        entry.reason = health.get("failure") or ("" if entry.ready else f"state {health.get('state')}")
+        entry.ready, entry.engine = health.ready, engine
+        entry.reason = health.failure or ("" if entry.ready else f"state {health.state.value}")
 
     async def _refresh_worker_bytes(self) -> None:
         """Each worker's resident expert bytes and dtype (-> metrics); a worker that does not answer is skipped."""
         refs = [w.stats.remote() for w in self.view.workers]
         answers = await asyncio.gather(*(resolve(r, self.timeout_s) for r in refs), return_exceptions=True)
-        held = {s["slot"]: (s["bytes_resident"], s.get("expert_dtype", "")) for s in answers if isinstance(s, dict)}
+        held = {s.slot: (s.bytes_resident, s.expert_dtype) for s in answers if isinstance(s, WorkerStats)}
         self.metrics.observe_worker_bytes(held)
 
     async def _refresh_experts(self) -> None:
@@ -153,4 +154,4 @@ class ClusterPoller:
             return
         self.metrics.observe_experts(router_expert_tokens(router))
         await self._refresh_worker_bytes()
-        self.metrics.observe_expert_plane(router["channel"], self.view.supervision())
+        self.metrics.observe_expert_plane(router.channel, self.view.supervision())

@@ -91,10 +91,10 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         try:
             g = self.generations
             backend = g.backend_for(need_ready=False)
-            if name and name != backend.info["name"]:
+            if name and name != backend.info.name:
                 raise GatewayError(Code.NOT_FOUND, f"name: {name!r} is not served here; this server serves "
-                                   f"{backend.info['name']!r}", "name")  # fmt: skip
-            return backend.info["name"], backend.vision is not None and backend.vision.max_images != 0
+                                   f"{backend.info.name!r}", "name")  # fmt: skip
+            return backend.info.name, backend.vision is not None and backend.vision.max_images != 0
         except GatewayError as e:
             await context.abort(e.code, e.message)
 
@@ -127,7 +127,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         return admitted, parsed[0]
 
     def _name(self) -> str:
-        return self.generations.backend.info["name"]
+        return self.generations.backend.info.name
 
     async def ModelStreamInfer(self, request_iterator, context):
         queue: asyncio.Queue = asyncio.Queue()

@@ -11,6 +11,8 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from cluster.actor_reports import ChannelStats, SupervisorStatus
+from cluster.actor_state import ActorKind
 from cluster.failover_buckets import STALL_BUCKETS_S
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class GatewayMetrics:
         self.kv_usage.set(used / total if total else 0.0)
         self.tokens_per_s.set(sum(e.tokens_per_s for e in engines))
 
-    def observe_expert_plane(self, channel: dict | None, supervision: dict | None) -> None:
+    def observe_expert_plane(self, channel: ChannelStats | None, supervision: SupervisorStatus | None) -> None:
         self.expert_plane.channel, self.expert_plane.supervision = channel, supervision
 
     def observe_worker_bytes(self, held: dict[int, tuple[int, str]]) -> None:
@@ -153,49 +155,48 @@ class _ExpertPlaneCollector:
     they were last polled (Prometheus counters that live elsewhere: this copies their running totals)."""
 
     def __init__(self):
-        self.channel: dict | None = None
-        self.supervision: dict | None = None
+        self.channel: ChannelStats | None = None
+        self.supervision: SupervisorStatus | None = None
 
     def collect(self):
         channel, supervision = self.channel, self.supervision
         if channel is None:
             return
-        counters = (supervision or {}).get("counters", {})
+        counters = (supervision or SupervisorStatus()).counters
         yield _counter(
             "moecluster_failovers",
             "Steps that failed on a lost worker and were replayed after regrouping",
-            channel["failovers"],
+            channel.failovers,
         )
-        yield _counter(
-            "moecluster_replayed_steps", "Forward passes run again after a failover", channel["replayed_steps"]
-        )
+        yield _counter("moecluster_replayed_steps", "Forward passes run again after a failover", channel.replayed_steps)
         yield _counter(
             "moecluster_worker_deaths",
             "Expert workers that died or were killed as hung",
-            counters.get("worker_deaths", 0),
+            counters.died(ActorKind.WORKER),
         )
         replacements = CounterMetricFamily(
             "moecluster_worker_replacements", "Replacement workers by outcome", labels=["outcome"]
         )
-        for outcome in ("started", "succeeded", "failed"):
-            replacements.add_metric([outcome], counters.get(f"replacements_{outcome}", 0))
+        replacements.add_metric(["started"], counters.replacements_started)
+        replacements.add_metric(["succeeded"], counters.replacements_succeeded)
+        replacements.add_metric(["failed"], counters.replacements_failed)
         yield replacements
-        yield _counter("moecluster_rebalances", "Expert maps applied by rebalancing", counters.get("rebalances", 0))
+        yield _counter("moecluster_rebalances", "Expert maps applied by rebalancing", counters.rebalances)
         buckets, running = [], 0
-        for bound, count in zip([*map(str, STALL_BUCKETS_S), "+Inf"], channel["stall_buckets"]):
+        for bound, count in zip([*map(str, STALL_BUCKETS_S), "+Inf"], channel.stall_buckets):
             running += count
             buckets.append((bound, running))
         yield HistogramMetricFamily(
             "moecluster_failover_stall_seconds",
             "From a step's failure to the replayed step's start (fence, settle, hold, regroup)",
             buckets=buckets,
-            sum_value=channel["stall_sum_s"],
+            sum_value=channel.stall_sum_s,
         )
         yield GaugeMetricFamily(
-            "moecluster_expert_map_generation", "The expert map in use", value=channel["map_generation"]
+            "moecluster_expert_map_generation", "The expert map in use", value=channel.map_generation
         )
         yield GaugeMetricFamily(
-            "moecluster_router_group_epoch", "Epoch of the router's group with the workers", value=channel["epoch"]
+            "moecluster_router_group_epoch", "Epoch of the router's group with the workers", value=channel.epoch
         )
 
 

@@ -109,11 +109,11 @@ class OpenAIApi:
         info = backend.info
         return [
             {
-                "id": info["name"],
+                "id": info.name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "moecluster",
-                "max_model_len": info["context_length"],
+                "max_model_len": info.context_length,
             }
         ]
 
@@ -135,7 +135,7 @@ class OpenAIApi:
         except GatewayError as e:
             return _gateway_error(e)
         backend = self.generations.backend
-        reply = Reply(chat, rid, backend.info["name"], backend.tokenizer, want_logprobs=parsed.engine.params.logprobs)
+        reply = Reply(chat, rid, backend.info.name, backend.tokenizer, want_logprobs=parsed.engine.params.logprobs)
         items = self.generations.run(admitted)
         if parsed.stream:
             return await self._stream(items, reply, parsed.include_usage)

@@ -163,7 +163,7 @@ class Gateway:
             self.config.expert_stats_interval_s,
             self.config.ray_timeout_s,
         )
-        vision = gateway_vision(info["vision"], self.config)
+        vision = gateway_vision(info.vision, self.config)
         self.service.backend = Backend(pool, view, info, Tokenizer.from_dir(model_dir), poller, vision)
         await self.health.set_ready(*await poller.check())
         self._poller = asyncio.create_task(poller.run(), name="cluster-poller")
@@ -216,7 +216,7 @@ class Gateway:
 def router_pool(view: ClusterView, info: dict, routing: str) -> RouterPool:
     """The routers to spread requests over: by cache affinity when `routing` asks for it and the routers cache
     prefixes (RouterActor.model_info()), else by load alone."""
-    affinity = routing == "cache_aware" and info.get("prefix_caching", False)
+    affinity = routing == "cache_aware" and info.prefix_caching
     return RouterPool(view, Affinity() if affinity else None)
 
 

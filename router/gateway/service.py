@@ -124,7 +124,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(e.code, e.message)
         except RebalanceRefused as e:
             await context.abort(Code.FAILED_PRECONDITION, error_summary(e))
-        generation = backend.view.supervision()["generation"]
+        generation = backend.view.supervision().generation
         if plan is None:
             return pb.RebalanceResponse(
                 applied=False,

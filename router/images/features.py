@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cluster.actor_reports import ImageStats
 from cluster.checkpoint import CheckpointReader
 from cluster.vision.weights import vision_config_of
 from router.encoder.image_encoder import ImageEncoder, Refusal
@@ -83,16 +84,16 @@ class ImageFeatures:
             self.cache.put(key, result)
         return result
 
-    def stats(self) -> dict:
+    def stats(self) -> ImageStats:
         pool = self.encoder if isinstance(self.encoder, EncoderPool) else None
-        return {
-            "encodes": self.encodes,
-            "cache_hits": self.cache.hits,
-            "cache_misses": self.cache.misses,
-            "cache_bytes": self.cache.bytes,
-            "encoder_retries": pool.retries if pool else 0,
-            "live_encoders": pool.live if pool else [],
-        }
+        return ImageStats(
+            encodes=self.encodes,
+            cache_hits=self.cache.hits,
+            cache_misses=self.cache.misses,
+            cache_bytes=self.cache.bytes,
+            encoder_retries=pool.retries if pool else 0,
+            live_encoders=tuple(pool.live) if pool else (),
+        )
 
 
 def _digest(data: bytes) -> bytes:

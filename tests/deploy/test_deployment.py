@@ -69,7 +69,7 @@ def test_cluster_matches_in_process_model(local_ray, checkpoints, preset, worker
     # Decode steps carry 1 token with top-k <= 2 experts, so with 3+ workers some workers get no rows at all.
     rows = (len(ids) + len(PROMPT) + GREEDY.max_tokens - 1) * cfg.num_experts_per_tok
     for layer in cfg.moe_layers:
-        assert sum(sum(w["tokens_per_expert"][layer].values()) for w in stats["workers"]) == rows
+        assert sum(sum(w.tokens_per_expert[layer].values()) for w in stats.workers) == rows
 
 
 @pytest.mark.parametrize("placement", [None, "0-1;2-9;10-15"])
@@ -81,11 +81,11 @@ def test_each_worker_holds_only_its_share_of_expert_bytes(local_ray, checkpoints
         stats = cluster.stats()
         expected = cluster.expert_map
     total = 0
-    for w in stats["workers"]:
-        held = {layer: tuple(experts) for layer, experts in w["experts"].items()}
-        assert held == {layer: expected.experts_of(w["slot"], layer) for layer in cfg.moe_layers}
+    for w in stats.workers:
+        held = {layer: tuple(experts) for layer, experts in w.experts.items()}
+        assert held == {layer: expected.experts_of(w.slot, layer) for layer in cfg.moe_layers}
         share = sum(len(e) for e in held.values()) * per_expert
-        assert w["bytes_resident"] == share and w["bytes_read"] == share  # nothing else was read
+        assert w.bytes_resident == share and w.bytes_read == share  # nothing else was read
         total += share
     assert total == cfg.num_local_experts * len(cfg.moe_layers) * per_expert
-    assert stats["router"]["bytes_read"] < total  # the router reads no routed expert
+    assert stats.router.bytes_read < total  # the router reads no routed expert

@@ -16,6 +16,7 @@ import uuid
 import pytest
 import ray
 
+from cluster.actor_state import ActorKind, MemberState
 from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.bench.models import skew_gates
 from deploy.cluster_config import ClusterConfig
@@ -119,7 +120,8 @@ def sigkill(pid: int):
 def wait_all_serving(deployment) -> None:
     """Wait until every slot serves again (a replacement loaded for each one that died)."""
     wait_for(
-        lambda: all(s["state"] == "serving" for s in deployment.supervision()["slots"]), what="the cluster to recover"
+        lambda: all(s.state is MemberState.SERVING for s in deployment.supervision().slots),
+        what="the cluster to recover",
     )
 
 
@@ -137,11 +139,11 @@ def test_a_killed_worker_costs_no_request_and_no_token(tiny_model_dir, reference
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0])
         wait_all_serving(d)
-        channel = d.stats()["router"]["channel"]
-        assert channel["failovers"] >= 1 and channel["members"] == (0, 1)
-        assert d.supervision()["counters"]["replacements_succeeded"] == 1
+        channel = d.stats().router.channel
+        assert channel.failovers >= 1 and channel.members == (0, 1)
+        assert d.supervision().counters.replacements_succeeded == 1
         if replicas == 2:
-            assert min(channel["stalls_s"]) < 1.0  # the surviving copies cover at once
+            assert min(channel.stalls_s) < 1.0  # the surviving copies cover at once
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference  # full strength again
 
 
@@ -169,7 +171,7 @@ def test_a_worker_killed_mid_prefill_with_the_prefix_cache_changes_no_token(tiny
         victim = pid_of(d.workers[1])
         results, _ = run_while(d, lambda s: s.when_first_token(sigkill(victim)), prefix_requests())
         assert_complete_and_identical(results, reference)
-        assert d.stats()["router"]["channel"]["failovers"] >= 1
+        assert d.stats().router.channel.failovers >= 1
         assert [r["token_ids"] for r in d.generate_batch(prefix_requests(), timeout_s=300)] == reference
         engine = ray.get(d.router.engine_stats.remote(), timeout=30)
         assert engine.cached_tokens >= 8 * 480 - 64 and engine.kv_blocks_used == 0
@@ -188,7 +190,7 @@ def test_two_workers_killed_one_after_the_other(tiny_model_dir, reference):
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0], until=killed[1]) and interrupted(times, killed[1])
         wait_all_serving(d)
-        assert d.supervision()["counters"]["replacements_succeeded"] == 2
+        assert d.supervision().counters.replacements_succeeded == 2
 
 
 def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_model_dir, reference):
@@ -198,7 +200,7 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
 
         def faults(streams):
             killed.append(streams.when_generating(sigkill(first)))  # slot 1 dies; its replacement takes 3 s to load
-            wait_for(lambda: d.supervision()["slots"][1]["state"] == "loading", what="the replacement to start")
+            wait_for(lambda: d.supervision().slots[1].state is MemberState.LOADING, what="the replacement to start")
             os.kill(pid_of(d.workers[1]), signal.SIGKILL)  # the replacement dies while loading
             time.sleep(0.5)
             os.kill(pid_of(d.workers[0]), signal.SIGKILL)  # and slot 0 dies while the next one loads
@@ -207,8 +209,8 @@ def test_a_kill_while_a_replacement_loads_and_a_kill_of_the_replacement(tiny_mod
         assert_complete_and_identical(results, reference)
         assert interrupted(times, killed[0])  # the streams were held through all three, then went on
         wait_all_serving(d)
-        counters = d.supervision()["counters"]
-        assert counters["replacements_failed"] == 1 and counters["replacements_succeeded"] == 2
+        counters = d.supervision().counters
+        assert counters.replacements_failed == 1 and counters.replacements_succeeded == 2
 
 
 def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_model_dir, reference):
@@ -230,7 +232,7 @@ def test_a_worker_that_stops_answering_is_detected_killed_and_replaced(tiny_mode
         assert_complete_and_identical(results, reference)
         assert interrupted(times, stopped_at[0])
         wait_all_serving(d)
-        assert d.supervision()["counters"]["worker_deaths"] == 1
+        assert d.supervision().counters.died(ActorKind.WORKER) == 1
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed, not just waited out
 
@@ -244,7 +246,7 @@ def skewed_model_dir(tmp_path_factory):
 
 
 def worker_loads(deployment) -> list[int]:
-    return [sum(sum(c.values()) for c in s["tokens_per_expert"].values()) for s in deployment.stats()["workers"]]
+    return [sum(sum(c.values()) for c in s.tokens_per_expert.values()) for s in deployment.stats().workers]
 
 
 def test_rebalancing_a_skewed_load_evens_the_workers_while_requests_run(skewed_model_dir):
@@ -259,7 +261,7 @@ def test_rebalancing_a_skewed_load_evens_the_workers_while_requests_run(skewed_m
         assert interrupted(times, started[0])
         plan = plans[0]
         assert plan is not None and plan.after < plan.before
-        assert d.stats()["router"]["channel"]["map_generation"] == plan.expert_map.generation == 1
+        assert d.stats().router.channel.map_generation == plan.expert_map.generation == 1
         mark = worker_loads(d)
         assert [r["token_ids"] for r in d.generate_batch(requests())] == reference
         after = [b - a for a, b in zip(mark, worker_loads(d))]

@@ -5,16 +5,14 @@ expert replicas changes no token."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 import uuid
 
 import pytest
 import ray
 import torch
 
+from cluster.actor_state import MemberState
+from deploy.bench.interruption import interrupted
 from deploy.cluster_config import ClusterConfig
 from deploy.deployment import Deployment, DeploymentSpec
 from deploy.tiny.fp8_layout import write_fp8_copy
@@ -23,7 +21,9 @@ from router.request.messages import EngineRequest
 from router.request.sampling_params import SamplingParams
 from tests.cluster.test_fp8_checkpoints import MODELS, PROMPTS, dequantized_copy, hf_greedy
 from tests.conftest import make_hf_model
-from tests.deploy.test_failover import pid_of, wait_for
+from tests.deploy.test_failover import Streams, sigkill
+from tests.procs import pid_of
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 TOKENS = 24
@@ -61,20 +61,20 @@ def test_two_workers_give_transformers_tokens_and_hold_fp8(source, tmp_path, sco
     expected = transformers_tokens(fp8, tmp_path)
     with start(fp8) as d:
         results = d.generate_batch(greedy_requests(), timeout_s=300)
-        workers = d.stats()["workers"]
+        workers = d.stats().workers
     assert [r["token_ids"] for r in results] == expected
-    assert [w["expert_dtype"] for w in workers] == ["fp8", "fp8"]
+    assert [w.expert_dtype for w in workers] == ["fp8", "fp8"]
 
 
 def test_resident_expert_bytes_in_fp8_are_about_half_of_bf16(source):
     with start(source, dtype="bfloat16") as d:
-        bf16 = d.stats()["workers"]
+        bf16 = d.stats().workers
     with start(source, dtype="bfloat16", expert_dtype="fp8") as d:  # quantized as each worker reads its experts
-        fp8 = d.stats()["workers"]
-    assert [w["expert_dtype"] for w in bf16] == ["bfloat16"] * 2 and [w["expert_dtype"] for w in fp8] == ["fp8"] * 2
+        fp8 = d.stats().workers
+    assert [w.expert_dtype for w in bf16] == ["bfloat16"] * 2 and [w.expert_dtype for w in fp8] == ["fp8"] * 2
     for a, b in zip(fp8, bf16):
-        assert a["experts"] == b["experts"] and b["bytes_resident"] > 0
-        assert 0.45 < a["bytes_resident"] / b["bytes_resident"] < 0.56  # 1 byte a weight + fp32 scales per row
+        assert a.experts == b.experts and b.bytes_resident > 0
+        assert 0.45 < a.bytes_resident / b.bytes_resident < 0.56  # 1 byte a weight + fp32 scales per row
 
 
 def test_quantize_on_load_on_workers_gives_the_fp8_checkpoints_tokens(source, tmp_path):
@@ -95,15 +95,15 @@ def test_a_worker_killed_mid_generation_with_two_replicas_changes_no_token(sourc
         results = run_kill(d, victim, requests)
         assert [r["finish_reason"] for r in results] == ["length"] * len(requests)
         assert [r["token_ids"] for r in results] == expected
-        wait_for(lambda: all(s["state"] == "serving" for s in d.supervision()["slots"]))
-        assert ray.get(d.router.stats.remote(), timeout=30)["channel"]["failovers"] >= 1
+        wait_for(lambda: all(s.state is MemberState.SERVING for s in d.supervision().slots))
+        assert ray.get(d.router.stats.remote(), timeout=30).channel.failovers >= 1
 
 
 def run_kill(d: Deployment, victim: int, requests: list[EngineRequest]) -> list[dict]:
-    """The requests as one batch while worker `victim` is killed 1 s in."""
-    killer = threading.Thread(target=lambda: (time.sleep(1.0), os.kill(victim, signal.SIGKILL)))
-    killer.start()
-    try:
-        return d.generate_batch(requests, timeout_s=300)
-    finally:
-        killer.join(timeout=60)
+    """The requests streamed while worker `victim` is killed once every one of them is generating; checked to
+    have come between their tokens."""
+    streams = Streams(d, requests)
+    killed = streams.when_generating(sigkill(victim))
+    results = streams.join()
+    assert interrupted(streams.times, killed), "the kill landed after the load"
+    return results

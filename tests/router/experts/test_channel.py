@@ -12,11 +12,13 @@ import time
 
 import pytest
 
+from cluster.actor_state import FENCED, REGROUPED, STOPPED, ChannelState, LoopEnd, LoopEndKind
 from cluster.all_to_all import REGROUP, RUN, STOP
 from cluster.errors import ClusterFailure, CollectiveError
 from cluster.expert_map import ExpertMap
 from cluster.process_group import GroupAddress
-from router.experts.channel import ChannelSettings, ExpertChannel
+from router.experts.channel import ExpertChannel
+from router.experts.settings import ChannelSettings
 
 NCCL_TIMEOUT_S = 30.0  # what a fake NCCL collective would wait without an abort
 SETTINGS = ChannelSettings(join_timeout_s=5.0, hang_timeout_s=0.5, ping_timeout_s=0.3, poll_s=0.02)
@@ -58,7 +60,7 @@ class FakeLink:
         try:
             return loop.result(timeout=0)
         except RuntimeError as e:
-            return f"dead: {e}"
+            return LoopEnd(LoopEndKind.DEAD, str(e))
 
     def ping(self, timeout_s):
         if self.workers.state[self.slot] == "hung":
@@ -68,7 +70,7 @@ class FakeLink:
 
     def fence(self, router):
         if self.workers.state[self.slot] == "alive":
-            self.workers.end_loop(self.slot, "fenced")
+            self.workers.end_loop(self.slot, FENCED)
 
     def kill(self):
         self.killed = True
@@ -103,10 +105,10 @@ class FakeTransport:
             raise CollectiveError("group closed")
         if command == REGROUP:
             for slot in self.groups.members:
-                self.workers.end_loop(slot, "regroup")
+                self.workers.end_loop(slot, REGROUPED)
         elif command == STOP:
             for slot in self.groups.members:
-                self.workers.end_loop(slot, "stopped")
+                self.workers.end_loop(slot, STOPPED)
         self.steps += command == RUN
 
     def exchange(self):
@@ -204,11 +206,11 @@ def test_without_a_live_copy_steps_hold_until_a_replacement_is_admitted(log):
     runner = threading.Thread(target=lambda: result.update(members=step(channel)))
     runner.start()
     time.sleep(0.5)
-    assert runner.is_alive() and channel.stats.state == "holding"  # waiting, not failing
+    assert runner.is_alive() and channel.stats.state is ChannelState.HOLDING  # waiting, not failing
     workers.state[1] = "alive"  # the replacement, loaded
     channel.admit(FakeLink(1, workers))
     runner.join(timeout=5)
-    assert result["members"] == (0, 1) and channel.stats.state == "serving"
+    assert result["members"] == (0, 1) and channel.stats.state is ChannelState.SERVING
     channel.close()
 
 

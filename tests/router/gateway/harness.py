@@ -77,7 +77,7 @@ def model_info_error(target: str, timeout_s: float = 10.0, **client_args) -> Gen
 
 def router_pid(server, index: int) -> int:
     """The process id of router `index` of `server`'s cluster."""
-    return ray.get(server.cluster.routers[index].health.remote(), timeout=30)["pid"]
+    return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid
 
 
 def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:

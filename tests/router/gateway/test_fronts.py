@@ -204,7 +204,7 @@ def test_prometheus_counts_requests_errors_and_latency_per_front(server):
 def test_a_router_killed_mid_stream_costs_the_http_and_kserve_streams_nothing(server, oa, kserve):
     prompts = [f"count from {i}" for i in range(4)]
     undisturbed = {p: _both(server, oa, kserve, [p])[p] for p in prompts}
-    victim = ray.get(server.cluster.routers[0].health.remote(), timeout=30)["pid"]
+    victim = ray.get(server.cluster.routers[0].health.remote(), timeout=30).pid
     results: dict = {}
     runner = threading.Thread(target=lambda: results.update(_both(server, oa, kserve, prompts)), daemon=True)
     runner.start()

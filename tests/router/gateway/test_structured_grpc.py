@@ -15,7 +15,8 @@ import ray
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
-from tests.router.gateway.test_routers import kill_mid_stream, router_pid, serve
+from tests.router.gateway.harness import kill_mid_stream, router_pid
+from tests.router.gateway.test_routers import serve
 
 pytestmark = pytest.mark.slow  # one server for the module (its teardown stops every process it started)
 
