@@ -12,6 +12,7 @@ run() { echo "== $*"; timeout "${STEP_TIMEOUT:-120}" "$@" 2>>"$OUT/stderr.log"; 
   run python3 -m deploy.cli bench decode --device cuda --dtype bfloat16 --new-tokens 64
   run python3 -m deploy.cli bench moe-layer --device cuda --tokens 1,8,64,256,1024,4096 --iters 20
   run python3 -m deploy.cli bench collective --device cuda --tokens 1,16,256 --iters 50
+  STEP_TIMEOUT=300 run python3 -m deploy.cli bench sampler --device cuda --parts step --rows 1,64,256 --iters 8
   run python3 -m deploy.cli bench engine --device cuda --dtype bfloat16 --workers 0 --new-tokens 64
   run python3 -m deploy.cli bench engine --device cuda --dtype bfloat16 --workers 0 --new-tokens 64 --expert-dtype fp8
 } 2>&1 | tee "$OUT/summary.txt"

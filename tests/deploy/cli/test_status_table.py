@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from cluster.actor_reports import RouterHealth, RouterStats
+from cluster.actor_state import ChannelState
 from deploy.cli.status_table import _router
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.gateway.convert import router_status
@@ -19,8 +21,8 @@ ENGINE = EngineStats(
     cached_blocks=12,
     evictions=3,
 )
-HEALTH = {"ready": True, "state": "serving"}
-ROUTER = {"device": "cpu", "dtype": "float32", "steps": 5}
+HEALTH = RouterHealth(ready=True, state=ChannelState.SERVING)
+ROUTER = RouterStats(device="cpu", dtype="float32", steps=5)
 
 
 def test_the_status_line_shows_the_prefix_cache_of_each_router():

@@ -11,10 +11,10 @@ import threading
 import grpc
 import jsonschema
 import pytest
-import ray
 
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
+from tests.procs import pid_of
 from tests.router.gateway.harness import kill_mid_stream, router_pid
 from tests.router.gateway.test_routers import serve
 
@@ -126,7 +126,7 @@ def test_seeded_constrained_streams_continue_exactly_through_router_and_worker_d
         jsonschema.validate(json.loads(out["text"]), LONG)
     victim = router_pid(server, 0)
     after_router = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, victim, router=0))
-    worker = ray.get(server.cluster.workers[1].ping.remote(), timeout=30)["pid"]
+    worker = pid_of(server.cluster.workers[1])
     after_worker = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, worker))
     for got in (after_router, after_worker):
         assert {i: o["tokens"] for i, o in got.items()} == {i: o["tokens"] for i, o in undisturbed.items()}

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from cluster.actor_reports import MemberStatus, WorkerStats
+from cluster.actor_state import MemberState
 from deploy.cli.status_table import format_status
 from protos.moecluster.v1 import inference_pb2 as pb
 from router.gateway import convert
 from router.gateway.metrics import GatewayMetrics
 
-STATS = {
-    "slot": 1,
-    "pid": 7,
-    "state": "serving",
-    "device": "cpu",
-    "generation": 0,
-    "bytes_resident": 3 * 2**20,
-    "expert_dtype": "fp8",
-    "tokens_per_expert": {1: {4: 2, 5: 0}},
-    "steps": 3,
-}
+STATS = WorkerStats(
+    slot=1,
+    pid=7,
+    state=MemberState.SERVING,
+    device="cpu",
+    generation=0,
+    bytes_resident=3 * 2**20,
+    expert_dtype="fp8",
+    tokens_per_expert={1: {4: 2, 5: 0}},
+    steps=3,
+)
 
 
 def test_worker_status_carries_the_expert_dtype_into_the_status_table():
-    worker = convert.worker_status(1, STATS, {"state": "serving"}, (1,))
+    worker = convert.worker_status(1, STATS, MemberStatus(1, MemberState.SERVING), (1,))
     assert worker.expert_dtype == "fp8" and worker.bytes_resident == 3 * 2**20
     status = pb.GetClusterStatusResponse(workers=[worker], routers=[pb.RouterStatus()])
     info = pb.GetModelInfoResponse(name="m", moe_layers=[1], num_experts=8, experts_per_token=1)
