@@ -4,7 +4,6 @@ and cancel. Each client adds only how it waits: iterating or `async for`, callin
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from types import ModuleType
 from typing import Generic, TypeVar
 
@@ -93,25 +92,9 @@ class ClientBase(Generic[G]):
         self.stub = pb_grpc.InferenceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        input_ids: Iterable[int] | None = None,
-        messages: Iterable | None = None,
-        images: Iterable | None = None,
-        request_id: str = "",
-        model: str = "",
-        stream: bool = True,
-        timeout: float | None = None,
-        cache_salt: str = "",
-        **sampling,
-    ) -> G:
-        """Start a Generate call (see client_types.build_request for the input and the sampling keywords);
-        returns the client's Generation, to iterate."""
-        inputs = dict(input_ids=input_ids, messages=messages, images=images)
-        request = build_request(
-            prompt, request_id=request_id, model=model, stream=stream, cache_salt=cache_salt, **inputs, **sampling
-        )
-        call = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
-        return self.generation_class(call, request_id)
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **request) -> G:
+        """Start a Generate call: `request` takes client_types.build_request's keywords (input_ids, messages, images,
+        request_id, model, stream, cache_salt, and the sampling parameters); returns the client's
+        Generation, to iterate."""
+        call = self.stub.Generate(build_request(prompt, **request), timeout=timeout, metadata=self.metadata)
+        return self.generation_class(call, request.get("request_id", ""))

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from deploy.bench.host_reads import HostSyncs
 from deploy.bench.models import bench_checkpoint
 from router.engine import sampler
 from router.engine.config import EngineConfig
@@ -40,29 +41,6 @@ def run_sampler_bench(args) -> int:
     return 0
 
 
-class _Reads:
-    """Counts tensor reads on the host (a device-to-host sync on a GPU) while active."""
-
-    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
-
-    def __enter__(self):
-        self.calls, self.saved = 0, {m: getattr(torch.Tensor, m) for m in self.METHODS}
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, self._counted(method))
-        return self
-
-    def __exit__(self, *exc):
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, method)
-
-    def _counted(self, method):
-        def counted(tensor, *a):
-            self.calls += 1
-            return method(tensor, *a)
-
-        return counted
-
-
 def _batch(n: int, args) -> tuple[torch.Tensor, list[Sequence]]:
     g = torch.Generator().manual_seed(n)
     logits = (torch.randn(n, args.vocab, generator=g) * 4).to(args.device)  # peaked, as a model's are
@@ -80,7 +58,7 @@ def _time(fn, iters: int, device: str) -> tuple[float, int]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with _Reads() as r:
+        with HostSyncs() as r:
             fn()
         times.append(time.perf_counter() - t0)
         reads = r.calls

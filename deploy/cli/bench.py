@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from deploy.bench.presets import BENCH_MODELS
 from deploy.cli.arg_types import positive_ints
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="float32", help="float32 (exact comparison) or bfloat16")
-    d.set_defaults(run=_run_decode)
+    d.set_defaults(run=_lazy("deploy.bench.decode", "run_decode_bench"))
 
     t = what.add_parser("transport", help="per MoE layer: all-to-all dispatch + combine vs in-process experts")
     t.add_argument(
@@ -30,9 +31,8 @@ def add_parser(sub) -> None:
     t.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
     t.add_argument("--workers", type=positive_ints, default=[1, 2, 4])
     t.add_argument("--iters", type=int, default=10)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--dtype", default="auto")
-    t.set_defaults(run=_run_transport)
+    _device(t)
+    t.set_defaults(run=_lazy("deploy.bench.transport", "run_transport_bench"))
 
     x = what.add_parser("exchange", help="per MoE layer: fixed-capacity vs split exchange (1, 2 workers) vs in-process")
     x.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
@@ -40,9 +40,8 @@ def add_parser(sub) -> None:
     x.add_argument("--tokens", type=positive_ints, default=[1, 8, 32, 128, 512])
     x.add_argument("--workers", type=positive_ints, default=[1, 2])
     x.add_argument("--iters", type=int, default=20)
-    x.add_argument("--device", default="cpu")
-    x.add_argument("--dtype", default="auto")
-    x.set_defaults(run=_run_exchange)
+    _device(x)
+    x.set_defaults(run=_lazy("deploy.bench.exchange", "run_exchange_bench"))
 
     g = what.add_parser(
         "grpc", help="time to first token and inter-token latency: through the gateway's fronts vs the engine via Ray"
@@ -61,9 +60,8 @@ def add_parser(sub) -> None:
         help="the fronts to drive, each with its own client library: moecluster, kserve (tritonclient), openai (the "
         "openai SDK), e.g. moecluster,kserve,openai (kserve and openai need the test extras)",
     )
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="auto")
-    g.set_defaults(run=_run_grpc)
+    _device(g)
+    g.set_defaults(run=_lazy("deploy.bench.grpc", "run_grpc_bench"))
 
     e = what.add_parser("engine", help="continuous batching: 1/8/32 concurrent requests vs transformers, sequential")
     e.add_argument("--model", default=None, help="checkpoint directory (default: a generated --bench-model)")
@@ -87,11 +85,10 @@ def add_parser(sub) -> None:
         help="routed experts held as: auto (as stored), fp8 (quantized on load), model (--dtype); a list like "
         "model,fp8 runs each, side by side",
     )
-    e.set_defaults(run=_run_engine)
+    e.set_defaults(run=_lazy("deploy.bench.engine", "run_engine_bench"))
 
     m = what.add_parser("moe-layer", help="one MoE layer's experts: loop vs grouped_mm vs transformers (dense)")
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--dtype", default="auto")
+    _device(m)
     m.add_argument("--hidden", type=int, default=None, help="default: 5120 on CUDA (Scout), 1024 on CPU")
     m.add_argument("--width", type=int, default=None, help="expert width; default: 8192 on CUDA, 2048 on CPU")
     m.add_argument("--experts", type=int, default=16)
@@ -106,7 +103,7 @@ def add_parser(sub) -> None:
     c.add_argument("--hidden", type=int, default=5120)
     c.add_argument("--tokens", type=positive_ints, default=[1, 16, 256])
     c.add_argument("--iters", type=int, default=20)
-    c.set_defaults(run=_run_collective)
+    c.set_defaults(run=_lazy("deploy.bench.moe_layer", "run_collective_bench"))
 
     v = what.add_parser(
         "vision",
@@ -135,7 +132,7 @@ def add_parser(sub) -> None:
     s.add_argument("--constrained", type=_percentages, default=[0, 50, 100], help="constraints: percentages")
     s.add_argument("--rounds", type=int, default=3, help="constraints: runs per row (median)")
     s.add_argument("--device", default="cpu")
-    s.set_defaults(run=_run_sampler)
+    s.set_defaults(run=_lazy("deploy.bench.sampler", "run_sampler_bench"))
 
     models = tuple(BENCH_MODELS)  # deploy/bench/presets.py: the tiny Scout, and hidden 256 x 8 MoE layers
     f = what.add_parser("failover", help="what a worker's death costs: stall, longest token gap, tok/s around it")
@@ -147,7 +144,7 @@ def add_parser(sub) -> None:
     f.add_argument("--kills", type=int, default=5, help="worker kills per row, one at a time")
     f.add_argument("--window-s", type=float, default=3.0, help="throughput window before and after")
     f.add_argument("--settle-s", type=float, default=2.0, help="pause after starting and after each recovery")
-    f.set_defaults(run=_run_failover)
+    f.set_defaults(run=_lazy("deploy.bench.failover", "run_failover_bench"))
 
     r = what.add_parser("rebalance", help="a skewed load: max/mean load per worker before and after rebalancing")
     r.add_argument("--models", type=_choices(models), default=list(models), help=f"comma-separated: {models}")
@@ -155,7 +152,7 @@ def add_parser(sub) -> None:
     r.add_argument("--redundant", type=int, default=2, help="redundant expert slots per worker")
     r.add_argument("--streams", type=int, default=16)
     r.add_argument("--tokens", type=int, default=64)
-    r.set_defaults(run=_run_rebalance)
+    r.set_defaults(run=_lazy("deploy.bench.rebalance", "run_rebalance_bench"))
 
     o = what.add_parser("routers", help="tok/s and ITL with 1, 2, 4 routers through gRPC; a router's death")
     o.add_argument("--model", choices=models, default="tiny")
@@ -163,7 +160,7 @@ def add_parser(sub) -> None:
     o.add_argument("--workers", type=int, default=2)
     o.add_argument("--concurrency", type=positive_ints, default=[8, 32, 64])
     o.add_argument("--tokens", type=int, default=64)
-    o.set_defaults(run=_run_routers)
+    o.set_defaults(run=_lazy("deploy.bench.routers", "run_routers_bench"))
 
     x = what.add_parser("prefix", help="multi-turn chat with a shared system prompt: prefix cache on vs off, routing")
     _bench_model(x, "moe-256")
@@ -176,7 +173,7 @@ def add_parser(sub) -> None:
     x.add_argument("--unshared-tokens", type=int, default=64, help="answer length of the no-sharing workload")
     x.add_argument("--no-routers2", dest="routers2", action="store_false", help="skip the 2-router deployments")
     x.add_argument("--seed", type=int, default=0)
-    x.set_defaults(run=_run_prefix)
+    x.set_defaults(run=_lazy("deploy.bench.prefix", "run_prefix_bench"))
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -188,6 +185,21 @@ def _choices(allowed: tuple[str, ...]):
         return values
 
     return parse
+
+
+def _device(parser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+
+
+def _lazy(module: str, function: str):
+    """The benchmark's entry point, imported only when that benchmark runs (torch, Ray and the engine load then,
+    so `moecluster --help` stays fast)."""
+
+    def run(args) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def _run_vision(args) -> int:
@@ -217,36 +229,6 @@ def _percentages(text: str) -> list[int]:
     if max(values) > 100:
         raise argparse.ArgumentTypeError(f"expected percentages in [0, 100], got {text!r}")
     return values
-
-
-def _run_sampler(args) -> int:
-    from deploy.bench.sampler import run_sampler_bench
-
-    return run_sampler_bench(args)
-
-
-def _run_failover(args) -> int:
-    from deploy.bench.failover import run_failover_bench
-
-    return run_failover_bench(args)
-
-
-def _run_rebalance(args) -> int:
-    from deploy.bench.rebalance import run_rebalance_bench
-
-    return run_rebalance_bench(args)
-
-
-def _run_routers(args) -> int:
-    from deploy.bench.routers import run_routers_bench
-
-    return run_routers_bench(args)
-
-
-def _run_prefix(args) -> int:
-    from deploy.bench.prefix import run_prefix_bench
-
-    return run_prefix_bench(args)
 
 
 def _expert_dtypes(text: str) -> list[str]:
@@ -285,12 +267,6 @@ def _micro_batches(text: str) -> list[int | None]:
     return [None if v == "auto" else int(v) for v in values]
 
 
-def _run_exchange(args) -> int:
-    from deploy.bench.exchange import run_exchange_bench
-
-    return run_exchange_bench(args)
-
-
 def _run_moe_layer(args) -> int:
     from deploy.bench.moe_layer import run_moe_layer_bench
 
@@ -300,39 +276,9 @@ def _run_moe_layer(args) -> int:
     return run_moe_layer_bench(args)
 
 
-def _run_collective(args) -> int:
-    from deploy.bench.moe_layer import run_collective_bench
-
-    return run_collective_bench(args)
-
-
-def _run_engine(args) -> int:
-    from deploy.bench.engine import run_engine_bench
-
-    return run_engine_bench(args)
-
-
 def _fronts(text: str) -> list[str]:
     fronts = [f.strip() for f in text.split(",") if f.strip()]
     bad = [f for f in fronts if f not in FRONTS]
     if bad or not fronts:
         raise argparse.ArgumentTypeError(f"expected some of {', '.join(FRONTS)} separated by commas, got {text!r}")
     return list(dict.fromkeys(fronts))
-
-
-def _run_grpc(args) -> int:
-    from deploy.bench.grpc import run_grpc_bench
-
-    return run_grpc_bench(args)
-
-
-def _run_transport(args) -> int:
-    from deploy.bench.transport import run_transport_bench
-
-    return run_transport_bench(args)
-
-
-def _run_decode(args) -> int:
-    from deploy.bench.decode import run_decode_bench
-
-    return run_decode_bench(args)

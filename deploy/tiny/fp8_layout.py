@@ -52,14 +52,7 @@ def fp8_tensors(tensors: dict[str, torch.Tensor], scope: str) -> tuple[dict[str,
     if scope not in SCOPES:
         raise ValueError(f"FP8 scope must be one of {sorted(SCOPES)}, got {scope!r}")
     out = dict(tensors)
-    for key in [k for k in tensors if _FUSED.match(k)]:
-        base = _FUSED.match(key)["base"]
-        gate_up, down = out.pop(key), out.pop(f"{base}.down_proj")
-        width = down.shape[1]
-        for e in range(gate_up.shape[0]):
-            out[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
-            out[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
-            out[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
+    unfuse_experts(out)
     quantized = [k for k in out if _EXPERT.search(k) or (scope == "fp8-mlp" and _MLP.search(k))]
     for key in quantized:
         q, scale = quantize_rows(out[key])
@@ -75,6 +68,19 @@ def fp8_tensors(tensors: dict[str, torch.Tensor], scope: str) -> tuple[dict[str,
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
+
+
+def unfuse_experts(tensors: dict[str, torch.Tensor]) -> None:
+    """In place: fused experts (`experts.gate_up_proj` [E, D, 2I], `experts.down_proj` [E, I, D]) become one set
+    of `[out, in]` weights per expert, as the official FP8 checkpoints store them."""
+    for key in [k for k in tensors if _FUSED.match(k)]:
+        base = _FUSED.match(key)["base"]
+        gate_up, down = tensors.pop(key), tensors.pop(f"{base}.down_proj")
+        width = down.shape[1]
+        for e in range(gate_up.shape[0]):
+            tensors[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
+            tensors[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
+            tensors[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
 
 
 def write_fp8_copy(src: str | Path, dst: str | Path, scope: str = "fp8") -> Path:

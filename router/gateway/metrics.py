@@ -6,6 +6,7 @@ usage, tokens per expert) are copied from the cluster's stats by the gateway's p
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -72,19 +73,16 @@ class GatewayMetrics:
         self.running = Gauge("moecluster_running_requests", "Requests in the engine's running batch", registry=r)
         self.kv_usage = Gauge("moecluster_kv_cache_usage_ratio", "KV cache blocks used / total", registry=r)
         self.tokens_per_s = Gauge("moecluster_generation_tokens_per_second", "Over the last 10 s", registry=r)
-        self.expert_tokens = Gauge(
-            "moecluster_expert_tokens",
-            "Tokens routed to each expert since its worker started",
-            ["layer", "expert"],
-            registry=r,
+        labelled = functools.partial(Gauge, registry=r)
+        self.expert_tokens = labelled(
+            "moecluster_expert_tokens", "Tokens routed to each expert since its worker started", ["layer", "expert"]
         )
         self.prefix_cache = _PrefixCacheCollector()
         r.register(self.prefix_cache)
-        self.worker_expert_bytes = Gauge(
+        self.worker_expert_bytes = labelled(
             "moecluster_worker_expert_bytes",
             "Bytes of routed-expert weights (and FP8 scales) each worker holds, by the dtype they are held in",
             ["worker", "dtype"],
-            registry=r,
         )
         self.expert_plane = _ExpertPlaneCollector()
         r.register(self.expert_plane)

@@ -22,6 +22,7 @@ from cluster.expert_map import ExpertMap
 from cluster.experts import ExpertShard
 from cluster.process_group import ChannelGroups, GroupAddress, Rendezvous
 from cluster.transport import LocalTransport
+from deploy.bench.host_reads import HostSyncs
 
 D, I, E, WORKERS = 16, 24, 16, 3
 LAYERS = (0, 2)
@@ -211,32 +212,6 @@ class CountingGroup:
 
     def __getattr__(self, name):
         return getattr(self.group, name)
-
-
-class HostSyncs:
-    """Counts the calls that read a tensor's value on the host (a device-to-host sync on a GPU)."""
-
-    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
-
-    def __init__(self):
-        self.calls = 0
-
-    def __enter__(self):
-        self.saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, self._counted(method))
-        return self
-
-    def __exit__(self, *exc):
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, method)
-
-    def _counted(self, method):
-        def counted(tensor, *args):
-            self.calls += 1
-            return method(tensor, *args)
-
-        return counted
 
 
 def counted_transport(groups) -> tuple[AllToAllTransport, CountingGroup]:

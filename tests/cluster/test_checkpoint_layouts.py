@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from cluster.checkpoint import CheckpointError, CheckpointReader
 from cluster.config import load_model_config
 from cluster.weights import load_expert_shard
+from deploy.tiny.fp8_layout import unfuse_experts
 from tests.cluster.checkpoint_edits import edited_copy, save_sharded
 from tests.cluster.test_llama4_parity import full_logits, load_ours
 from tests.conftest import write_json
@@ -61,17 +62,7 @@ def test_sharded_checkpoint_gives_identical_logits(plain, tmp_path, prefixed):
 
 
 def test_unfused_per_expert_tensors_give_identical_logits(plain, tmp_path):
-    def unfuse(tensors: dict) -> None:
-        for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
-            base = key.rsplit(".", 1)[0]
-            gate_up, down = tensors.pop(key), tensors.pop(f"{base}.down_proj")
-            width = down.shape[1]
-            for e in range(gate_up.shape[0]):
-                tensors[f"{base}.{e}.gate_proj.weight"] = gate_up[e, :, :width].T.contiguous()
-                tensors[f"{base}.{e}.up_proj.weight"] = gate_up[e, :, width:].T.contiguous()
-                tensors[f"{base}.{e}.down_proj.weight"] = down[e].T.contiguous()
-
-    dst = edited_copy(plain, tmp_path / "unfused", unfuse)
+    dst = edited_copy(plain, tmp_path / "unfused", unfuse_experts)
     assert torch.equal(full_logits(*load_ours(dst), IDS), full_logits(*load_ours(plain), IDS))
 
 

@@ -8,13 +8,13 @@ import math
 
 import torch
 
+from deploy.bench.host_reads import HostSyncs
 from router.engine import sampler
 from router.engine.noise import gumbel, row_key, unit
 from router.engine.sampler import RowMasks, adjusted_logits, sample_batch
 from router.engine.sequence import Sequence
 from router.reference import sampler as reference
 from router.request.sampling_params import SamplingParams, resolve_seed
-from tests.cluster.test_all_to_all import HostSyncs
 
 
 def state(params: SamplingParams, prompt=(1, 2), output=(), stop=frozenset(), seed=None) -> Sequence:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protos.client import InferenceClient
+from tests.certs import make_certs
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +14,9 @@ def client(server):
     with InferenceClient(server.target) as c:
         c.wait_until_serving(timeout=60)
         yield c
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """Throwaway CA, server and client certificates (tests/certs.py)."""
+    return make_certs(tmp_path_factory.mktemp("certs"))

@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 
+from deploy.bench.interruption import StreamLog
 from deploy.config import ServeConfig, parse_serve_config
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
@@ -51,16 +52,23 @@ class StreamThread:
         return self.tokens
 
 
-def start_streams(target: str, requests: list[dict], results: dict, errors: list) -> list[threading.Thread]:
-    """Each of `requests` (generate_text keyword arguments) on a client and a thread of its own, started:
-    request i's token ids go to `results[i]`, a GenerationError to `errors`."""
+def start_streams(
+    target: str, requests: list[dict], results: dict, errors: list, logs: list[StreamLog]
+) -> list[threading.Thread]:
+    """Each of `requests` (generate keyword arguments) streamed on a client and a thread of its own, started:
+    request i's token arrivals go to `logs[i]`, its token ids to `results[i]`, a GenerationError to `errors`."""
 
     def one(i):
         try:
             with InferenceClient(target) as client:
-                results[i] = client.generate_text(**requests[i]).token_ids
+                gen = client.generate(**requests[i])
+                for chunk in gen:
+                    logs[i].add(len(chunk.token_ids))
+                results[i] = gen.result.token_ids
         except GenerationError as e:
             errors.append(e)
+        finally:
+            logs[i].done = True
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(requests))]
     for t in threads:

@@ -21,7 +21,7 @@ from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
 from tests.procs import pid_of
-from tests.router.gateway.harness import serve_config
+from tests.router.gateway.harness import serve_config, start_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 STREAMS = 8
@@ -41,24 +41,12 @@ def serve(model_dir, **cluster) -> Server:
 def run_streams(target: str, results: dict, errors: list, logs: list[StreamLog] | None = None):
     """STREAMS streaming requests on threads; their tokens in `results`, arrival times in `logs` (when given)."""
     logs = logs if logs is not None else [StreamLog(TOKENS) for _ in range(STREAMS)]
-
-    def one(i):
-        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i}
-        try:
-            with InferenceClient(target) as client:
-                gen = client.generate(input_ids=[1, 7 + i, 3], max_tokens=TOKENS, ignore_eos=True, **sampling)
-                for chunk in gen:
-                    logs[i].add(len(chunk.token_ids))
-                results[i] = gen.result.token_ids
-        except GenerationError as e:
-            errors.append(e)
-        finally:
-            logs[i].done = True
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
-    for t in threads:
-        t.start()
-    return threads
+    requests = [
+        dict(input_ids=[1, 7 + i, 3], max_tokens=TOKENS, ignore_eos=True)
+        | ({"temperature": 0.0} if i % 2 else {"temperature": 0.8, "seed": 100 + i})
+        for i in range(STREAMS)
+    ]
+    return start_streams(target, requests, results, errors, logs)
 
 
 def metric(server, name: str) -> float:

@@ -14,7 +14,6 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.certs import make_certs
 from tests.router.gateway.gateway_thread import running_gateway
 
 pytestmark = pytest.mark.slow  # each starts a gRPC and an HTTP server (no Ray)
@@ -27,11 +26,6 @@ def keyed(tmp_path_factory):
     path.write_text(KEY + "\n")
     with running_gateway({"api_keys_file": str(path)}) as gateway:
         yield gateway
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

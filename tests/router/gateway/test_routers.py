@@ -21,7 +21,7 @@ from deploy.server import Server
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
 from tests.procs import pid_of
-from tests.router.gateway.harness import router_pid, serve_config
+from tests.router.gateway.harness import router_pid, serve_config, start_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_left")]
 
@@ -36,24 +36,11 @@ def sampling(i: int) -> dict:
 
 
 def run_streams(target: str, n: int, logs: list[StreamLog], results: dict, errors: list) -> list[threading.Thread]:
-    def one(i):
-        try:
-            with InferenceClient(target) as client:
-                gen = client.generate(
-                    input_ids=[1, 9 + i, 3, 50 + i], max_tokens=logs[i].max_tokens, ignore_eos=True, **sampling(i)
-                )
-                for chunk in gen:
-                    logs[i].add(len(chunk.token_ids))
-                results[i] = gen.result.token_ids
-        except GenerationError as e:
-            errors.append(e)
-        finally:
-            logs[i].done = True
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    return threads
+    requests = [
+        dict(input_ids=[1, 9 + i, 3, 50 + i], max_tokens=logs[i].max_tokens, ignore_eos=True, **sampling(i))
+        for i in range(n)
+    ]
+    return start_streams(target, requests, results, errors, logs)
 
 
 def collect(target: str, n: int, tokens: int, kill: int | None = None) -> dict[int, list[int]]:

@@ -8,16 +8,10 @@ import grpc
 import pytest
 
 from protos.client import InferenceClient
-from tests.certs import make_certs
 from tests.router.gateway.gateway_thread import running_gateway
 from tests.router.gateway.harness import model_info_error
 
 pytestmark = pytest.mark.slow  # each starts a gRPC server (no Ray)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
