@@ -104,7 +104,7 @@ def _rows(states: list, rows: list[int], dev: torch.device) -> _Rows:
         torch.tensor([p.top_k or 0 for p in ps], dtype=torch.int64, device=dev),
         torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
         torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in ps], device=dev),
-        torch.tensor([row_key(states[i].seed, len(states[i].output_ids)) for i in rows], device=dev),
+        torch.tensor([row_key(states[i].seed, states[i].num_output_tokens) for i in rows], device=dev),
     )
 
 
@@ -146,7 +146,9 @@ def draw_full(logits_RV: torch.Tensor, rows: _Rows) -> torch.Tensor:
 def adjusted_logits(raw_NV: torch.Tensor, states: list, masks: RowMasks | None = None) -> torch.Tensor:
     """Penalties, min_tokens suppression and constraint masks, batched; `raw_NV` itself when no row has any."""
     penalised = [i for i, st in enumerate(states) if st.params.needs_penalties]
-    suppress = [(i, t) for i, st in enumerate(states) if len(st.output_ids) < st.params.min_tokens for t in st.stop_ids]
+    suppress = [
+        (i, t) for i, st in enumerate(states) if st.num_output_tokens < st.params.min_tokens for t in st.stop_ids
+    ]
     if not penalised and not suppress and not (masks and masks.rows):
         return raw_NV
     logits_NV = raw_NV.clone()
@@ -166,12 +168,13 @@ def _penalties(logits_RV: torch.Tensor, states: list) -> torch.Tensor:
     dev, (r, v) = logits_RV.device, logits_RV.shape
     seen_rows, seen_toks, out_rows, out_toks = [], [], [], []
     for j, st in enumerate(states):
+        output = st.output_ids  # a copy each time it is read: read once
         if st.params.repetition_penalty != 1.0:
-            seen = set(st.prompt_ids) | set(st.output_ids)
+            seen = set(st.prompt_ids) | set(output)
             seen_rows += [j] * len(seen)
             seen_toks += seen
-        out_rows += [j] * len(st.output_ids)
-        out_toks += st.output_ids
+        out_rows += [j] * len(output)
+        out_toks += output
     param = lambda name: torch.tensor([getattr(st.params, name) for st in states], device=dev)[:, None]  # noqa: E731
     seen_RV = torch.zeros(r, v, dtype=torch.bool, device=dev)
     seen_RV[torch.tensor(seen_rows, dtype=torch.int64), torch.tensor(seen_toks, dtype=torch.int64)] = True
