@@ -33,7 +33,7 @@ from router.gateway.affinity import ROUTE_BLOCKS
 from router.gateway.cluster_view import ClusterView
 from router.gateway.health import ClusterPoller, GatewayHealth
 from router.gateway.metrics import GatewayMetrics
-from router.gateway.router_pool import RouterEntry, RouterPool
+from router.gateway.router_pool import RouterPool
 from router.gateway.stream_relay import NoRouter, StreamRelay
 from router.images.request import VisionPrompt
 from router.request.block_hash import BlockHashes, request_hashes
@@ -85,11 +85,10 @@ class Backend:
 
 @dataclass
 class Admitted:
-    """One admitted generation: its relay (registered in `Generations.streams` until `run` ends), the router it
-    starts on, the front it came through and when it arrived."""
+    """One admitted generation: its relay (registered in `Generations.streams` until `run` ends, holding the router
+    it starts on), the front it came through and when it arrived."""
 
     relay: StreamRelay
-    router: RouterEntry
     front: str
     arrived: float
 
@@ -185,7 +184,7 @@ class Generations:
         relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s, router, blocks)
         self.streams[rid] = relay
         self.metrics.active_streams.inc()
-        return Admitted(relay, router, front, arrived)
+        return Admitted(relay, front, arrived)
 
     async def run(
         self, admitted: Admitted, deadline: float | None = None, expired: Callable[[], bool] = lambda: False
