@@ -15,7 +15,8 @@ def format_status(status, info, readiness: str) -> str:
         f"top-{info.experts_per_token})   readiness {readiness}",
         *(_router(r) for r in (status.routers or [status.router])),
         f"gateway  streams {g.active_streams}/{g.max_concurrent_streams}   queue limit "
-        f"{g.max_queued_requests or 'none'}{'   DRAINING' if g.draining else ''}",
+        f"{g.max_queued_requests or 'none'}   router failovers {g.router_failovers}"
+        f"{'   DRAINING' if g.draining else ''}",
         *(f"front    {f.protocol:<32} {f.transport}://{f.address}" for f in g.fronts),
     ]
     if info.accepts_images:

@@ -106,6 +106,7 @@ class Generations:
         self.limits, self.health, self.metrics = limits, health, metrics
         self.backend: Backend | None = None
         self.streams: dict[str, StreamRelay] = {}  # request_id -> its relay, for every open generation
+        self.router_failovers = 0  # streams moved off a lost router, since start
 
     def backend_for(self, need_ready: bool = True) -> Backend:
         """`need_ready`: for new generations; information calls are answered while starting up or draining."""
@@ -181,7 +182,9 @@ class Generations:
             raise GatewayError(Code.UNAVAILABLE, f"no router is ready: {backend.pool.reason}")
         if not prepared.params.greedy:  # a seed of its own: a failover continues exactly where it stopped
             prepared = replace(prepared, params=replace(prepared.params, seed=resolve_seed(prepared.params)))
-        relay = StreamRelay(backend.pool, prepared, self.limits.failover_timeout_s, router, blocks)
+        relay = StreamRelay(
+            backend.pool, prepared, self.limits.failover_timeout_s, router, blocks, lambda: self._failed_over(front)
+        )
         self.streams[rid] = relay
         self.metrics.active_streams.inc()
         return Admitted(relay, front, arrived)
@@ -266,6 +269,10 @@ class Generations:
             f" after {relay.failovers} router failover(s)" if relay.failovers else "",
             extra={"request_id": admitted.request_id},
         )
+
+    def _failed_over(self, front: str) -> None:
+        self.router_failovers += 1
+        self.metrics.router_failovers.labels(front).inc()
 
     def count(self, front: str, outcome: str) -> None:
         """One finished or refused request of `front`, by outcome (also in the all-fronts count)."""

@@ -68,6 +68,12 @@ class GatewayMetrics:
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
+        self.router_failovers = Counter(
+            "moecluster_router_failovers",
+            "Streams that lost their router and continued on another (or its replacement), per front",
+            ["front"],
+            registry=r,
+        )
         self.active_streams = Gauge("moecluster_active_streams", "Generate streams open on the gateway", registry=r)
         self.waiting = Gauge("moecluster_queue_depth", "Requests waiting in the engine", registry=r)
         self.running = Gauge("moecluster_running_requests", "Requests in the engine's running batch", registry=r)

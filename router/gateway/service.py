@@ -109,6 +109,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         backend = g.backend_for(need_ready=False)
         gateway = pb.GatewayStatus(
             active_streams=len(g.streams),
+            router_failovers=g.router_failovers,
             draining=g.health.draining,
             max_concurrent_streams=g.limits.max_concurrent_streams,
             max_queued_requests=g.limits.max_queued_requests,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import ray
 
@@ -49,10 +49,13 @@ class StreamRelay:
         failover_timeout_s: float,
         first: RouterEntry,
         blocks: BlockHashes | None = None,
+        on_failover: Callable[[], None] = lambda: None,
     ):
         """`first`: the router chosen at admission, counted as loaded by this stream from now on. `blocks`: the
-        request's block hashes, for cache-affinity routing (None: least-loaded routing)."""
+        request's block hashes, for cache-affinity routing (None: least-loaded routing). `on_failover`: called each
+        time the stream's router is lost and it is to continue on another."""
         self.pool, self.prepared, self.failover_timeout_s = pool, prepared, failover_timeout_s
+        self.on_failover = on_failover
         self.first, self.blocks = first, blocks
         self.tokens: list[int] = []
         self.text_chars = 0
@@ -76,6 +79,7 @@ class StreamRelay:
             except RouterLost as e:
                 self.pool.mark_down(entry, str(e))
                 self.failovers += 1
+                self.on_failover()
                 if self.failovers > MAX_FAILOVERS:
                     raise NoRouter(f"{self.failovers} routers failed this request in turn; the last: {e}") from None
                 log.warning(

@@ -509,18 +509,20 @@ class ExpertPlaneStatus(_message.Message):
     def __init__(self, map_generation: _Optional[int] = ..., expert_replicas: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., failovers: _Optional[int] = ..., replayed_steps: _Optional[int] = ..., regroups: _Optional[int] = ..., worker_deaths: _Optional[int] = ..., replacements_started: _Optional[int] = ..., replacements_succeeded: _Optional[int] = ..., replacements_failed: _Optional[int] = ..., rebalances: _Optional[int] = ..., recent_stalls_s: _Optional[_Iterable[float]] = ..., last_event: _Optional[str] = ..., failure: _Optional[str] = ..., degraded: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("active_streams", "max_concurrent_streams", "max_queued_requests", "draining", "fronts")
+    __slots__ = ("active_streams", "max_concurrent_streams", "max_queued_requests", "draining", "fronts", "router_failovers")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     FRONTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     max_concurrent_streams: int
     max_queued_requests: int
     draining: bool
     fronts: _containers.RepeatedCompositeFieldContainer[Front]
-    def __init__(self, active_streams: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., draining: _Optional[bool] = ..., fronts: _Optional[_Iterable[_Union[Front, _Mapping]]] = ...) -> None: ...
+    router_failovers: int
+    def __init__(self, active_streams: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., draining: _Optional[bool] = ..., fronts: _Optional[_Iterable[_Union[Front, _Mapping]]] = ..., router_failovers: _Optional[int] = ...) -> None: ...
 
 class Front(_message.Message):
     __slots__ = ("protocol", "address", "transport")

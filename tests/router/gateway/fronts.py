@@ -11,6 +11,7 @@ import numpy as np
 import openai
 import tritonclient.grpc as triton
 
+from deploy.bench.interruption import StreamLog
 from deploy.config import parse_serve_config
 from deploy.server import Server
 from protos.client import InferenceClient
@@ -105,10 +106,11 @@ def kserve_infer(client: triton.InferenceServerClient, inputs, **params) -> tupl
 
 class KServeStream:
     """One tritonclient ModelStreamInfer stream; `send` queues a request, `collect(rid)` reads its responses until
-    the one with triton_final_response (or an error)."""
+    the one with triton_final_response (or an error). `logs`: request id -> the StreamLog its tokens' arrivals go
+    to, as they arrive."""
 
-    def __init__(self, client: triton.InferenceServerClient):
-        self.client = client
+    def __init__(self, client: triton.InferenceServerClient, logs: dict[str, StreamLog] | None = None):
+        self.client, self.logs = client, logs or {}
         self.responses: dict[str, queue.Queue] = {}
         self.errors: queue.Queue = queue.Queue()
         client.start_stream(callback=self._on_response)
@@ -118,6 +120,9 @@ class KServeStream:
             self.errors.put(error)
             return
         rid = result.get_response().id
+        if (log := self.logs.get(rid)) is not None:
+            log.add(len(_ids(result)))
+            log.done = bool(_params(result).get("triton_final_response"))
         self.responses.setdefault(rid, queue.Queue()).put(result)
 
     def send(self, rid: str, inputs, **params) -> None:

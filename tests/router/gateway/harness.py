@@ -3,10 +3,7 @@ start a Server from, streams read on threads of their own, and the refusal a cal
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 
 import pytest
 import ray
@@ -86,14 +83,3 @@ def model_info_error(target: str, timeout_s: float = 10.0, **client_args) -> Gen
 def router_pid(server, index: int) -> int:
     """The process id of router `index` of `server`'s cluster."""
     return ray.get(server.cluster.routers[index].health.remote(), timeout=30).pid
-
-
-def kill_mid_stream(target: str, pid: int, router: int | None = None) -> None:
-    """Kill `pid` once streams are generating on router `router` (any router: None), so that the kill lands
-    while they run, however fast the engine is (a fixed delay can land after the last token)."""
-    deadline = time.monotonic() + 60
-    with InferenceClient(target) as client:
-        while not any(r.running for r in client.cluster_status().routers if router in (None, r.index)):
-            assert time.monotonic() < deadline, "no stream started"
-            time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)

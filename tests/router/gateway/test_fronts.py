@@ -9,15 +9,17 @@ One server for the module; the router kill comes last."""
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import threading
 
 import httpx2 as httpx
 import numpy as np
 import pytest
-import ray
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from deploy.tiny.squares import QUESTION, square_png
 from protos.client import InferenceClient
 from protos.client_types import GenerationError
@@ -32,11 +34,12 @@ from tests.router.gateway.fronts import (
     tensor,
     text_input,
 )
-from tests.router.gateway.harness import kill_mid_stream
+from tests.router.gateway.harness import router_pid
 
 pytestmark = pytest.mark.slow
 PROMPT = "count from 7"
 SEEDED = dict(temperature=0.8, top_p=0.95, seed=7, ignore_eos=True)
+TOKENS = 60  # per stream of the router-kill test
 RED, BLUE = square_png("red", 40, 50, 1), square_png("blue", 30, 30, 2)
 
 
@@ -204,30 +207,62 @@ def test_prometheus_counts_requests_errors_and_latency_per_front(server):
 def test_a_router_killed_mid_stream_costs_the_http_and_kserve_streams_nothing(server, oa, kserve):
     prompts = [f"count from {i}" for i in range(4)]
     undisturbed = {p: _both(server, oa, kserve, [p])[p] for p in prompts}
-    victim = ray.get(server.cluster.routers[0].health.remote(), timeout=30).pid
+    victim = router_pid(server, 0)
+    moved_before = _router_failovers(server)
+    logs = {(front, p): StreamLog(TOKENS) for front in ("openai", "kserve") for p in prompts}
     results: dict = {}
-    runner = threading.Thread(target=lambda: results.update(_both(server, oa, kserve, prompts)), daemon=True)
+    runner = threading.Thread(target=lambda: results.update(_both(server, oa, kserve, prompts, logs)), daemon=True)
     runner.start()
-    kill_mid_stream(server.target, victim, router=0)
+    every = list(logs.values())
+    # once every stream has a token and tokens left, so that the kill lands while all of them run
+    killed = kill_when_ready(
+        lambda: ready_to_kill(every), lambda: too_late(every), lambda: os.kill(victim, signal.SIGKILL)
+    )
     runner.join(300)
+    assert not runner.is_alive(), "the streams hung after the kill"
     assert results == undisturbed
+    assert interrupted([log.times for log in every], killed), "the kill did not land between the streams' tokens"
+    moved = _router_failovers(server) - moved_before
+    assert moved >= 1  # router 0's streams continued on router 1
+    samples = scrape(server)
+    by_front = [samples.get(f'moecluster_router_failovers_total{{front="{f}"}}', 0) for f in ("openai", "kserve")]
+    assert sum(by_front) >= moved
 
 
-def _both(server, oa, kserve, prompts) -> dict:
-    """Each prompt's (OpenAI streamed text, KServe streamed tokens and text), all running at once."""
-    stream = KServeStream(kserve)
+def _router_failovers(server) -> int:
+    with InferenceClient(server.target) as client:
+        return client.cluster_status().gateway.router_failovers
+
+
+def _both(server, oa, kserve, prompts, logs: dict | None = None) -> dict:
+    """Each prompt's (OpenAI streamed text, KServe streamed tokens and text), all running at once; each stream's
+    token arrivals go to logs[(front, prompt)] when given."""
+    logs = logs or {}
+    stream = KServeStream(kserve, {f"k{i}": logs[("kserve", p)] for i, p in enumerate(prompts) if logs})
     out, oa_text = {}, {}
 
     def one(p):
-        kw = dict(model=server.model_name, prompt=p, max_tokens=60, stream=True, extra_body=SEEDED)
-        oa_text[p] = "".join(c.choices[0].text for c in oa.completions.create(**kw) if c.choices)
+        log = logs.get(("openai", p))
+        # logprobs=0: every chunk lists the tokens it carries, which the log counts
+        kw = dict(model=server.model_name, prompt=p, max_tokens=TOKENS, stream=True, logprobs=0, extra_body=SEEDED)
+        text = []
+        try:
+            for c in oa.completions.create(**kw):
+                if c.choices:
+                    text.append(c.choices[0].text)
+                    if log is not None and c.choices[0].logprobs is not None:
+                        log.add(len(c.choices[0].logprobs.tokens))
+        finally:
+            if log is not None:
+                log.done = True
+        oa_text[p] = "".join(text)
 
     threads = [threading.Thread(target=one, args=(p,), daemon=True) for p in prompts]
     for t in threads:
         t.start()
     try:
         for i, p in enumerate(prompts):
-            stream.send(f"k{i}", [text_input(p)], max_tokens=60, **SEEDED)
+            stream.send(f"k{i}", [text_input(p)], max_tokens=TOKENS, **SEEDED)
         kserve_out = {p: stream.collect(f"k{i}", timeout_s=240)[:2] for i, p in enumerate(prompts)}
     finally:
         stream.close()

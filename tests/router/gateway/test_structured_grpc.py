@@ -6,17 +6,22 @@ exactly, and still validate, when their router is killed and when a worker is ki
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 import grpc
 import jsonschema
 import pytest
 
+from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
+from protos.client import InferenceClient
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from tests.procs import pid_of
-from tests.router.gateway.harness import kill_mid_stream, router_pid
+from tests.router.gateway.harness import router_pid
 from tests.router.gateway.test_routers import serve
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow  # one server for the module (its teardown stops every process it started)
 
@@ -41,17 +46,23 @@ def server(tiny_model_dir):
         srv.stop(grace_s=2.0)
 
 
-def generate(target: str, request: pb.GenerateRequest) -> dict:
-    """Every chunk's tokens, text and calls, and the Complete."""
+def generate(target: str, request: pb.GenerateRequest, log: StreamLog | None = None) -> dict:
+    """Every chunk's tokens, text and calls, and the Complete; the tokens' arrivals go to `log` when given."""
     out = {"tokens": [], "text": "", "calls": [], "complete": None}
-    with grpc.insecure_channel(target) as channel:
-        for msg in pb_grpc.InferenceStub(channel).Generate(request, timeout=300):
-            if msg.HasField("chunk"):
-                out["tokens"] += msg.chunk.token_ids
-                out["text"] += msg.chunk.text
-                out["calls"] += msg.chunk.tool_calls
-            elif msg.HasField("complete"):
-                out["complete"] = msg.complete
+    try:
+        with grpc.insecure_channel(target) as channel:
+            for msg in pb_grpc.InferenceStub(channel).Generate(request, timeout=300):
+                if msg.HasField("chunk"):
+                    out["tokens"] += msg.chunk.token_ids
+                    out["text"] += msg.chunk.text
+                    out["calls"] += msg.chunk.tool_calls
+                    if log is not None:
+                        log.add(len(msg.chunk.token_ids))
+                elif msg.HasField("complete"):
+                    out["complete"] = msg.complete
+    finally:
+        if log is not None:
+            log.done = True
     return out
 
 
@@ -100,23 +111,32 @@ def test_json_schema_output_validates_and_bad_constraints_name_their_field(serve
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("tools[0].name")
 
 
-def streams(target: str, n: int, during=None) -> dict[int, dict]:
+def streams(target: str, n: int, lengths: dict[int, int] | None = None, kill: int | None = None) -> dict[int, dict]:
+    """n seeded JSON streams at once. With `kill` (a pid) and each stream's `lengths` (its tokens, from an undisturbed
+    run: a constrained stream ends before max_tokens), the process is SIGKILLed once every stream has a token and
+    tokens left, and the kill is checked to have landed between every stream's tokens."""
     results, errors = {}, []
+    logs = [StreamLog(lengths[i] if lengths else 200) for i in range(n)]
 
     def one(i):
         try:
-            results[i] = generate(target, json_request(100 + i, LONG))
+            results[i] = generate(target, json_request(100 + i, LONG), logs[i])
         except grpc.RpcError as e:
             errors.append(e)
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    if during is not None:
-        during()
+    if kill is not None:
+        killed = kill_when_ready(
+            lambda: ready_to_kill(logs), lambda: too_late(logs), lambda: os.kill(kill, signal.SIGKILL)
+        )
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a stream hung"
     assert not errors, errors
+    if kill is not None:
+        assert interrupted([log.times for log in logs], killed), "the kill did not land between the streams' tokens"
     return results
 
 
@@ -124,10 +144,17 @@ def test_seeded_constrained_streams_continue_exactly_through_router_and_worker_d
     undisturbed = streams(server.target, 6)
     for out in undisturbed.values():
         jsonschema.validate(json.loads(out["text"]), LONG)
-    victim = router_pid(server, 0)
-    after_router = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, victim, router=0))
-    worker = pid_of(server.cluster.workers[1])
-    after_worker = streams(server.target, 6, during=lambda: kill_mid_stream(server.target, worker))
+    lengths = {i: len(out["tokens"]) for i, out in undisturbed.items()}
+    with InferenceClient(server.target) as client:
+        moved = client.cluster_status().gateway.router_failovers
+        after_router = streams(server.target, 6, lengths, kill=router_pid(server, 0))
+        moved = client.cluster_status().gateway.router_failovers - moved
+        deaths = client.cluster_status().expert_plane.worker_deaths
+        after_worker = streams(server.target, 6, lengths, kill=pid_of(server.cluster.workers[1]))
+        wait_for(
+            lambda: client.cluster_status().expert_plane.worker_deaths == deaths + 1, 30, "the worker's death counted"
+        )
+    assert moved >= 1  # router 0's streams continued on router 1
     for got in (after_router, after_worker):
         assert {i: o["tokens"] for i, o in got.items()} == {i: o["tokens"] for i, o in undisturbed.items()}
         assert {i: o["text"] for i, o in got.items()} == {i: o["text"] for i, o in undisturbed.items()}
