@@ -171,7 +171,8 @@ class OpenAIApi:
 
 
 async def _events(items, first, reply: Reply, include_usage: bool):
-    """Server-sent events: one chunk per Delta, the last ones, [DONE]; an error after the 200 is an event too."""
+    """Server-sent events: one chunk per Delta that carries something, the last ones, [DONE]; an error after the 200
+    is an event too."""
     async with aclosing(items):
         try:
             item = first
@@ -180,7 +181,8 @@ async def _events(items, first, reply: Reply, include_usage: bool):
                     for chunk in reply.last_chunks(item, include_usage):
                         yield {"data": json.dumps(chunk)}
                     break
-                yield {"data": json.dumps(reply.chunk(item))}
+                if reply.carries(item):
+                    yield {"data": json.dumps(reply.chunk(item))}
                 item = await items.__anext__()
         except GatewayError as e:
             yield {"data": json.dumps(error_body(HTTP_STATUS.get(e.code, 500), e.message, e.field))}

@@ -93,6 +93,17 @@ class Reply:
         choice["finish_reason"] = final.finish_reason.value
         return {**self._head(self.object), "choices": [choice], "usage": usage(final)}
 
+    def carries(self, delta: Delta) -> bool:
+        """Whether a Delta makes a chunk: one with text, calls or (when asked for) logprobs, and the first of a chat
+        (it names the role). A Delta whose tokens' text is held back (a possible tool call, a stop string, an
+        incomplete character) has nothing an OpenAI client could read."""
+        return bool(
+            delta.text
+            or delta.tool_calls
+            or (self.want_logprobs and delta.logprobs)
+            or (self.chat and not self.chunks_sent)
+        )
+
     def chunk(self, delta: Delta) -> dict:
         """One stream chunk for a Delta."""
         self.chunks_sent += 1

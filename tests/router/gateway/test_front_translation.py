@@ -209,3 +209,18 @@ def test_openai_bad_tools_and_constraints_name_their_key(body, field):
     with pytest.raises(InvalidRequest) as e:
         chat_request({"messages": [{"role": "user", "content": "hi"}], **body}, "id")
     assert e.value.field == field
+
+
+def test_an_openai_stream_sends_no_chunk_for_tokens_whose_text_is_held_back():
+    from router.gateway.openai_response import Reply
+    from router.request.messages import Delta, TokenLogprob
+
+    held, text = Delta("id", (5,), ""), Delta("id", (6,), "7")
+    chat = Reply(True, "id", "m", None)
+    assert chat.carries(held)  # the first chunk of a chat names the role
+    assert chat.chunk(held)["choices"][0]["delta"] == {"content": "", "role": "assistant"}
+    assert not chat.carries(held) and chat.carries(text)
+    completion = Reply(False, "id", "m", None)
+    assert not completion.carries(held) and completion.carries(text)
+    with_logprobs = Reply(False, "id", "m", None, want_logprobs=True)
+    assert with_logprobs.carries(Delta("id", (5,), "", (TokenLogprob(5, -0.1),)))  # the token's logprob is news
