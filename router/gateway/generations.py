@@ -140,14 +140,28 @@ class Generations:
         request (after the readiness and model checks; an InvalidRequest it raises is answered like the engine's
         own); `field_path` names an engine field as the front's client wrote it. No await in here: the checks and
         the registration of the stream happen as one step."""
+        return self.admit_choices(build, model, front, field_path, arrived)[0]
+
+    def admit_choices(
+        self,
+        build: Callable[[], EngineRequest],
+        model: str,
+        front: str,
+        field_path: Callable[[str], str] = same_field,
+        arrived: float | None = None,
+        choices: int = 1,
+    ) -> list[Admitted]:
+        """`admit` for `choices` independent generations of one request (OpenAI's `n`), all or none: prepared once,
+        each a stream of its own (`<request_id>-<i>`; one choice keeps the request's id) and, when sampled, a seed of
+        its own (the request's seed + i, as vLLM derives them); the prompt's cached blocks serve them all."""
         arrived = time.monotonic() if arrived is None else arrived
         try:
-            return self._admit(build, model, front, field_path, arrived)
+            return self._admit(build, model, front, field_path, arrived, choices)
         except GatewayError as e:
             self.count(front, e.outcome)
             raise
 
-    def _admit(self, build, model: str, front: str, field_path, arrived: float) -> Admitted:
+    def _admit(self, build, model: str, front: str, field_path, arrived: float, choices: int) -> list[Admitted]:
         backend = self.check_model(model)
         try:
             request = build()
@@ -167,27 +181,41 @@ class Generations:
                 Code.RESOURCE_EXHAUSTED,
                 f"{waiting} requests are queued in the engines (limit {self.limits.max_queued_requests}); retry later",
             )
-        rid = request.request_id
-        if rid in self.streams:
-            raise GatewayError(Code.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight", "request_id")
-        if len(self.streams) >= self.limits.max_concurrent_streams:
+        rid, limit = request.request_id, self.limits.max_concurrent_streams
+        if choices > limit:
+            raise GatewayError(
+                Code.INVALID_ARGUMENT,
+                f"n: at most {limit} choices (the server's open-stream limit), got {choices}",
+                "n",
+            )
+        ids = [rid] if choices == 1 else [f"{rid}-{i}" for i in range(choices)]
+        for one in ids:
+            if one in self.streams:
+                raise GatewayError(Code.ALREADY_EXISTS, f"request_id: {one!r} is already in flight", "request_id")
+        if len(self.streams) + choices > limit:
+            need = "" if choices == 1 else f"; these {choices} choices need {choices}"
             raise GatewayError(
                 Code.RESOURCE_EXHAUSTED,
-                f"{len(self.streams)} Generate streams are open (limit {self.limits.max_concurrent_streams}) on "
-                "all fronts together; retry later",
+                f"{len(self.streams)} Generate streams are open (limit {limit}) on all fronts together{need}; "
+                "retry later",
             )
         blocks = _blocks(backend, prepared)
-        router = backend.pool.choose(hashes=blocks.hashes if blocks else ())
-        if router is None:
+        if backend.pool.choose(hashes=blocks.hashes if blocks else ()) is None:
             raise GatewayError(Code.UNAVAILABLE, f"no router is ready: {backend.pool.reason}")
-        if not prepared.params.greedy:  # a seed of its own: a failover continues exactly where it stopped
-            prepared = replace(prepared, params=replace(prepared.params, seed=resolve_seed(prepared.params)))
-        relay = StreamRelay(
-            backend.pool, prepared, self.limits.failover_timeout_s, router, blocks, lambda: self._failed_over(front)
-        )
-        self.streams[rid] = relay
-        self.metrics.active_streams.inc()
-        return Admitted(relay, front, arrived)
+        # sampled: a seed of its own, so that a failover continues exactly where it stopped
+        seed = None if prepared.params.greedy else resolve_seed(prepared.params)
+        admitted = []
+        for i, one in enumerate(ids):  # no await in between: every choice is admitted, or none
+            params = prepared.params if seed is None else replace(prepared.params, seed=(seed + i) % 2**63)
+            choice = replace(prepared, request_id=one, params=params)
+            router = backend.pool.choose(hashes=blocks.hashes if blocks else ())
+            relay = StreamRelay(
+                backend.pool, choice, self.limits.failover_timeout_s, router, blocks, lambda: self._failed_over(front)
+            )
+            self.streams[one] = relay
+            self.metrics.active_streams.inc()
+            admitted.append(Admitted(relay, front, arrived))
+        return admitted
 
     async def run(
         self, admitted: Admitted, deadline: float | None = None, expired: Callable[[], bool] = lambda: False

@@ -30,9 +30,9 @@ from starlette.routing import Route
 
 from router.gateway.api_keys import ApiKeys
 from router.gateway.auth import HEADER, ApiKeyInterceptor
-from router.gateway.generations import Admitted, Code, GatewayError, Generations
+from router.gateway.generations import Code, GatewayError, Generations
 from router.gateway.openai_request import OpenAIRequest, chat_request, completion_request, field_name
-from router.gateway.openai_response import HTTP_STATUS, Reply, error_body
+from router.gateway.openai_response import HTTP_STATUS, Reply, error_body, usage, whole_response
 from router.request.errors import InvalidRequest
 from router.request.messages import Final
 
@@ -131,62 +131,114 @@ class OpenAIApi:
             self.generations.count(FRONT, "invalid_argument")
             return _error(400, str(e), e.field)
         try:
-            admitted = self.generations.admit(lambda: parsed.engine, parsed.model, FRONT, field_name, arrived)
+            choices = self.generations.admit_choices(
+                lambda: parsed.engine, parsed.model, FRONT, field_name, arrived, parsed.n
+            )
         except GatewayError as e:
             return _gateway_error(e)
         backend = self.generations.backend
-        reply = Reply(chat, rid, backend.info.name, backend.tokenizer, want_logprobs=parsed.engine.params.logprobs)
-        items = self.generations.run(admitted)
+        want_logprobs = parsed.engine.params.logprobs
+        replies = [
+            Reply(chat, rid, backend.info.name, backend.tokenizer, want_logprobs=want_logprobs, index=i)
+            for i in range(len(choices))
+        ]
+        runs = [self.generations.run(admitted) for admitted in choices]
         if parsed.stream:
-            return await self._stream(items, reply, parsed.include_usage)
-        return await self._whole(request, admitted, items, reply)
+            return await self._stream(runs, replies, parsed.include_usage)
+        return await self._whole(request, rid, runs, replies)
 
-    async def _whole(self, request: Request, admitted: Admitted, items, reply: Reply) -> JSONResponse:
-        """Runs the request while watching the connection: a client that hangs up aborts it."""
-        collect = asyncio.ensure_future(_collect(items, reply))
+    async def _whole(self, request: Request, rid: str, runs, replies: list[Reply]) -> JSONResponse:
+        """Runs the choices while watching the connection: a client that hangs up aborts them."""
+        collect = asyncio.ensure_future(_collect_all(runs, replies))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not collect.done():  # the client left: cancelling aborts the request on its router
-                log.info("the client disconnected: aborting", extra={"request_id": admitted.request_id})
+                log.info("the client disconnected: aborting", extra={"request_id": rid})
                 collect.cancel()
         try:
-            final = await collect
+            finals = await collect
         except asyncio.CancelledError:
             return _error(499, "the client disconnected")
         except GatewayError as e:
             return _gateway_error(e)
-        return JSONResponse(reply.whole(final))
+        return JSONResponse(whole_response(replies, finals))
 
-    async def _stream(self, items, reply: Reply, include_usage: bool):
-        """The first item is awaited here: a failure before the first token is an HTTP error, not a 200 stream;
-        and from then on the generator is running, so however the response ends its `finally` aborts it."""
+    async def _stream(self, runs, replies: list[Reply], include_usage: bool):
+        """The first item of every choice is awaited here: a failure before the first token is an HTTP error, not
+        a 200 stream; and from then on the generators are running, so however the response ends their `finally`
+        aborts them."""
         try:
-            first = await items.__anext__()
+            firsts = await _first_items(runs)
         except GatewayError as e:
             return _gateway_error(e)
-        return EventSourceResponse(_events(items, first, reply, include_usage), ping=15)
+        return EventSourceResponse(_events(runs, firsts, replies, include_usage), ping=15)
 
 
-async def _events(items, first, reply: Reply, include_usage: bool):
-    """Server-sent events: one chunk per Delta that carries something, the last ones, [DONE]; an error after the 200
-    is an event too."""
-    async with aclosing(items):
+async def _first_items(runs) -> list:
+    """The first item of each run; if one fails, every run is closed (aborted) and its error raised."""
+    tasks = [asyncio.ensure_future(run.__anext__()) for run in runs]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for run in runs:
+            await run.aclose()
+        raise
+
+
+async def _events(runs, firsts, replies: list[Reply], include_usage: bool):
+    """Server-sent events: one chunk per Delta that carries something, of whichever choice it is; each choice's
+    chunk with its finish_reason; then the usage of them all (on a chunk of its own with include_usage, else on
+    the last finish chunk); [DONE]. An error after the 200 is an event too, and ends every choice."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=4 * len(runs))
+    pumps = [asyncio.ensure_future(_pump(i, run, first, queue)) for i, (run, first) in enumerate(zip(runs, firsts))]
+    finals: dict[int, Final] = {}
+    try:
+        while len(finals) < len(runs):
+            i, item = await queue.get()
+            if isinstance(item, GatewayError):
+                yield {"data": json.dumps(error_body(HTTP_STATUS.get(item.code, 500), item.message, item.field))}
+                break
+            reply = replies[i]
+            if isinstance(item, Final):
+                finals[i] = item
+                chunk = reply.finish_chunk(item)
+                if len(finals) == len(runs) and not include_usage:  # every final response carries the usage
+                    chunk["usage"] = usage(*(finals[j] for j in range(len(runs))))
+                elif include_usage:
+                    chunk["usage"] = None
+                yield {"data": json.dumps(chunk)}
+            elif reply.carries(item):
+                yield {"data": json.dumps(reply.chunk(item))}
+        else:
+            if include_usage:
+                yield {"data": json.dumps(replies[0].usage_chunk([finals[j] for j in range(len(runs))]))}
+    finally:
+        for pump in pumps:  # a choice still running (an error elsewhere, the client gone) is aborted
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+    yield {"data": "[DONE]"}
+
+
+async def _pump(i: int, run, first, queue: asyncio.Queue) -> None:
+    """Choice i's items (then its error, if it fails) into the queue, (i, item) each."""
+    async with aclosing(run):
         try:
             item = first
             while True:
+                await queue.put((i, item))
                 if isinstance(item, Final):
-                    for chunk in reply.last_chunks(item, include_usage):
-                        yield {"data": json.dumps(chunk)}
-                    break
-                if reply.carries(item):
-                    yield {"data": json.dumps(reply.chunk(item))}
-                item = await items.__anext__()
+                    return
+                item = await run.__anext__()
         except GatewayError as e:
-            yield {"data": json.dumps(error_body(HTTP_STATUS.get(e.code, 500), e.message, e.field))}
-    yield {"data": "[DONE]"}
+            await queue.put((i, e))
+        except StopAsyncIteration:
+            await queue.put((i, GatewayError(Code.UNAVAILABLE, "the engine stream ended without a final message")))
 
 
 async def _collect(items, reply: Reply) -> Final:
@@ -196,6 +248,17 @@ async def _collect(items, reply: Reply) -> Final:
                 return item
             reply.add(item)
     raise GatewayError(Code.UNAVAILABLE, "the engine stream ended without a final message")
+
+
+async def _collect_all(runs, replies: list[Reply]) -> list[Final]:
+    """Every choice's Final; if one fails (or this is cancelled), the others are aborted."""
+    tasks = [asyncio.ensure_future(_collect(run, reply)) for run, reply in zip(runs, replies)]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _disconnected(request: Request) -> None:

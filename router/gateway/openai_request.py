@@ -47,6 +47,7 @@ class OpenAIRequest:
     model: str
     stream: bool
     include_usage: bool
+    n: int = 1  # choices: each an independent generation of the same prompt
 
 
 def completion_request(body: dict, request_id: str) -> OpenAIRequest:
@@ -128,9 +129,9 @@ def _check_common(body: dict) -> None:
     for key, why in REFUSED.items():
         if body.get(key) not in (None, [], {}):
             raise InvalidRequest(key, why)
-    n = body.get("n", 1)
-    if n != 1:
-        raise InvalidRequest("n", f"only 1 choice per request is supported, got {n!r}; send several requests")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise InvalidRequest("n", f"must be an integer >= 1 (how many choices), got {n!r}")
     if body.get("logit_bias"):
         raise InvalidRequest("logit_bias", "is not supported by this server")
     if not isinstance(body.get("stream", False), bool):
@@ -152,7 +153,8 @@ def _request(body: dict, engine: EngineRequest) -> OpenAIRequest:
     if not isinstance(model, str):
         raise InvalidRequest("model", f"must be a string, got {model!r}")
     options = body.get("stream_options") or {}
-    return OpenAIRequest(engine, model, bool(body.get("stream", False)), bool(options.get("include_usage", False)))
+    stream, include_usage = bool(body.get("stream", False)), bool(options.get("include_usage", False))
+    return OpenAIRequest(engine, model, stream, include_usage, body.get("n") or 1)
 
 
 def _message(field: str, m) -> ChatMessage:

@@ -63,6 +63,7 @@ class Reply:
     want_logprobs: bool = False
     chunks_sent: int = 0
     tool_calls: list[dict] = field(default_factory=list)  # the output's calls, OpenAI's shape
+    index: int = 0  # which choice this is (OpenAI's `n`)
 
     @property
     def object(self) -> str:
@@ -80,16 +81,16 @@ class Reply:
         return new
 
     def whole(self, final: Final) -> dict:
-        """The non-streamed response."""
+        """The non-streamed response (of this choice alone)."""
         text = "".join(self.text)
         logprobs = self._logprobs(self.logprobs)
         if self.chat:
             message = {"role": "assistant", "content": text if text or not self.tool_calls else None}
             if self.tool_calls:
                 message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls]
-            choice = {"index": 0, "message": message, "logprobs": logprobs}
+            choice = {"index": self.index, "message": message, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = final.finish_reason.value
         return {**self._head(self.object), "choices": [choice], "usage": usage(final)}
 
@@ -113,24 +114,23 @@ class Reply:
             out["choices"][0]["delta"]["tool_calls"] = calls
         return out
 
-    def last_chunks(self, final: Final, include_usage: bool) -> list[dict]:
-        """The chunk with the finish_reason, then (include_usage) the usage chunk."""
-        last = self._chunk_with("", None, final.finish_reason.value)
-        if not include_usage:  # usage on the last chunk itself: every final response carries it
-            last["usage"] = usage(final)
-            return [last]
-        last["usage"] = None
-        return [last, {**self._head(self.object + ".chunk" if self.chat else self.object), "choices": [],
-                       "usage": usage(final)}]  # fmt: skip
+    def finish_chunk(self, final: Final) -> dict:
+        """This choice's chunk with its finish_reason."""
+        return self._chunk_with("", None, final.finish_reason.value)
+
+    def usage_chunk(self, finals: list[Final]) -> dict:
+        """The chunk of stream_options.include_usage: no choices, the usage of them all."""
+        return {**self._head(self.object + ".chunk" if self.chat else self.object), "choices": [],
+                "usage": usage(*finals)}  # fmt: skip
 
     def _chunk_with(self, text: str, logprobs, finish_reason: str | None) -> dict:
         if self.chat:
             delta = {"content": text}
             if self.chunks_sent <= 1 and finish_reason is None:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def _head(self, kind: str) -> dict:
@@ -156,10 +156,21 @@ class Reply:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else f"<{token_id}>"
 
 
-def usage(final: Final) -> dict:
+def usage(*finals: Final) -> dict:
+    """Of one choice, or of several choices of one prompt (OpenAI counts the prompt once; the cached tokens are
+    the first choice's)."""
+    completion = sum(f.completion_tokens for f in finals)
     return {
-        "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": final.completion_tokens,
-        "total_tokens": final.prompt_tokens + final.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": final.cached_tokens},  # served from the prefix cache
+        "prompt_tokens": finals[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": finals[0].prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens},  # served from the prefix cache
     }
+
+
+def whole_response(replies: list[Reply], finals: list[Final]) -> dict:
+    """The non-streamed response of every choice."""
+    out = replies[0].whole(finals[0])
+    out["choices"] = [reply.whole(final)["choices"][0] for reply, final in zip(replies, finals)]
+    out["usage"] = usage(*finals)
+    return out

@@ -23,6 +23,7 @@ def test_openai_sampling_keys_reach_sampling_params():
     assert (p.temperature, p.max_tokens, p.stop, p.top_k, p.min_p, p.ignore_eos) == (0.5, 7, ("x",), 3, 0.1, True)
     assert (p.stop_token_ids, p.logprobs, p.top_logprobs) == ((5,), True, 2)
     assert completion_request({"prompt": [[1, 2, 3]]}, "id").engine.prompt_ids == (1, 2, 3)
+    assert completion_request({"prompt": "hi", "n": 3}, "id").n == 3 and completion_request(body, "id").n == 1
 
 
 def test_openai_chat_parts_and_roles():
@@ -38,7 +39,9 @@ def test_openai_chat_parts_and_roles():
 @pytest.mark.parametrize(
     "body, field",
     [
-        ({"prompt": "x", "n": 3}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "n": "2"}, "n"),
         ({"prompt": "x", "tools": [{}]}, "tools"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "logprobs": True}, "logprobs"),

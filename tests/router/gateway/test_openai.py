@@ -20,6 +20,7 @@ from tests.router.gateway.fronts import GREEDY, engine_idle, openai_client, serv
 
 pytestmark = pytest.mark.slow
 LIMIT = 6
+GREEDY_SDK = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,30 @@ def test_completion_whole_and_streamed_give_the_same_text_and_usage(client, serv
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12  # include_usage: a chunk of its own
 
 
+def test_n_choices_are_each_the_request_with_its_own_seed_whole_and_streamed(client, server):
+    kw = dict(
+        model=server.model_name, prompt="count from 3", max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True}
+    )
+    whole = client.completions.create(**kw, n=3, seed=11)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    alone = [client.completions.create(**kw, seed=11 + i) for i in range(3)]  # choice i: seed + i, as vLLM's
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone]
+    assert whole.usage.completion_tokens == 30 and whole.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    chunks = list(client.completions.create(**kw, n=3, seed=11, stream=True, stream_options={"include_usage": True}))
+    streamed = {
+        i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)
+    }
+    assert streamed == {c.index: c.text for c in whole.choices}
+    finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(f.index for f in finishes) == [0, 1, 2] and {f.finish_reason for f in finishes} == {"length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+    chat = client.chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": "count from 3"}], max_tokens=4, n=2, **GREEDY_SDK
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message == chat.choices[1].message
+    engine_idle(server)  # every choice's KV blocks freed
+
+
 def test_chat_whole_and_streamed_with_logprobs(client, server):
     kw = dict(
         model=server.model_name,
@@ -94,7 +119,8 @@ def test_the_stream_is_server_sent_events_ending_in_done(url, server):
     "body, param, words",
     [
         ({"prompt": "hi", "temperature": -1}, "temperature", ["must be a number >= 0"]),
-        ({"prompt": "hi", "n": 2}, "n", ["only 1"]),
+        ({"prompt": "hi", "n": 0}, "n", ["integer >= 1"]),
+        ({"prompt": "hi", "n": LIMIT + 1}, "n", [f"at most {LIMIT} choices"]),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens (or max_completion_tokens)", ["integer >= 1"]),
         ({"prompt": 5}, "prompt", ["string or a list of token ids"]),
         ({"prompt": "hi", "stop": [1]}, "stop", ["strings"]),
@@ -154,32 +180,55 @@ def test_beyond_the_open_generations_limit_is_429_and_the_rest_serve_on(url, ser
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_kv_blocks(url, server):
-    body = {"prompt": "count", "max_tokens": 1500, "stream": True, **GREEDY}
+def test_n_choices_beyond_the_open_streams_left_are_429_and_admit_none(url, server):
+    body = {"prompt": "x", "max_tokens": 1500, "stream": True, **GREEDY}
+    with httpx.Client(timeout=60) as http:
+        streams = [http.stream("POST", f"{url}/v1/completions", json=body) for _ in range(LIMIT - 2)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            assert all(r.status_code == 200 for r in opened)
+            r = http.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 3})
+            assert r.status_code == 429 and "these 3 choices need 3" in r.json()["error"]["message"], r.text
+            with InferenceClient(server.target) as c:
+                assert c.cluster_status().gateway.active_streams == LIMIT - 2  # none of the 3 was admitted
+            assert http.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 2}).status_code == 200
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+    engine_idle(server)
+
+
+def _aborted(server) -> int:
+    with InferenceClient(server.target) as c:
+        return c.cluster_status().router.finished.get("abort", 0)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_mid_stream_frees_its_kv_blocks(url, server, n):
+    aborted = _aborted(server)
+    body = {"prompt": "count", "max_tokens": 1500, "stream": True, "n": n, **GREEDY}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # a token arrived: it runs
-        wait_running(server)
-    assert engine_idle(server)  # closing the connection aborted it on its router
-    with InferenceClient(server.target) as c:
-        assert c.cluster_status().router.finished.get("abort", 0) >= 1
+        wait_running(server, n)
+    assert engine_idle(server)  # closing the connection aborted every choice on its router
+    assert _aborted(server) == aborted + n
 
 
-def test_a_client_that_disconnects_before_a_whole_answer_frees_its_kv_blocks(url, server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_before_a_whole_answer_frees_its_kv_blocks(url, server, n):
     port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"prompt": "count", "max_tokens": 1500, **GREEDY}).encode()
-    with InferenceClient(server.target) as c:
-        aborted = c.cluster_status().router.finished.get("abort", 0)
+    body = json.dumps({"prompt": "count", "max_tokens": 1500, "n": n, **GREEDY}).encode()
+    aborted = _aborted(server)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
         sock.sendall(head.encode() + b"\r\n\r\n" + body)
-        wait_running(server)
+        wait_running(server, n)
     assert engine_idle(server)
     deadline = time.monotonic() + 10
-    with InferenceClient(server.target) as c:
-        while c.cluster_status().router.finished.get("abort", 0) == aborted:
-            assert time.monotonic() < deadline, "the request was not aborted"
-            time.sleep(0.1)
+    while _aborted(server) < aborted + n:
+        assert time.monotonic() < deadline, "the choices were not all aborted"
+        time.sleep(0.1)
 
 
 WEATHER = {
