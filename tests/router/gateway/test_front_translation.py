@@ -227,3 +227,45 @@ def test_an_openai_stream_sends_no_chunk_for_tokens_whose_text_is_held_back():
     assert not completion.carries(held) and completion.carries(text)
     with_logprobs = Reply(False, "id", "m", None, want_logprobs=True)
     assert with_logprobs.carries(Delta("id", (5,), "", (TokenLogprob(5, -0.1),)))  # the token's logprob is news
+
+
+def test_an_openai_stream_of_n_choices_ends_every_choice_when_one_fails():
+    """The merge of n choices' runs into one event stream (openai_api._events): choice 1 fails after a token; the
+    error is an event, choice 0 (which would run on) is closed, which is what aborts it in the engine."""
+    import asyncio
+    import json
+
+    from router.gateway.generations import Code, GatewayError
+    from router.gateway.openai_api import _events
+    from router.gateway.openai_response import Reply
+    from router.request.messages import Delta
+
+    closed = []
+
+    async def runs_on(i):
+        try:
+            while True:
+                yield Delta(f"r-{i}", (7,), "7")
+                await asyncio.sleep(0.01)
+        finally:
+            closed.append(i)
+
+    async def fails(i):
+        try:
+            yield Delta(f"r-{i}", (8,), "8")
+            raise GatewayError(Code.UNAVAILABLE, "the cluster failed: router lost")
+        finally:
+            closed.append(i)
+
+    async def main():
+        runs = [runs_on(0), fails(1)]
+        firsts = [await r.__anext__() for r in runs]
+        replies = [Reply(False, "r", "m", None, index=i) for i in range(2)]
+        return [e["data"] async for e in _events(runs, firsts, replies, include_usage=False)]
+
+    events = asyncio.run(asyncio.wait_for(main(), 30))
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"] == "the cluster failed: router lost" and error["type"] == "service_unavailable"
+    assert {json.loads(e)["choices"][0]["index"] for e in events[:-2]} <= {0, 1}
+    assert sorted(closed) == [0, 1]
