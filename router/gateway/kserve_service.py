@@ -87,6 +87,23 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         )
         return kpb.ModelConfigResponse(config=config)
 
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context) -> kpb.RepositoryIndexResponse:
+        """The one model served here: READY while new requests are taken, else UNAVAILABLE with the reason
+        (`ready`: only if READY)."""
+        g = self.generations
+        if g.backend is None:
+            return kpb.RepositoryIndexResponse()
+        ready = g.health.ready and not g.health.draining
+        if request.ready and not ready:
+            return kpb.RepositoryIndexResponse()
+        index = kpb.RepositoryIndexResponse.ModelIndex(
+            name=g.backend.info.name,
+            version="1",
+            state="READY" if ready else "UNAVAILABLE",
+            reason="" if ready else g.health.reason or "the server is shutting down",
+        )
+        return kpb.RepositoryIndexResponse(models=[index])
+
     async def _model(self, name: str, context):
         try:
             g = self.generations

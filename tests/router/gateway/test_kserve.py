@@ -57,6 +57,8 @@ def test_health_metadata_and_config(client, server):
     assert {t.name for t in model.outputs} == {"text_output", "output_ids"}
     config = client.get_model_config(name).config
     assert config.name == name and config.model_transaction_policy.decoupled
+    (index,) = client.get_model_repository_index().models
+    assert (index.name, index.version, index.state) == (name, "1", "READY")
     assert {i.name for i in config.input} >= {"text_input", "input_ids", "max_tokens"}
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("other")
