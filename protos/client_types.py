@@ -73,6 +73,8 @@ def build_request(
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
+    if sampling.get("logit_bias") is not None:  # {token id: bias}, or (id, bias) pairs as SamplingParams holds them
+        sampling["logit_bias"] = dict(sampling["logit_bias"])
     req = pb.GenerateRequest(
         request_id=request_id,
         model=model,

@@ -38,6 +38,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             group.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             group.add_argument(flag, type=f.kind, default=None, help=help_text)
+    if "logit_bias" not in skip:  # a map, not a plain field
+        group.add_argument(
+            "--logit-bias",
+            type=bias_entry,
+            action="append",
+            default=None,
+            metavar="ID=BIAS",
+            help="add BIAS in [-100, 100] to token ID's logit (repeatable): -100 bans the token, 100 forces it",
+        )
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
@@ -47,4 +56,15 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, f.name, None)
         if value is not None:
             given[f.name] = tuple(value) if f.repeated else value
+    if getattr(args, "logit_bias", None):
+        given["logit_bias"] = tuple(sorted(dict(args.logit_bias).items()))
     return given
+
+
+def bias_entry(text: str) -> tuple[int, float]:
+    """ "1734=-100" -> (1734, -100.0)."""
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS like 1734=-100, got {text!r}") from None

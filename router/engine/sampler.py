@@ -1,6 +1,7 @@
 """Turns a batch of logits into tokens: every row that samples this step, all at once, on the logits' device.
 
 In order, each filter over the whole batch (rows that do not use a filter skip it at no cost):
+  logit_bias (added to the named tokens' logits, as OpenAI's);
   penalties (presence/frequency over generated tokens, repetition over prompt and generated tokens);
   min_tokens suppression of stop tokens; the token bitmasks of constrained rows (structured output);
   greedy rows: argmax; sampled rows: temperature, then top-k -> top-p -> min-p, then a Gumbel-max draw.
@@ -144,14 +145,21 @@ def draw_full(logits_RV: torch.Tensor, rows: _Rows) -> torch.Tensor:
 
 
 def adjusted_logits(raw_NV: torch.Tensor, states: list, masks: RowMasks | None = None) -> torch.Tensor:
-    """Penalties, min_tokens suppression and constraint masks, batched; `raw_NV` itself when no row has any."""
+    """Logit bias, penalties, min_tokens suppression and constraint masks, batched; `raw_NV` itself when no row has
+    any."""
+    biased = [(i, t, b) for i, st in enumerate(states) for t, b in st.params.logit_bias]
     penalised = [i for i, st in enumerate(states) if st.params.needs_penalties]
     suppress = [
         (i, t) for i, st in enumerate(states) if st.num_output_tokens < st.params.min_tokens for t in st.stop_ids
     ]
-    if not penalised and not suppress and not (masks and masks.rows):
+    if not biased and not penalised and not suppress and not (masks and masks.rows):
         return raw_NV
     logits_NV = raw_NV.clone()
+    if biased:  # one scatter for every row's biases
+        rows, toks, values = zip(*biased)
+        dev = logits_NV.device
+        index = (torch.tensor(rows, device=dev), torch.tensor(toks, device=dev))
+        logits_NV.index_put_(index, torch.tensor(values, dtype=logits_NV.dtype, device=dev), accumulate=True)
     if penalised:
         logits_NV[penalised] = _penalties(logits_NV[penalised], [states[i] for i in penalised])
     if suppress:

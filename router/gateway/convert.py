@@ -50,7 +50,8 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         for f in SAMPLING_FIELDS
         if f.repeated or msg.HasField(f.name)
     }
-    return SamplingParams(**given, constraint=constraint(msg))
+    bias = tuple(sorted(msg.logit_bias.items()))
+    return SamplingParams(**given, constraint=constraint(msg), logit_bias=bias)
 
 
 def constraint(msg: pb.SamplingParams) -> Constraint | None:

@@ -30,7 +30,7 @@ from protos.vocabulary import SAMPLING_NAMES
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import EngineRequest, Final, ImageInput
-from router.request.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams, logit_bias_from
 
 SAMPLING_FIELDS = frozenset(SAMPLING_NAMES)  # the wire contract's sampling parameters (protos/vocabulary.py)
 OUTPUTS = {"text_output": "BYTES", "output_ids": "INT64"}
@@ -189,6 +189,8 @@ def _parameters(params) -> dict:
     for name in ("stop", "stop_token_ids"):
         if name in given:
             given[name] = _listed(given[name], f"parameters.{name}")
+    if "logit_bias" in given:  # a JSON object in a string parameter (or an object in sampling_parameters)
+        given["logit_bias"] = logit_bias_from(given["logit_bias"], "parameters.logit_bias")
     return given
 
 

@@ -20,11 +20,11 @@ from router.gateway.openai_tools import field_name as tool_field_name
 from router.images.data_url import data_url_bytes
 from router.request.errors import InvalidRequest
 from router.request.messages import ChatMessage, EngineRequest, ImagePart
-from router.request.sampling_params import SamplingParams
+from router.request.sampling_params import SamplingParams, logit_bias_from
 
 # body key -> SamplingParams field, shared by both endpoints; `stop` and the logprobs keys are read on their own
 # (their OpenAI shapes differ from ours: a string or a list; completions' `logprobs` is a count)
-OWN_SHAPE = ("stop", "logprobs", "top_logprobs")
+OWN_SHAPE = ("stop", "logprobs", "top_logprobs", "logit_bias")
 SAMPLING = {
     **{f.name: f.name for f in SAMPLING_FIELDS if f.name not in OWN_SHAPE},
     "max_completion_tokens": "max_tokens",  # the chat API's newer name; wins over max_tokens
@@ -108,6 +108,8 @@ def sampling_params(body: dict, extra: dict, more: dict | None = None) -> Sampli
         if not isinstance(given["stop"], list | tuple) or not all(isinstance(s, str) for s in given["stop"]):
             raise InvalidRequest("stop", f"must be a string or a list of strings, got {stop!r}")
         given["stop"] = tuple(given["stop"])
+    if body.get("logit_bias") is not None:  # {"<token id>": bias}: JSON's keys are strings
+        given["logit_bias"] = logit_bias_from(body["logit_bias"])
     constraint = constraint_of(body)
     if constraint is not None:
         given["constraint"] = constraint
@@ -132,8 +134,6 @@ def _check_common(body: dict) -> None:
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise InvalidRequest("n", f"must be an integer >= 1 (how many choices), got {n!r}")
-    if body.get("logit_bias"):
-        raise InvalidRequest("logit_bias", "is not supported by this server")
     if not isinstance(body.get("stream", False), bool):
         raise InvalidRequest("stream", f"must be true or false, got {body['stream']!r}")
     options = body.get("stream_options")

@@ -1,7 +1,7 @@
 """The per-row sampler the engine used before the batched one (router/engine/sampler.py): kept as the reference for
 its distribution test and as the baseline of `moecluster bench sampler`.
 
-Per row: penalties (presence/frequency over generated tokens, repetition over prompt and generated tokens),
+Per row: logit_bias, penalties (presence/frequency over generated tokens, repetition over prompt and generated tokens),
 min_tokens suppression of stop tokens, then greedy or temperature -> top-k -> top-p -> min-p sampling.
 
 The random draw for a request's token at output position i is a pure function of (seed, i): a generator seeded
@@ -50,11 +50,20 @@ def sample_batch(logits_NV: torch.Tensor, states: list[Sequence]) -> tuple[list[
 def _plain_greedy(state: Sequence) -> bool:
     """Greedy with nothing that changes the logits first: argmax of the raw row."""
     p = state.params
-    return p.greedy and not p.needs_penalties and not (len(state.output_ids) < p.min_tokens and state.stop_ids)
+    return (
+        p.greedy
+        and not p.logit_bias
+        and not p.needs_penalties
+        and not (len(state.output_ids) < p.min_tokens and state.stop_ids)
+    )
 
 
 def adjusted_logits(logits_V: torch.Tensor, state: Sequence) -> torch.Tensor:
     p = state.params
+    if p.logit_bias:
+        logits_V = logits_V.clone()
+        for token, bias in p.logit_bias:
+            logits_V[token] += bias
     if p.needs_penalties:
         logits_V = logits_V.clone()
         if p.repetition_penalty != 1.0:

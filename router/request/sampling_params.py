@@ -7,6 +7,7 @@ and the output processor (stop strings). `None` for temperature / top_p / top_k 
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 from router.request.errors import InvalidRequest
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # |bias| at most, as OpenAI's
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SamplingParams:
     top_logprobs: int = 0  # and this many alternatives (0..20)
     constraint: Constraint | None = None  # structured output (router/request/constraint.py)
     tool_calls: bool = False  # parse the output for Llama 4 tool calls (set from the request's tools)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids unique
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +103,7 @@ class SamplingParams:
             "top_logprobs",
             f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
         )
+        _check_logit_bias(self.logit_bias, vocab_size)
         if self.constraint is not None:
             self.constraint.validate()
             _check(self.min_tokens == 0, "min_tokens", "must be 0 with a constraint (the constraint decides the end)")
@@ -109,6 +113,39 @@ class SamplingParams:
 def resolve_seed(params: SamplingParams) -> int:
     """The request's seed, or a fresh random one (it then stays with the request, failovers included)."""
     return params.seed if params.seed is not None else secrets.randbelow(2**63)
+
+
+def logit_bias_from(value: Any, field: str = "logit_bias") -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} object as JSON gives it (ids as strings: {"1734": -100}), or a JSON text of one, as
+    SamplingParams' logit_bias (sorted by id); InvalidRequest naming `field` otherwise. The range is checked by
+    `validate`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidRequest(field, 'must be a JSON object of token ids to biases, like {"1734": -100}') from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, f'must be an object of token ids to biases, like {{"1734": -100}}, got {value!r}')
+    out = {}
+    for key, bias in value.items():
+        token = key if _int(key) else int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None:
+            raise InvalidRequest(field, f"keys must be token ids (integers), got {key!r}")
+        if not _num(bias):
+            raise InvalidRequest(field, f"biases must be numbers in [-100, 100], got {bias!r} for token {key}")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def _check_logit_bias(bias: Any, vocab_size: int | None) -> None:
+    ok = isinstance(bias, tuple) and all(isinstance(e, tuple) and len(e) == 2 for e in bias)
+    _check(ok, "logit_bias", "must map token ids to biases")
+    bad_ids = [t for t, _ in bias if not (_int(t) and 0 <= t < (vocab_size or 2**31))]
+    _check(not bad_ids, "logit_bias", f"token ids {bad_ids[:5]} are outside the vocabulary [0, {vocab_size})")
+    ids = [t for t, _ in bias]
+    _check(len(set(ids)) == len(ids), "logit_bias", "a token id is given twice")
+    bad = [(t, b) for t, b in bias if not (_num(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS)]
+    _check(not bad, "logit_bias", f"biases must be numbers in [-100, 100], got {dict(bad[:5])}")
 
 
 def _num(x: Any) -> bool:

@@ -35,3 +35,13 @@ def test_every_constraint_of_the_proto_is_a_kind_of_the_engines_constraint():
     assert "constraint" in {f.name for f in dataclasses.fields(SamplingParams)}
     assert set(CONSTRAINT_NAMES) <= set(CONSTRAINT_KINDS), set(CONSTRAINT_NAMES) - set(CONSTRAINT_KINDS)
     assert not {f.name for f in SAMPLING_FIELDS} & set(CONSTRAINT_NAMES)
+
+
+def test_logit_bias_reaches_the_wire_from_the_client_and_the_engine_from_the_wire():
+    from protos.client_types import build_request
+    from router.gateway.convert import sampling_params
+
+    pairs = build_request("x", logit_bias=((7, 100.0), (2, -100.0))).sampling  # as SamplingParams holds them
+    mapping = build_request("x", logit_bias={7: 100.0, 2: -100.0}).sampling
+    assert dict(pairs.logit_bias) == dict(mapping.logit_bias) == {7: 100.0, 2: -100.0}
+    assert sampling_params(pairs).logit_bias == ((2, -100.0), (7, 100.0))

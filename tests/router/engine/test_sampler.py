@@ -225,3 +225,33 @@ def test_the_noise_is_finite_for_every_hash_so_a_masked_token_is_never_drawn():
     keys = torch.tensor([row_key(s, p) for s in range(64) for p in range(4)])
     noise = gumbel(keys, torch.arange(4096).expand(len(keys), -1))
     assert bool(torch.isfinite(noise).all())
+
+
+def test_logit_bias_is_added_before_the_rest_and_matches_the_reference_row_by_row():
+    logits = randn(4, 50, seed=4)
+    best = int(torch.argmax(logits[0]))
+    second = int(torch.topk(logits[0], 2).indices[1])
+    forced = int(torch.argmin(logits[0]))
+    states = [
+        state(SamplingParams(temperature=0.0, logit_bias=((best, -100.0),))),  # banned: the next best wins
+        state(SamplingParams(temperature=0.0, logit_bias=((forced, 100.0),))),  # the least likely is forced
+        state(SamplingParams(temperature=0.0)),  # no bias: untouched by the others'
+        state(SamplingParams(temperature=0.0, repetition_penalty=1.3, logit_bias=((3, 2.5), (9, -1.0))), output=(3,)),
+    ]
+    batch = torch.stack([logits[0], logits[0], logits[2], logits[3]])
+    tokens, _ = sample_batch(batch, states)
+    assert tokens[:3] == [second, forced, int(torch.argmax(logits[2]))]
+    adjusted = adjusted_logits(batch, states)
+    for i, st in enumerate(states):
+        assert torch.equal(adjusted[i], reference.adjusted_logits(batch[i], st))
+
+
+def test_a_banned_token_is_never_drawn_and_logprobs_stay_the_models():
+    logits = torch.zeros(1, 20)
+    logits[0, 5] = 8.0  # nearly all the mass
+    for seed in range(200):
+        st = state(SamplingParams(temperature=1.0, seed=seed, logit_bias=((5, -100.0),), logprobs=True))
+        (token,), (lp,) = sample_batch(logits, [st])
+        assert token != 5
+        expected = reference.token_logprob(logits[0], token, 0)
+        assert math.isclose(lp.logprob, expected.logprob, rel_tol=1e-6)  # of the raw logits, as vLLM reports

@@ -24,6 +24,8 @@ def test_openai_sampling_keys_reach_sampling_params():
     assert (p.stop_token_ids, p.logprobs, p.top_logprobs) == ((5,), True, 2)
     assert completion_request({"prompt": [[1, 2, 3]]}, "id").engine.prompt_ids == (1, 2, 3)
     assert completion_request({"prompt": "hi", "n": 3}, "id").n == 3 and completion_request(body, "id").n == 1
+    biased = chat_request({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"9": -100}}, "id")
+    assert biased.engine.params.logit_bias == ((9, -100.0),)
 
 
 def test_openai_chat_parts_and_roles():
@@ -40,6 +42,7 @@ def test_openai_chat_parts_and_roles():
     "body, field",
     [
         ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
         ({"prompt": "x", "n": True}, "n"),
         ({"prompt": "x", "n": "2"}, "n"),
         ({"prompt": "x", "tools": [{}]}, "tools"),
@@ -91,6 +94,8 @@ def test_kserve_inputs_raw_or_typed(raw):
     assert ids.engine.prompt_ids == (7, 8, 9) and ids.stream is False
     vllm_style = infer_request(("text_input", "BYTES", [1], [b"x"]), sampling_parameters='{"top_p": 0.5, "seed": 3}')
     assert kserve_tensors.engine_request(vllm_style, "r").engine.params.top_p == 0.5
+    biased = infer_request(("text_input", "BYTES", [1], [b"x"]), logit_bias='{"7": 100, "2": -100}')
+    assert kserve_tensors.engine_request(biased, "r").engine.params.logit_bias == ((2, -100.0), (7, 100.0))
 
 
 @pytest.mark.parametrize(
@@ -110,6 +115,7 @@ def test_kserve_inputs_raw_or_typed(raw):
             infer_request(("text_input", "BYTES", [1], [b"x"]), sampling_parameters="{"),
             "parameters.sampling_parameters",
         ),
+        (infer_request(("text_input", "BYTES", [1], [b"x"]), logit_bias="[1]"), "parameters.logit_bias"),
     ],
 )
 def test_kserve_refusals_name_the_field(req, field):

@@ -84,6 +84,23 @@ def test_n_choices_are_each_the_request_with_its_own_seed_whole_and_streamed(cli
     engine_idle(server)  # every choice's KV blocks freed
 
 
+def test_logit_bias_bans_and_forces_tokens_the_same_through_moecluster_v1_and_openai(client, server):
+    kw = dict(prompt="count from 3", max_tokens=5, temperature=0.0, ignore_eos=True)
+    with InferenceClient(server.target) as v1:
+        plain = v1.generate_text(**kw)
+        first = plain.token_ids[0]
+        banned = v1.generate_text(**kw, logit_bias={first: -100.0})
+        forced = v1.generate_text(**kw, logit_bias={7: 100.0})
+    assert banned.token_ids[0] != first and forced.token_ids == [7] * 5
+    sdk = dict(model=server.model_name, prompt="count from 3", max_tokens=5, temperature=0.0, extra_body=GREEDY)
+    assert client.completions.create(**sdk, logit_bias={str(first): -100}).choices[0].text == banned.text
+    assert client.completions.create(**sdk, logit_bias={"7": 100}).choices[0].text == forced.text
+    for bias, words in (({"7": 500}, "[-100, 100]"), ({"seven": 1}, "token ids"), ({"99999999": 1}, "vocabulary")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**sdk, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias" and words in e.value.body["message"], e.value.body
+
+
 def test_chat_whole_and_streamed_with_logprobs(client, server):
     kw = dict(
         model=server.model_name,
