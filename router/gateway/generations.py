@@ -298,6 +298,12 @@ class Generations:
             extra={"request_id": admitted.request_id},
         )
 
+    def withdraw(self, admitted: Admitted) -> None:
+        """Unregister an admitted generation that is not to run (a batch whose later prompt was refused)."""
+        admitted.relay.release()
+        if self.streams.pop(admitted.request_id, None) is not None:
+            self.metrics.active_streams.dec()
+
     def _failed_over(self, front: str) -> None:
         self.router_failovers += 1
         self.metrics.router_failovers.labels(front).inc()

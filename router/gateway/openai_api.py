@@ -16,6 +16,7 @@ API keys (`Authorization: Bearer <key>`) as on the gRPC port, checked by the sam
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -130,11 +131,17 @@ class OpenAIApi:
         except InvalidRequest as e:
             self.generations.count(FRONT, "invalid_argument")
             return _error(400, str(e), e.field)
+        choices = []  # prompt p's choice j at p * n + j (OpenAI's index)
+        batch = len(parsed.engines) > 1
         try:
-            choices = self.generations.admit_choices(
-                lambda: parsed.engine, parsed.model, FRONT, field_name, arrived, parsed.n
-            )
+            for p, engine in enumerate(parsed.engines):
+                path = functools.partial(_batch_field, p) if batch else field_name
+                choices += self.generations.admit_choices(
+                    lambda e=engine: e, parsed.model, FRONT, path, arrived, parsed.n
+                )
         except GatewayError as e:
+            for admitted in choices:  # all or none
+                self.generations.withdraw(admitted)
             return _gateway_error(e)
         backend = self.generations.backend
         want_logprobs = parsed.engine.params.logprobs
@@ -144,10 +151,10 @@ class OpenAIApi:
         ]
         runs = [self.generations.run(admitted) for admitted in choices]
         if parsed.stream:
-            return await self._stream(runs, replies, parsed.include_usage)
-        return await self._whole(request, rid, runs, replies)
+            return await self._stream(runs, replies, parsed.include_usage, parsed.n)
+        return await self._whole(request, rid, runs, replies, parsed.n)
 
-    async def _whole(self, request: Request, rid: str, runs, replies: list[Reply]) -> JSONResponse:
+    async def _whole(self, request: Request, rid: str, runs, replies: list[Reply], n: int) -> JSONResponse:
         """Runs the choices while watching the connection: a client that hangs up aborts them."""
         collect = asyncio.ensure_future(_collect_all(runs, replies))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -164,9 +171,9 @@ class OpenAIApi:
             return _error(499, "the client disconnected")
         except GatewayError as e:
             return _gateway_error(e)
-        return JSONResponse(whole_response(replies, finals))
+        return JSONResponse(whole_response(replies, finals, n))
 
-    async def _stream(self, runs, replies: list[Reply], include_usage: bool):
+    async def _stream(self, runs, replies: list[Reply], include_usage: bool, n: int):
         """The first item of every choice is awaited here: a failure before the first token is an HTTP error, not
         a 200 stream; and from then on the generators are running, so however the response ends their `finally`
         aborts them."""
@@ -174,7 +181,12 @@ class OpenAIApi:
             firsts = await _first_items(runs)
         except GatewayError as e:
             return _gateway_error(e)
-        return EventSourceResponse(_events(runs, firsts, replies, include_usage), ping=15)
+        return EventSourceResponse(_events(runs, firsts, replies, include_usage, n), ping=15)
+
+
+def _batch_field(p: int, field: str) -> str:
+    """An engine field of prompt p of a completions batch, as its client wrote it."""
+    return f"prompt[{p}]" if field in ("prompt", "input_ids") else field_name(field)
 
 
 async def _first_items(runs) -> list:
@@ -191,7 +203,7 @@ async def _first_items(runs) -> list:
         raise
 
 
-async def _events(runs, firsts, replies: list[Reply], include_usage: bool):
+async def _events(runs, firsts, replies: list[Reply], include_usage: bool, n: int = 1):
     """Server-sent events: one chunk per Delta that carries something, of whichever choice it is; each choice's
     chunk with its finish_reason; then the usage of them all (on a chunk of its own with include_usage, else on
     the last finish chunk); [DONE]. An error after the 200 is an event too, and ends every choice."""
@@ -209,7 +221,7 @@ async def _events(runs, firsts, replies: list[Reply], include_usage: bool):
                 finals[i] = item
                 chunk = reply.finish_chunk(item)
                 if len(finals) == len(runs) and not include_usage:  # every final response carries the usage
-                    chunk["usage"] = usage(*(finals[j] for j in range(len(runs))))
+                    chunk["usage"] = usage([finals[j] for j in range(len(runs))], n)
                 elif include_usage:
                     chunk["usage"] = None
                 yield {"data": json.dumps(chunk)}
@@ -217,7 +229,7 @@ async def _events(runs, firsts, replies: list[Reply], include_usage: bool):
                 yield {"data": json.dumps(reply.chunk(item))}
         else:
             if include_usage:
-                yield {"data": json.dumps(replies[0].usage_chunk([finals[j] for j in range(len(runs))]))}
+                yield {"data": json.dumps(replies[0].usage_chunk([finals[j] for j in range(len(runs))], n))}
     finally:
         for pump in pumps:  # a choice still running (an error elsewhere, the client gone) is aborted
             pump.cancel()

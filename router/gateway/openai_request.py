@@ -48,10 +48,16 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool
     n: int = 1  # choices: each an independent generation of the same prompt
+    more: tuple[EngineRequest, ...] = ()  # a completions batch: the prompts after the first
+
+    @property
+    def engines(self) -> tuple[EngineRequest, ...]:
+        """One per prompt (request ids `<id>-<p>` in a batch of several)."""
+        return (self.engine, *self.more)
 
 
 def completion_request(body: dict, request_id: str) -> OpenAIRequest:
-    """POST /v1/completions: `prompt` (a string, a list of one string, or token ids)."""
+    """POST /v1/completions: `prompt`: a string or a list of token ids, or a batch of either (a list of them)."""
     _check_common(body)
     for key in ("tools", "tool_choice"):
         if body.get(key) not in (None, []):
@@ -67,18 +73,34 @@ def completion_request(body: dict, request_id: str) -> OpenAIRequest:
             raise InvalidRequest("logprobs", f"must be an integer (how many alternatives), got {logprobs!r}")
         extra = {"logprobs": True, "top_logprobs": logprobs}
     params = sampling_params(body, extra)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        engine = EngineRequest(request_id, params, prompt=prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        engine = EngineRequest(request_id, params, prompt_ids=tuple(prompt))
-    else:
-        raise InvalidRequest(
-            "prompt", "must be a string or a list of token ids (one prompt per request; send several requests)"
+    prompts = _prompts(body.get("prompt"))
+    engines = [
+        EngineRequest(
+            request_id if len(prompts) == 1 else f"{request_id}-{p}",
+            params,
+            **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_ids": prompt}),
         )
-    return _request(body, engine)
+        for p, prompt in enumerate(prompts)
+    ]
+    return _request(body, *engines)
+
+
+def _prompts(prompt) -> list[str | tuple[int, ...]]:
+    """A prompt (a string or token ids) or a batch of them, as a list of prompts."""
+    if isinstance(prompt, str) or _ids(prompt):
+        return [prompt if isinstance(prompt, str) else tuple(prompt)]
+    if isinstance(prompt, list) and prompt:
+        for p, one in enumerate(prompt):
+            if not (isinstance(one, str) or _ids(one)):
+                raise InvalidRequest(f"prompt[{p}]", f"must be a string or a list of token ids, got {one!r}")
+        return [one if isinstance(one, str) else tuple(one) for one in prompt]
+    raise InvalidRequest("prompt", "must be a string or a list of token ids, or a non-empty list of either")
+
+
+def _ids(value) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def chat_request(body: dict, request_id: str) -> OpenAIRequest:
@@ -143,18 +165,18 @@ def _check_common(body: dict) -> None:
         raise InvalidRequest("stream_options", 'must be an object like {"include_usage": true}')
 
 
-def _request(body: dict, engine: EngineRequest) -> OpenAIRequest:
+def _request(body: dict, *engines: EngineRequest) -> OpenAIRequest:
     salt = body.get("cache_salt")  # vLLM's key: requests with different salts share no cached KV
     if salt is not None:
         if not isinstance(salt, str):
             raise InvalidRequest("cache_salt", f"must be a string, got {salt!r}")
-        engine = replace(engine, cache_salt=salt or None)
+        engines = tuple(replace(engine, cache_salt=salt or None) for engine in engines)
     model = body.get("model", "")
     if not isinstance(model, str):
         raise InvalidRequest("model", f"must be a string, got {model!r}")
     options = body.get("stream_options") or {}
     stream, include_usage = bool(body.get("stream", False)), bool(options.get("include_usage", False))
-    return OpenAIRequest(engine, model, stream, include_usage, body.get("n") or 1)
+    return OpenAIRequest(engines[0], model, stream, include_usage, body.get("n") or 1, tuple(engines[1:]))
 
 
 def _message(field: str, m) -> ChatMessage:

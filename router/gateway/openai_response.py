@@ -92,7 +92,7 @@ class Reply:
         else:
             choice = {"index": self.index, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = final.finish_reason.value
-        return {**self._head(self.object), "choices": [choice], "usage": usage(final)}
+        return {**self._head(self.object), "choices": [choice], "usage": usage([final])}
 
     def carries(self, delta: Delta) -> bool:
         """Whether a Delta makes a chunk: one with text, calls or (when asked for) logprobs, and the first of a chat
@@ -118,10 +118,10 @@ class Reply:
         """This choice's chunk with its finish_reason."""
         return self._chunk_with("", None, final.finish_reason.value)
 
-    def usage_chunk(self, finals: list[Final]) -> dict:
+    def usage_chunk(self, finals: list[Final], n: int = 1) -> dict:
         """The chunk of stream_options.include_usage: no choices, the usage of them all."""
         return {**self._head(self.object + ".chunk" if self.chat else self.object), "choices": [],
-                "usage": usage(*finals)}  # fmt: skip
+                "usage": usage(finals, n)}  # fmt: skip
 
     def _chunk_with(self, text: str, logprobs, finish_reason: str | None) -> dict:
         if self.chat:
@@ -156,21 +156,22 @@ class Reply:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else f"<{token_id}>"
 
 
-def usage(*finals: Final) -> dict:
-    """Of one choice, or of several choices of one prompt (OpenAI counts the prompt once; the cached tokens are
-    the first choice's)."""
+def usage(finals: list[Final], n: int = 1) -> dict:
+    """Of the choices' Finals, n per prompt in prompt order: OpenAI counts each prompt once (its cached tokens are
+    its first choice's)."""
+    prompt = sum(f.prompt_tokens for f in finals[::n])
     completion = sum(f.completion_tokens for f in finals)
     return {
-        "prompt_tokens": finals[0].prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": finals[0].prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens},  # served from the prefix cache
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in finals[::n])},  # from the prefix cache
     }
 
 
-def whole_response(replies: list[Reply], finals: list[Final]) -> dict:
-    """The non-streamed response of every choice."""
+def whole_response(replies: list[Reply], finals: list[Final], n: int = 1) -> dict:
+    """The non-streamed response of every choice (n per prompt)."""
     out = replies[0].whole(finals[0])
     out["choices"] = [reply.whole(final)["choices"][0] for reply, final in zip(replies, finals)]
-    out["usage"] = usage(*finals)
+    out["usage"] = usage(finals, n)
     return out

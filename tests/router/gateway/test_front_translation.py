@@ -24,6 +24,11 @@ def test_openai_sampling_keys_reach_sampling_params():
     assert (p.stop_token_ids, p.logprobs, p.top_logprobs) == ((5,), True, 2)
     assert completion_request({"prompt": [[1, 2, 3]]}, "id").engine.prompt_ids == (1, 2, 3)
     assert completion_request({"prompt": "hi", "n": 3}, "id").n == 3 and completion_request(body, "id").n == 1
+    batch = completion_request({"prompt": ["a", [5, 6]], "cache_salt": "t"}, "id").engines
+    assert [(e.request_id, e.prompt, e.prompt_ids, e.cache_salt) for e in batch] == [
+        ("id-0", "a", None, "t"),
+        ("id-1", None, (5, 6), "t"),
+    ]
     biased = chat_request({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"9": -100}}, "id")
     assert biased.engine.params.logit_bias == ((9, -100.0),)
 
@@ -50,7 +55,8 @@ def test_openai_chat_parts_and_roles():
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "stop": 3}, "stop"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", 5]}, "prompt[1]"),
+        ({"prompt": []}, "prompt"),
         ({"prompt": "x", "model": 3}, "model"),
     ],
 )
@@ -158,7 +164,7 @@ def test_openai_usage_reports_the_prompt_tokens_served_from_the_prefix_cache():
     from router.request.messages import Final
 
     final = Final("id", FinishReason.LENGTH, prompt_tokens=40, completion_tokens=5, cached_tokens=32)
-    assert usage(final) == {
+    assert usage([final]) == {
         "prompt_tokens": 40,
         "completion_tokens": 5,
         "total_tokens": 45,

@@ -84,6 +84,26 @@ def test_n_choices_are_each_the_request_with_its_own_seed_whole_and_streamed(cli
     engine_idle(server)  # every choice's KV blocks freed
 
 
+def test_a_batch_of_prompts_gives_each_prompts_choices_in_order_whole_and_streamed(client, server, url):
+    prompts = ["count from 3", [1, 40, 41, 42], "count from 9"]
+    kw = dict(model=server.model_name, max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True})
+    alone = [client.completions.create(**kw, prompt=p) for p in prompts]
+    batch = client.completions.create(**kw, prompt=prompts, n=2)
+    assert [c.index for c in batch.choices] == list(range(6))  # prompt p's choice j at p * n + j
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)  # each prompt counted once
+    assert batch.usage.completion_tokens == 36
+    chunks = list(client.completions.create(**kw, prompt=prompts, stream=True, stream_options={"include_usage": True}))
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)}
+    assert texts == {i: a.choices[0].text for i, a in enumerate(alone)}
+    assert chunks[-1].usage.completion_tokens == 18
+    # one bad prompt refuses the batch, naming it, and admits none of the others
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": ["count", [1, 99999999]], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]", r.text
+    with InferenceClient(server.target) as c:
+        assert c.cluster_status().gateway.active_streams == 0
+
+
 def test_logit_bias_bans_and_forces_tokens_the_same_through_moecluster_v1_and_openai(client, server):
     kw = dict(prompt="count from 3", max_tokens=5, temperature=0.0, ignore_eos=True)
     with InferenceClient(server.target) as v1:
