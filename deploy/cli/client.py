@@ -24,7 +24,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from deploy.cli.arg_types import token_ids
-from deploy.cli.sampling_args import add_sampling_args, sampling_from_args
+from deploy.cli.sampling_args import add_sampling_args, sampling_from_args, wire_sampling
 from deploy.cli.status_table import format_status
 from deploy.cli.usage import UsageError
 from protos.client import InferenceClient
@@ -123,7 +123,7 @@ def run_generate(args) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs a prompt text")
     images = [_read_image(path) for path in args.image]
-    sampling = sampling_from_args(args)
+    sampling = wire_sampling(sampling_from_args(args))
     if args.chat:
         inputs = {"messages": [("user", [*images, args.prompt] if images else args.prompt)]}
     else:

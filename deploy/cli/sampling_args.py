@@ -1,13 +1,26 @@
 """One command-line flag per sampling parameter of the wire contract (protos/vocabulary.py): `--top-p 0.9`,
 `--stop STR` (repeatable), `--stop-token-ids 1,2`, `--ignore-eos`. Used by `client generate` and `generate`, so a
-parameter added to the proto has its flag without touching the command line."""
+parameter added to the proto has its flag without touching the command line. Besides them: `--logit-bias ID=BIAS`
+and one output constraint (`--json-schema`, `--json-object`, `--regex`, `--grammar`, `--choice`), given to
+SamplingParams as `constraint`; `wire_sampling` turns that into the proto's fields for the gRPC client."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from deploy.cli.arg_types import token_ids
-from protos.vocabulary import SAMPLING_FIELDS
+from protos.moecluster.v1 import inference_pb2 as pb
+from protos.vocabulary import CONSTRAINT_NAMES, SAMPLING_FIELDS
+from router.request.constraint import Constraint
+
+CONSTRAINT_HELP = {
+    "json_schema": "the output is JSON valid under this JSON schema (its text, or @FILE)",
+    "json_object": "the output is a JSON object",
+    "regex": "the output matches this regular expression in full",
+    "grammar": "the output is a sentence of this EBNF grammar (xgrammar's dialect, start rule root; or @FILE)",
+    "choice": "the output is exactly one of these strings (repeatable)",
+}
 
 HELP = {
     "temperature": "0 = greedy; default: the model's (generation_config.json)",
@@ -38,6 +51,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             group.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             group.add_argument(flag, type=f.kind, default=None, help=help_text)
+    constraints = parser.add_argument_group("output constraint (one of)").add_mutually_exclusive_group()
+    for name in CONSTRAINT_NAMES:
+        flag = "--" + name.replace("_", "-")
+        if name == "json_object":
+            constraints.add_argument(flag, action="store_true", default=None, help=CONSTRAINT_HELP[name])
+        elif name == "choice":
+            constraints.add_argument(flag, action="append", default=None, metavar="TEXT", help=CONSTRAINT_HELP[name])
+        else:
+            constraints.add_argument(flag, type=_text_or_file, default=None, help=CONSTRAINT_HELP.get(name))
     if "logit_bias" not in skip:  # a map, not a plain field
         group.add_argument(
             "--logit-bias",
@@ -58,7 +80,41 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
             given[f.name] = tuple(value) if f.repeated else value
     if getattr(args, "logit_bias", None):
         given["logit_bias"] = tuple(sorted(dict(args.logit_bias).items()))
+    for name in CONSTRAINT_NAMES:
+        value = getattr(args, name, None)
+        if value is not None:
+            given["constraint"] = (
+                Constraint(name, choices=tuple(value))
+                if name == "choice"
+                else Constraint(name, "" if name == "json_object" else value)
+            )
     return given
+
+
+def wire_sampling(sampling: dict) -> dict:
+    """`sampling_from_args`' settings as the proto's SamplingParams fields (the constraint as its oneof field)."""
+    out = dict(sampling)
+    constraint = out.pop("constraint", None)
+    if constraint is not None:
+        kind = constraint.kind
+        out[kind] = (
+            pb.Choice(options=constraint.choices)
+            if kind == "choice"
+            else True
+            if kind == "json_object"
+            else constraint.spec
+        )
+    return out
+
+
+def _text_or_file(text: str) -> str:
+    """The text itself, or the contents of FILE for @FILE."""
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {e.strerror or e}") from None
 
 
 def bias_entry(text: str) -> tuple[int, float]:

@@ -184,3 +184,22 @@ def test_bad_messages_file_is_named(tiny_with_tokenizer, tmp_path, capsys):
     bad.write_text(json.dumps({"role": "user"}))
     proc = moecluster_in_process(capsys, "generate", "--model", str(tiny_with_tokenizer), "--messages", str(bad))
     assert_one_line_error(proc, "--messages", "role")
+
+
+def test_output_constraints_from_the_command_line(tiny_with_tokenizer, tmp_path, capsys):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    common = ["generate", "--model", str(tiny_with_tokenizer), "--prompt", "count from 3", "--max-tokens", "30"]
+    common += ["--temperature", "1", "--seed", "3", "--json"]
+    picked = moecluster_in_process(capsys, *common, "--choice", "red", "--choice", "blue")
+    assert picked.returncode == 0, picked.stderr
+    assert json.loads(picked.stdout)["text"] in ("red", "blue")
+    shaped = moecluster_in_process(capsys, *common, "--json-schema", f"@{tmp_path / 'schema.json'}")
+    assert shaped.returncode == 0, shaped.stderr
+    jsonschema.validate(json.loads(json.loads(shaped.stdout)["text"]), schema)
+    both = moecluster_in_process(capsys, *common, "--regex", "a+", "--choice", "b")
+    assert_one_line_error(both, "--choice", "not allowed with argument --regex")
+    unreadable = moecluster_in_process(capsys, *common, "--grammar", f"@{tmp_path / 'missing.ebnf'}")
+    assert_one_line_error(unreadable, "--grammar", "cannot read")

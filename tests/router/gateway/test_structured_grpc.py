@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -89,6 +91,22 @@ def test_a_named_tool_choice_streams_a_call_whose_arguments_validate(server):
         (call,) = out["calls"]
         assert call.name == "set_alarm" and list(out["complete"].tool_calls) == [call]
         jsonschema.validate(json.loads(call.arguments), ALARM)
+
+
+def test_the_command_line_client_sends_a_schema_and_a_logit_bias(server, tmp_path):
+    (tmp_path / "alarm.json").write_text(json.dumps(ALARM))
+    cmd = [sys.executable, "-m", "deploy.cli", "client", "generate", "--target", server.target, "Set an alarm: "]
+    cmd += ["--json-schema", f"@{tmp_path / 'alarm.json'}", "--temperature", "1", "--seed", "4", "--max-tokens", "120"]
+    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(out["text"]), ALARM)
+    forced = [sys.executable, "-m", "deploy.cli", "client", "generate", "--target", server.target, "--input-ids", "1,2"]
+    forced += ["--logit-bias", "7=100", "--max-tokens", "3", "--temperature", "0", "--ignore-eos", "--json"]
+    done = subprocess.run(forced, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["token_ids"] == [7, 7, 7]
 
 
 def test_json_schema_output_validates_and_bad_constraints_name_their_field(server):
