@@ -152,7 +152,10 @@ class Engine:
         if seq.params.constraint is not None:  # it joins the batch once its grammar compiled (step() looks)
             self.constrained.start(seq.request_id, seq.params.constraint, None)
         if seq.params.tool_calls:
-            self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id)
+            constraint = seq.params.constraint  # constrained to a call: its parts stream as it is written
+            incremental = constraint is not None and constraint.kind == "tool_call"
+            skip = prepared.resume.tool_parts if prepared.resume else 0
+            self.tool_streams[seq.request_id] = tools = ToolCallStream(seq.request_id, incremental, skip)
             tools.restore(seq.text.text[: seq.text.emitted])  # a resumed stream: the text its client has (the
             # rest, held back by the router that died, comes out of the text stream again)
         self.live[seq.request_id] = seq
@@ -278,22 +281,24 @@ class Engine:
         seq, tools = self.live[request_id], self.tool_streams.get(request_id)
         text = seq.text.push(token)
         text = tools.push(text) if tools else text
+        parts = tools.take_parts() if tools else ()
         if seq.text.matched is not None:  # a stop string wins over whatever else ended this step
             self.scheduler.finish(request_id)
             done_reason, matched = FinishReason.STOP, seq.text.matched
         elif done is not None:
             done_reason, matched = FinishReason(done.reason.value), done.stop_token
         else:
-            return [Delta(request_id, (token,), text, (logprob,) if logprob else ())]
+            return [Delta(request_id, (token,), text, (logprob,) if logprob else (), tool_call_parts=parts)]
         tail, calls = seq.text.flush() if seq.text.matched is None else "", ()
         if tools:  # the held output: calls when it parses as calls, else its text
             tail = tools.push(tail)
             rest, calls = tools.finish()
             tail += rest
+            parts += tools.take_parts()
         if calls and done_reason == FinishReason.STOP:
             done_reason = FinishReason.TOOL_CALLS
         return [
-            Delta(request_id, (token,), text + tail, (logprob,) if logprob else (), calls),
+            Delta(request_id, (token,), text + tail, (logprob,) if logprob else (), calls, parts),
             self._final(request_id, done_reason, matched),
         ]
 

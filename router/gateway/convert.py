@@ -138,6 +138,9 @@ def chunk(delta: Delta) -> pb.Chunk:
             for lp in delta.logprobs
         ],
         tool_calls=tool_calls(delta.tool_calls),
+        tool_call_parts=[
+            pb.ToolCallPart(index=p.index, id=p.id, name=p.name, arguments=p.arguments) for p in delta.tool_call_parts
+        ],
     )
 
 
@@ -151,6 +154,7 @@ def merged_chunk(deltas: list[Delta]) -> pb.Chunk:
     for d in deltas:
         out.MergeFrom(chunk(d))  # repeated fields append; the text is joined below
     out.text = "".join(d.text for d in deltas)
+    out.ClearField("tool_call_parts")  # the whole calls are there
     return out
 
 

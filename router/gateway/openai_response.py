@@ -16,6 +16,7 @@ import grpc
 from router.gateway.openai_tools import openai_tool_call
 from router.request.messages import Delta, Final, TokenLogprob
 from router.request.tokenizer import Tokenizer
+from router.request.tools import ToolCallPart
 
 Code = grpc.StatusCode
 HTTP_STATUS = {
@@ -64,6 +65,7 @@ class Reply:
     chunks_sent: int = 0
     tool_calls: list[dict] = field(default_factory=list)  # the output's calls, OpenAI's shape
     index: int = 0  # which choice this is (OpenAI's `n`)
+    parted: set[int] = field(default_factory=set)  # calls streamed in parts (their whole form is not sent again)
 
     @property
     def object(self) -> str:
@@ -101,6 +103,7 @@ class Reply:
         return bool(
             delta.text
             or delta.tool_calls
+            or delta.tool_call_parts
             or (self.want_logprobs and delta.logprobs)
             or (self.chat and not self.chunks_sent)
         )
@@ -109,7 +112,9 @@ class Reply:
         """One stream chunk for a Delta."""
         self.chunks_sent += 1
         out = self._chunk_with(delta.text, self._logprobs(list(delta.logprobs)), None)
-        calls = self._calls(delta)
+        parts = [openai_call_part(p) for p in delta.tool_call_parts]
+        self.parted.update(p.index for p in delta.tool_call_parts)
+        calls = parts + [c for c in self._calls(delta) if c["index"] not in self.parted]
         if calls and self.chat:
             out["choices"][0]["delta"]["tool_calls"] = calls
         return out
@@ -154,6 +159,14 @@ class Reply:
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else f"<{token_id}>"
+
+
+def openai_call_part(part: ToolCallPart) -> dict:
+    """A streamed piece of a call, as OpenAI's deltas carry them: the first with the id, type and name."""
+    if part.name:
+        return {"index": part.index, "id": part.id, "type": "function",
+                "function": {"name": part.name, "arguments": part.arguments}}  # fmt: skip
+    return {"index": part.index, "function": {"arguments": part.arguments}}
 
 
 def usage(finals: list[Final], n: int = 1) -> dict:

@@ -59,6 +59,7 @@ class StreamRelay:
         self.first, self.blocks = first, blocks
         self.tokens: list[int] = []
         self.text_chars = 0
+        self.tool_parts = 0
         self.router: RouterEntry | None = None
         self.failovers = 0
         self._holding: RouterEntry | None = None
@@ -114,6 +115,7 @@ class StreamRelay:
                     return
                 self.tokens += item.token_ids
                 self.text_chars += len(item.text)
+                self.tool_parts += len(item.tool_call_parts)
                 yield item
         except ray.exceptions.RayError as e:
             raise RouterLost(first_line(e)) from None
@@ -144,7 +146,7 @@ class StreamRelay:
 
     def _request(self) -> EngineRequest:
         p = self.prepared
-        resume = Resume(tuple(self.tokens), self.text_chars) if self.failovers else None
+        resume = Resume(tuple(self.tokens), self.text_chars, self.tool_parts) if self.failovers else None
         return EngineRequest(
             p.request_id, p.params, prompt_ids=p.prompt_ids, resume=resume, images=p.images, cache_salt=p.cache_salt
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from router.request.sampling_params import SamplingParams
-from router.request.tools import Tool, ToolCall
+from router.request.tools import Tool, ToolCall, ToolCallPart
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Resume:
 
     output_ids: tuple[int, ...]
     text_chars: int
+    tool_parts: int = 0  # how many streamed tool call parts the client already has
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()  # calls parsed from the output, each whole, in order (ids unique)
+    # calls as they are written, when decoding is constrained to a call (router/request/tool_stream.py)
+    tool_call_parts: tuple[ToolCallPart, ...] = ()
 
 
 class WireName(str, Enum):

@@ -116,6 +116,8 @@ def check_resume(resume: Resume, params: SamplingParams, limits: Limits) -> None
         )
     if resume.text_chars < 0:
         raise InvalidRequest("resume.text_chars", f"must be >= 0, got {resume.text_chars}")
+    if resume.tool_parts < 0:
+        raise InvalidRequest("resume.tool_parts", f"must be >= 0, got {resume.tool_parts}")
 
 
 MAX_CACHE_SALT_CHARS = 1024

@@ -40,6 +40,17 @@ class ToolCall:
     id: str = ""
 
 
+@dataclass(frozen=True)
+class ToolCallPart:
+    """A piece of a call streamed as it is written (router/request/tool_stream.py): the first piece of call `index`
+    carries its id and name, every piece some of its arguments; joined, they are the call's `arguments`."""
+
+    index: int  # which call of the output, from 0
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 def check_tools(tools: tuple[Tool, ...], choice: str) -> list[dict]:
     """Each tool as {"name", "description", "parameters"} (parameters parsed), or InvalidRequest naming the field."""
     out, names = [], set()

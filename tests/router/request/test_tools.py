@@ -97,6 +97,54 @@ def test_streamed_text_is_never_lost_and_calls_come_whole():
     assert s.push("plain") == "plain" and s.push(" [x(a=1)]") == " [x(a=1)]"  # text first: streams as text
 
 
+CALLS = '[get_weather(city="Pa,ri)s \\"x\\"", days=3, opts={"a": [1, 2], "b": "(}"}), note(), f(x=null)]'
+
+
+def parts_of(pieces: list[str], skip: int = 0) -> tuple[list, tuple[ToolCall, ...]]:
+    """An incremental stream's parts (the last ones included) and its calls."""
+    s, parts = ToolCallStream("r", incremental=True, skip_parts=skip), []
+    for piece in pieces:
+        assert s.push(piece) == ""
+        parts += s.take_parts()
+    rest, calls = s.finish()
+    assert rest == ""
+    return parts + list(s.take_parts()), calls
+
+
+def joined(parts) -> dict[int, tuple[str, str, str]]:
+    out = {}
+    for p in parts:
+        ident, name, args = out.get(p.index, ("", "", ""))
+        out[p.index] = (ident or p.id, name or p.name, args + p.arguments)
+    return out
+
+
+def test_a_constrained_call_streams_argument_by_argument_and_its_parts_join_to_the_whole_call():
+    whole, calls = parts_of([CALLS])
+    by_char, _ = parts_of(list(CALLS))
+    assert whole == by_char  # however the text is cut
+    assert joined(whole) == {j: (c.id, c.name, c.arguments) for j, c in enumerate(calls)}
+    assert [p.arguments for p in whole if p.index == 0] == [
+        "",
+        '{"city": "Pa,ri)s \\"x\\""',
+        ', "days": 3',
+        ', "opts": {"a": [1, 2], "b": "(}"}',
+        "}",
+    ]
+    assert [(p.name, p.arguments) for p in whole if p.index == 1] == [("note", ""), ("", "{}")]
+    # a resumed stream drops what its client already has, and the rest is the same
+    assert parts_of(list(CALLS), skip=4)[0] == whole[4:]
+
+
+def test_what_the_scanner_cannot_read_comes_in_the_last_part():
+    # single quotes (Python's, not JSON's): the scanner cuts the string at its comma and stops; the end sends the rest
+    parts, calls = parts_of(["[f(a='x,y', b=2), g(c=1)]"])
+    assert joined(parts) == {j: (c.id, c.name, c.arguments) for j, c in enumerate(calls)}
+    assert [p.arguments for p in parts] == ["", '{"a": "x,y", "b": 2}', "", '{"c": 1}']
+    parts, calls = parts_of(["[f(a=(1, 2), b=3)]"])  # a tuple: the final parser reads it, the scanner too
+    assert joined(parts)[0][2] == calls[0].arguments == '{"a": [1, 2], "b": 3}'
+
+
 def test_tools_render_in_the_system_message_and_calls_and_results_in_turn():
     tools = check_tools((WEATHER,), "auto")
     text = render_chat(
