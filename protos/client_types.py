@@ -5,6 +5,7 @@ engine, torch or Ray imports, so any Python process can use it.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Chunk:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[pb.TokenLogprob, ...] = ()
+    tool_calls: tuple[pb.ToolCall, ...] = ()  # whole calls (in the last chunk)
+    tool_call_parts: tuple[pb.ToolCallPart, ...] = ()  # calls as they are written (a constrained tool choice)
 
 
 @dataclass
@@ -64,12 +67,16 @@ def build_request(
     stream: bool = True,
     images: Iterable | None = None,
     cache_salt: str = "",
+    tools: Iterable | None = None,
+    tool_choice: str = "",
     **sampling,
 ) -> pb.GenerateRequest:
     """Exactly one of prompt / input_ids / messages (`(role, content)` pairs or {"role", "content"} dicts, the
     content a string or a list of parts: see `content_part`); sampling keywords are SamplingParams' fields (unset =
     the model's default). `images` go with a prompt or input_ids, one per `<|image|>` in it (see `image`). Requests
-    with different `cache_salt`s share no cached KV."""
+    with different `cache_salt`s share no cached KV. With messages, `tools` ({"name", "description", "parameters":
+    a JSON schema, as a dict or JSON text}, or pb.Tool) and `tool_choice` ("auto", "none", "required" or a tool's
+    name; empty: auto)."""
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; allowed: {', '.join(SAMPLING_FIELDS)}")
@@ -91,7 +98,21 @@ def build_request(
         req.messages.SetInParent()
         req.messages.CopyFrom(chat_messages(messages))
     req.images.extend(image(x) for x in images or ())
+    req.tools.extend(_tool(t) for t in tools or ())
+    if tool_choice in ("auto", "none", "required"):
+        req.tool_choice.mode = tool_choice
+    elif tool_choice:
+        req.tool_choice.function = tool_choice
     return req
+
+
+def _tool(tool) -> pb.Tool:
+    if isinstance(tool, pb.Tool):
+        return tool
+    parameters = tool.get("parameters", "")
+    if not isinstance(parameters, str):
+        parameters = json.dumps(parameters)
+    return pb.Tool(name=tool["name"], description=tool.get("description", ""), parameters=parameters)
 
 
 def chat_messages(messages: Iterable) -> pb.ChatMessages:
@@ -169,7 +190,7 @@ class StreamFolder:
             r.token_ids += c.token_ids
             r.text += c.text
             r.logprobs += c.logprobs
-            return Chunk(tuple(c.token_ids), c.text, tuple(c.logprobs))
+            return Chunk(tuple(c.token_ids), c.text, tuple(c.logprobs), tuple(c.tool_calls), tuple(c.tool_call_parts))
         if kind == "complete":
             c = response.complete
             r.finish_reason = FINISH_REASONS.get(c.finish_reason, str(c.finish_reason))

@@ -19,6 +19,7 @@ import pytest
 
 from deploy.bench.interruption import StreamLog, interrupted, kill_when_ready, ready_to_kill, too_late
 from protos.client import InferenceClient
+from protos.client_types import GenerationError
 from protos.moecluster.v1 import inference_pb2 as pb
 from protos.moecluster.v1 import inference_pb2_grpc as pb_grpc
 from tests.procs import pid_of
@@ -128,6 +129,23 @@ def test_the_command_line_client_sends_a_schema_and_a_logit_bias(server, tmp_pat
     done = subprocess.run(forced, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["token_ids"] == [7, 7, 7]
+
+
+def test_the_python_client_sends_tools_and_sees_the_call_stream_in_parts(server):
+    tools = [{"name": "set_alarm", "description": "Set an alarm", "parameters": ALARM}]
+    messages = [{"role": "user", "content": "Wake me at 7 on Mondays"}]
+    with InferenceClient(server.target) as client:
+        gen = client.generate(messages=messages, tools=tools, tool_choice="required", temperature=1.0, seed=2)
+        chunks = list(gen)
+        (call,) = gen.result.tool_calls
+    assert gen.result.finish_reason == "tool_calls" and call.name == "set_alarm"
+    parts = [p for c in chunks for p in c.tool_call_parts]
+    assert parts[0].name == "set_alarm" and "".join(p.arguments for p in parts) == call.arguments
+    assert [c for chunk in chunks for c in chunk.tool_calls] == [call]
+    jsonschema.validate(json.loads(call.arguments), ALARM)
+    with InferenceClient(server.target) as client, pytest.raises(GenerationError) as e:
+        client.generate_text(messages=messages, tools=tools, tool_choice="set_clock")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith("tool_choice")
 
 
 def test_json_schema_output_validates_and_bad_constraints_name_their_field(server):
