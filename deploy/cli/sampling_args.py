@@ -59,7 +59,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         elif name == "choice":
             constraints.add_argument(flag, action="append", default=None, metavar="TEXT", help=CONSTRAINT_HELP[name])
         else:
-            constraints.add_argument(flag, type=_text_or_file, default=None, help=CONSTRAINT_HELP.get(name))
+            constraints.add_argument(flag, type=_text_or_file, default=None, help=CONSTRAINT_HELP[name])
     if "logit_bias" not in skip:  # a map, not a plain field
         group.add_argument(
             "--logit-bias",
@@ -94,16 +94,15 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
 def wire_sampling(sampling: dict) -> dict:
     """`sampling_from_args`' settings as the proto's SamplingParams fields (the constraint as its oneof field)."""
     out = dict(sampling)
-    constraint = out.pop("constraint", None)
-    if constraint is not None:
-        kind = constraint.kind
-        out[kind] = (
-            pb.Choice(options=constraint.choices)
-            if kind == "choice"
-            else True
-            if kind == "json_object"
-            else constraint.spec
-        )
+    c = out.pop("constraint", None)
+    if c is None:
+        return out
+    if c.kind == "choice":
+        out["choice"] = pb.Choice(options=c.choices)
+    elif c.kind == "json_object":
+        out["json_object"] = True
+    else:
+        out[c.kind] = c.spec
     return out
 
 

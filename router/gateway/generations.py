@@ -135,25 +135,15 @@ class Generations:
         front: str,
         field_path: Callable[[str], str] = same_field,
         arrived: float | None = None,
-    ) -> Admitted:
-        """Checks and registers one generation, or raises GatewayError (counted). `build()` translates the front's
-        request (after the readiness and model checks; an InvalidRequest it raises is answered like the engine's
-        own); `field_path` names an engine field as the front's client wrote it. No await in here: the checks and
-        the registration of the stream happen as one step."""
-        return self.admit_choices(build, model, front, field_path, arrived)[0]
-
-    def admit_choices(
-        self,
-        build: Callable[[], EngineRequest],
-        model: str,
-        front: str,
-        field_path: Callable[[str], str] = same_field,
-        arrived: float | None = None,
         choices: int = 1,
     ) -> list[Admitted]:
-        """`admit` for `choices` independent generations of one request (OpenAI's `n`), all or none: prepared once,
-        each a stream of its own (`<request_id>-<i>`; one choice keeps the request's id) and, when sampled, a seed of
-        its own (the request's seed + i, as vLLM derives them); the prompt's cached blocks serve them all."""
+        """Checks and registers the request's generations (`choices` of them: OpenAI's `n`), all or none, or raises
+        GatewayError (counted). `build()` translates the front's request (after the readiness and model checks; an
+        InvalidRequest it raises is answered like the engine's own); `field_path` names an engine field as the
+        front's client wrote it. No await in here: the checks and the registration of the streams happen as one
+        step. The request is prepared once; each choice is a stream of its own (`<request_id>-<i>`; one choice keeps
+        the request's id) with, when sampled, a seed of its own (the request's seed + i, as vLLM derives them); the
+        prompt's cached blocks serve them all."""
         arrived = time.monotonic() if arrived is None else arrived
         try:
             return self._admit(build, model, front, field_path, arrived, choices)

@@ -140,7 +140,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
             parsed.append(tensors.engine_request(request, rid))
             return parsed[0].engine
 
-        admitted = self.generations.admit(build, request.model_name, FRONT, tensors.field_name)
+        (admitted,) = self.generations.admit(build, request.model_name, FRONT, tensors.field_name)
         return admitted, parsed[0]
 
     def _name(self) -> str:

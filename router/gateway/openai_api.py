@@ -136,9 +136,7 @@ class OpenAIApi:
         try:
             for p, engine in enumerate(parsed.engines):
                 path = functools.partial(_batch_field, p) if batch else field_name
-                choices += self.generations.admit_choices(
-                    lambda e=engine: e, parsed.model, FRONT, path, arrived, parsed.n
-                )
+                choices += self.generations.admit(lambda e=engine: e, parsed.model, FRONT, path, arrived, parsed.n)
         except GatewayError as e:
             for admitted in choices:  # all or none
                 self.generations.withdraw(admitted)
@@ -189,16 +187,23 @@ def _batch_field(p: int, field: str) -> str:
     return f"prompt[{p}]" if field in ("prompt", "input_ids") else field_name(field)
 
 
-async def _first_items(runs) -> list:
-    """The first item of each run; if one fails, every run is closed (aborted) and its error raised."""
-    tasks = [asyncio.ensure_future(run.__anext__()) for run in runs]
+async def _all_or_none(awaitables) -> list:
+    """Their results, run together; if one fails (or this is cancelled), the others are cancelled first."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return await asyncio.gather(*tasks)
-    except BaseException:
+    finally:
         for task in tasks:
-            task.cancel()
+            task.cancel()  # a no-op for those done
         await asyncio.gather(*tasks, return_exceptions=True)
-        for run in runs:
+
+
+async def _first_items(runs) -> list:
+    """The first item of each run; if one fails, every run is closed (aborted) and its error raised."""
+    try:
+        return await _all_or_none(run.__anext__() for run in runs)
+    except BaseException:
+        for run in runs:  # those that gave their first item wait at it
             await run.aclose()
         raise
 
@@ -221,7 +226,7 @@ async def _events(runs, firsts, replies: list[Reply], include_usage: bool, n: in
                 finals[i] = item
                 chunk = reply.finish_chunk(item)
                 if len(finals) == len(runs) and not include_usage:  # every final response carries the usage
-                    chunk["usage"] = usage([finals[j] for j in range(len(runs))], n)
+                    chunk["usage"] = usage(_in_order(finals), n)
                 elif include_usage:
                     chunk["usage"] = None
                 yield {"data": json.dumps(chunk)}
@@ -229,12 +234,16 @@ async def _events(runs, firsts, replies: list[Reply], include_usage: bool, n: in
                 yield {"data": json.dumps(reply.chunk(item))}
         else:
             if include_usage:
-                yield {"data": json.dumps(replies[0].usage_chunk([finals[j] for j in range(len(runs))], n))}
+                yield {"data": json.dumps(replies[0].usage_chunk(_in_order(finals), n))}
     finally:
         for pump in pumps:  # a choice still running (an error elsewhere, the client gone) is aborted
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
     yield {"data": "[DONE]"}
+
+
+def _in_order(finals: dict[int, Final]) -> list[Final]:
+    return [finals[i] for i in range(len(finals))]
 
 
 async def _pump(i: int, run, first, queue: asyncio.Queue) -> None:
@@ -264,13 +273,7 @@ async def _collect(items, reply: Reply) -> Final:
 
 async def _collect_all(runs, replies: list[Reply]) -> list[Final]:
     """Every choice's Final; if one fails (or this is cancelled), the others are aborted."""
-    tasks = [asyncio.ensure_future(_collect(run, reply)) for run, reply in zip(runs, replies)]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return await _all_or_none(_collect(run, reply) for run, reply in zip(runs, replies))
 
 
 async def _disconnected(request: Request) -> None:

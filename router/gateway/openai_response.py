@@ -84,6 +84,10 @@ class Reply:
 
     def whole(self, final: Final) -> dict:
         """The non-streamed response (of this choice alone)."""
+        return {**self.head(self.object), "choices": [self.choice(final)], "usage": usage([final])}
+
+    def choice(self, final: Final) -> dict:
+        """This choice in a non-streamed response."""
         text = "".join(self.text)
         logprobs = self._logprobs(self.logprobs)
         if self.chat:
@@ -94,7 +98,7 @@ class Reply:
         else:
             choice = {"index": self.index, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = final.finish_reason.value
-        return {**self._head(self.object), "choices": [choice], "usage": usage([final])}
+        return choice
 
     def carries(self, delta: Delta) -> bool:
         """Whether a Delta makes a chunk: one with text, calls or (when asked for) logprobs, and the first of a chat
@@ -125,7 +129,7 @@ class Reply:
 
     def usage_chunk(self, finals: list[Final], n: int = 1) -> dict:
         """The chunk of stream_options.include_usage: no choices, the usage of them all."""
-        return {**self._head(self.object + ".chunk" if self.chat else self.object), "choices": [],
+        return {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [],
                 "usage": usage(finals, n)}  # fmt: skip
 
     def _chunk_with(self, text: str, logprobs, finish_reason: str | None) -> dict:
@@ -134,11 +138,11 @@ class Reply:
             if self.chunks_sent <= 1 and finish_reason is None:
                 delta["role"] = "assistant"
             choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+            return {**self.head("chat.completion.chunk"), "choices": [choice]}
         choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice]}
+        return {**self.head("text_completion"), "choices": [choice]}
 
-    def _head(self, kind: str) -> dict:
+    def head(self, kind: str) -> dict:
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
 
     def _logprobs(self, items: list[TokenLogprob]) -> dict | None:
@@ -184,7 +188,5 @@ def usage(finals: list[Final], n: int = 1) -> dict:
 
 def whole_response(replies: list[Reply], finals: list[Final], n: int = 1) -> dict:
     """The non-streamed response of every choice (n per prompt)."""
-    out = replies[0].whole(finals[0])
-    out["choices"] = [reply.whole(final)["choices"][0] for reply, final in zip(replies, finals)]
-    out["usage"] = usage(finals, n)
-    return out
+    choices = [reply.choice(final) for reply, final in zip(replies, finals)]
+    return {**replies[0].head(replies[0].object), "choices": choices, "usage": usage(finals, n)}

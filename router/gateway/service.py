@@ -37,7 +37,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         rid = request.request_id or uuid.uuid4().hex
         try:
-            admitted = self.generations.admit(
+            (admitted,) = self.generations.admit(
                 lambda: convert.engine_request(request, rid), request.model, FRONT, convert.field_path
             )
         except GatewayError as e:

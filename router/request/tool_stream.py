@@ -40,6 +40,10 @@ class ToolCallStream:
         if not self.deciding and not self.may_be_calls:
             return text
         self.held += text
+        if self.may_be_calls:  # decided: only the new text is scanned
+            if self.scanner is not None:
+                self._add(self.scanner.scan(self.held))
+            return ""
         start = self.held.lstrip()
         if not start:
             return ""
